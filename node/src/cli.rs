@@ -1,0 +1,171 @@
+//! The command line (DESIGN.md's contract): parsing and dispatch. Each command's work lives in
+//! its own module; this file only says what users can type.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// peerbuild runs AWS CodeBuild buildspec.yml builds, on this machine or on a pool of peers.
+#[derive(Parser, Debug)]
+#[command(name = "peerbuild", version, about, long_about = None)]
+#[command(
+    after_help = "Examples:\n  peerbuild run                      run ./buildspec.yml here\n  peerbuild run examples/c-make --artifacts out\n  peerbuild builds                   list past builds\n  peerbuild logs BUILD_ID            show a build's log"
+)]
+pub struct Cli {
+    /// The data directory (default: $PEERBUILD_DATA_DIR, else ~/.local/share/peerbuild).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a buildspec, showing its phases live.
+    #[command(
+        after_help = "Examples:\n  peerbuild run\n  peerbuild run examples/shell-junit --env GREETING=hi --artifacts out\n  peerbuild run . --buildspec ci/buildspec.yml --secrets secrets.env --timeout 20m\n  peerbuild run --json | jq -c 'select(.event == \"build_finished\")'\n\nExit status: 0 the build succeeded; 1 it failed or timed out; 2 bad usage or a refused\nbuildspec; 3 peerbuild could not run it (FAULT); 130 stopped by Ctrl-C."
+    )]
+    Run(Box<RunArgs>),
+    /// List the builds this machine has run, newest first.
+    #[command(after_help = "Examples:\n  peerbuild builds\n  peerbuild builds --json")]
+    Builds {
+        /// Print one JSON object per build.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a build's log (a unique prefix of the build id is enough).
+    #[command(
+        after_help = "Examples:\n  peerbuild logs myapp:0f3c\n  peerbuild logs myapp:0f3c --json"
+    )]
+    Logs {
+        build_id: String,
+        /// Print the events as JSON lines, as `run --json` does.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a running build (it ends STOPPED, its processes killed).
+    #[command(after_help = "Examples:\n  peerbuild cancel myapp:0f3c")]
+    Cancel { build_id: String },
+    /// Internal: the sandbox helper process.
+    #[command(name = "__sandbox-helper", hide = true)]
+    SandboxHelper {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
+}
+
+/// `peerbuild run`.
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// The source folder (default: the current folder).
+    pub dir: Option<PathBuf>,
+    /// The buildspec to run (default: DIR/buildspec.yml).
+    #[arg(long, value_name = "FILE")]
+    pub buildspec: Option<PathBuf>,
+    /// Set a variable; beats the buildspec's value. Repeatable.
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Read KEY=VALUE lines (values literal); --env beats them.
+    #[arg(long, value_name = "FILE")]
+    pub env_file: Option<PathBuf>,
+    /// NAME=VALUE lines behind parameter-store and secrets-manager entries.
+    #[arg(long, value_name = "FILE")]
+    pub secrets: Option<PathBuf>,
+    /// Stop the build after this long: 90s, 20m, 2h (default 60m).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "60m")]
+    pub timeout: Duration,
+    /// Copy the artifacts into this folder (must be empty or absent).
+    #[arg(long, value_name = "OUT_DIR")]
+    pub artifacts: Option<PathBuf>,
+    /// The sandbox: host (this version's only backend).
+    #[arg(long, value_name = "KIND")]
+    pub sandbox: Option<String>,
+    /// The image to run in (for sandboxes that use images).
+    #[arg(long, value_name = "NAME")]
+    pub image: Option<String>,
+    /// Run only on a peer with this label. Repeatable.
+    #[arg(long, value_name = "LABEL=VALUE")]
+    pub require: Vec<String>,
+    /// Print one JSON event a line (schema: docs/EVENTS.md).
+    #[arg(long)]
+    pub json: bool,
+    /// Batch members run at once (default: the number of cores).
+    #[arg(long, value_name = "N")]
+    pub slots: Option<usize>,
+    /// Allow batch members with privileged-mode.
+    #[arg(long)]
+    pub allow_privileged: bool,
+}
+
+/// Parses `90s`, `20m`, `2h`, `1h30m`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let hint = "write a number with a unit: 90s, 20m or 2h";
+    let mut total = 0u64;
+    let mut digits = String::new();
+    for c in text.trim().chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            _ => return Err(format!("`{text}`: unknown unit `{c}`; {hint}")),
+        };
+        let value: u64 = digits.parse().map_err(|_| format!("`{text}`: {hint}"))?;
+        total = total.saturating_add(value.saturating_mul(unit));
+        digits.clear();
+    }
+    if !digits.is_empty() || total == 0 {
+        return Err(format!("`{text}`: {hint}"));
+    }
+    Ok(Duration::from_secs(total))
+}
+
+/// Parses the command line and runs the command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::SandboxHelper { args } => {
+            return ExitCode::from(sandbox::helper::main(args).clamp(0, 255) as u8);
+        }
+        Command::Run(args) => crate::run::run(cli.data_dir.as_deref(), *args),
+        Command::Builds { json } => crate::records::list(cli.data_dir.as_deref(), json),
+        Command::Logs { build_id, json } => {
+            crate::records::logs(cli.data_dir.as_deref(), &build_id, json)
+        }
+        Command::Cancel { build_id } => crate::records::cancel(cli.data_dir.as_deref(), &build_id),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            eprintln!("peerbuild: error: {err:#}");
+            ExitCode::from(crate::run::EXIT_FAULT)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("20m"), Ok(Duration::from_secs(1200)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert!(parse_duration("20").is_err());
+        assert!(parse_duration("5d").is_err());
+        assert!(parse_duration("0s").is_err());
+    }
+
+    #[test]
+    fn the_cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

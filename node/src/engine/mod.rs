@@ -1,0 +1,958 @@
+//! The build engine: runs one build (a whole buildspec, or one member of a batch) on this
+//! machine through a sandbox executor, with CodeBuild's phases, transitions and variables.
+//!
+//! Transitions (BUILDSPEC.md; where AWS is silent, the choice is written in docs/BUILDSPEC.md):
+//! - INSTALL or PRE_BUILD fails: the later build phases are skipped (POST_BUILD too), and
+//!   UPLOAD_ARTIFACTS is still attempted.
+//! - BUILD fails: POST_BUILD runs with `CODEBUILD_BUILD_SUCCEEDING=0`; UPLOAD_ARTIFACTS follows.
+//! - `on-failure: ABORT`: every later build phase is skipped; UPLOAD_ARTIFACTS is attempted.
+//! - `on-failure: CONTINUE`: the build is marked failed, and the next phases run as usual.
+//! - `on-failure: RETRY...`: the phase (commands, then finally) runs again up to the count, when
+//!   the failed attempt's output matches the pattern if one is given; then the default applies.
+//! - A timeout or a stop ends the build at once: its processes are killed and nothing else runs.
+
+pub mod artifacts;
+pub mod env;
+pub mod mask;
+pub mod reports;
+mod runtimes;
+pub mod secrets;
+mod session;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use protocol::buildspec::{ArtifactSet, Buildspec, OnFailure, Phase, PhaseName};
+use sandbox::{Executor, OutputSink, SessionSpec, ShellKind, ShellMode};
+use tokio::sync::watch;
+
+use crate::data_dir::DataDir;
+use crate::events::{
+    ArtifactRecord, BuildResult, Event, Level, PhaseRecord, ReportRecord, Status, Variable,
+};
+use crate::ids::BuildId;
+use crate::reporter::Reporter;
+use crate::source::Source;
+use crate::users::User;
+use env::Variables;
+use mask::LineBuffer;
+use session::{Handover, Sessions};
+
+/// Why a build was cut short.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Interrupt {
+    TimedOut,
+    Stopped,
+}
+
+impl Interrupt {
+    fn status(self) -> Status {
+        match self {
+            Interrupt::TimedOut => Status::TimedOut,
+            Interrupt::Stopped => Status::Stopped,
+        }
+    }
+}
+
+/// Where a build's artifacts go.
+#[derive(Clone, Debug)]
+pub enum ArtifactTarget {
+    /// `--artifacts DIR` (for a batch member, `DIR/IDENTIFIER`): the primary artifact's files go
+    /// in the folder itself, each secondary artifact in a sub-folder named by its identifier.
+    Folder(PathBuf),
+}
+
+/// A build ready to run.
+pub struct Build {
+    pub id: BuildId,
+    pub number: u64,
+    /// The batch member's identifier.
+    pub member: Option<String>,
+    pub buildspec: Buildspec,
+    pub source: Arc<Source>,
+    /// The whole environment but `CODEBUILD_SRC_DIR`, which is known once the workspace is.
+    pub env: Variables,
+    /// The users `run-as` names, looked up.
+    pub users: HashMap<String, User>,
+    pub artifacts: ArtifactTarget,
+    pub start_time_ms: u64,
+    /// Secret values to mask in everything the build shows.
+    pub secrets: Vec<String>,
+}
+
+/// What every build on this node shares.
+pub struct Node {
+    pub executor: Arc<dyn Executor>,
+    pub data: DataDir,
+    pub reporter: Reporter,
+    /// The peer that runs builds here, as results name it.
+    pub peer: String,
+    pub me: User,
+}
+
+/// The deadline and the stop signal of one build.
+#[derive(Clone)]
+pub struct Limits {
+    pub deadline: tokio::time::Instant,
+    pub stop: watch::Receiver<Option<Interrupt>>,
+}
+
+/// How a step (a command, a block, a phase) ended.
+enum Step {
+    Ok,
+    Failed { command: String, code: i32 },
+    Interrupted(Interrupt),
+    Fault(String),
+}
+
+impl Limits {
+    /// Runs `work` unless the build times out or is stopped first.
+    async fn guard<T>(&self, work: impl Future<Output = T>) -> Result<T, Interrupt> {
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            out = work => Ok(out),
+            _ = tokio::time::sleep_until(self.deadline) => Err(Interrupt::TimedOut),
+            interrupt = stopped(&mut stop) => Err(interrupt),
+        }
+    }
+}
+
+/// Resolves when the build is told to stop (or times out, as the sender decides).
+pub async fn stopped_signal(stop: &mut watch::Receiver<Option<Interrupt>>) -> Interrupt {
+    stopped(stop).await
+}
+
+async fn stopped(stop: &mut watch::Receiver<Option<Interrupt>>) -> Interrupt {
+    loop {
+        if let Some(interrupt) = *stop.borrow_and_update() {
+            return interrupt;
+        }
+        if stop.changed().await.is_err() {
+            // Nobody can stop this build any more.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Runs a build to its end and returns its result; never panics on anything the build does.
+pub async fn run(build: Build, node: &Node, limits: Limits) -> BuildResult {
+    node.reporter.add_secrets(build.secrets.iter().cloned());
+    let mut run = Run {
+        sessions: None,
+        phases: Vec::new(),
+        failed: false,
+        message: None,
+        end: None,
+        tail: String::new(),
+        exported: Vec::new(),
+        artifacts: Vec::new(),
+        reports: Vec::new(),
+        limits,
+        started: Instant::now(),
+        build: &build,
+        node,
+    };
+    run.all().await;
+    run.result()
+}
+
+struct Run<'a> {
+    build: &'a Build,
+    node: &'a Node,
+    limits: Limits,
+    sessions: Option<Sessions>,
+    phases: Vec<PhaseRecord>,
+    /// The build has failed (it may still run POST_BUILD and UPLOAD_ARTIFACTS).
+    failed: bool,
+    /// The first failure's explanation.
+    message: Option<String>,
+    /// Set when the build ended early: a fault, a timeout or a stop.
+    end: Option<Status>,
+    /// The current phase attempt's output, for `RETRY-<regex>`.
+    tail: String,
+    exported: Vec<Variable>,
+    artifacts: Vec<ArtifactRecord>,
+    reports: Vec<ReportRecord>,
+    started: Instant,
+}
+
+/// The most output kept for matching a retry pattern.
+const TAIL_LIMIT_BYTES: usize = 256 * 1024;
+
+impl Run<'_> {
+    fn emit(&self, event: Event) {
+        self.node.reporter.emit(event);
+    }
+
+    fn note(&self, level: Level, message: impl Into<String>) {
+        self.emit(Event::Note {
+            member: self.build.member.clone(),
+            level,
+            message: message.into(),
+        });
+    }
+
+    fn fail(&mut self, message: String) {
+        self.failed = true;
+        self.message.get_or_insert(message);
+    }
+
+    async fn all(&mut self) {
+        let Some(workspace) = self.provision() else {
+            return;
+        };
+        if self.download_source(workspace.path()).await {
+            self.build_phases().await;
+            if self.end.is_none() {
+                self.export_variables().await;
+            }
+            if self.end.is_none() && self.has_uploads() {
+                self.upload(workspace.path()).await;
+            }
+        }
+        if let Some(sessions) = &mut self.sessions
+            && let Err(err) = sessions.close().await
+        {
+            self.note(
+                Level::Warning,
+                format!("could not end the build's shell: {err}"),
+            );
+        }
+        drop(workspace);
+    }
+
+    /// PROVISIONING: the workspace and the session set-up.
+    fn provision(&mut self) -> Option<Workspace> {
+        let started = Instant::now();
+        self.phase_started("PROVISIONING");
+        match Workspace::create(&self.node.data, self.build) {
+            Ok(workspace) => {
+                let mut env = self.build.env.clone();
+                env.set("CODEBUILD_SRC_DIR", workspace.path().display().to_string());
+                let shell = match self.build.buildspec.env.shell {
+                    protocol::buildspec::Shell::Bash => ShellKind::Bash,
+                    protocol::buildspec::Shell::Sh => ShellKind::Sh,
+                };
+                let mode = match self.build.buildspec.version {
+                    protocol::buildspec::Version::V0_1 => ShellMode::FreshPerCommand,
+                    protocol::buildspec::Version::V0_2 => ShellMode::Persistent,
+                };
+                let spec = SessionSpec {
+                    shell,
+                    mode,
+                    workdir: workspace.path().to_owned(),
+                    env: env.into_vec(),
+                    run_as: None,
+                };
+                self.sessions = Some(Sessions::new(
+                    self.node.executor.clone(),
+                    spec,
+                    self.node.me.clone(),
+                ));
+                self.phase_finished("PROVISIONING", started, Status::Succeeded, None);
+                Some(workspace)
+            }
+            Err(err) => {
+                let message = format!("{err:#}");
+                self.phase_finished(
+                    "PROVISIONING",
+                    started,
+                    Status::Fault,
+                    Some(message.clone()),
+                );
+                self.end = Some(Status::Fault);
+                self.message = Some(message);
+                None
+            }
+        }
+    }
+
+    /// DOWNLOAD_SOURCE: the source copied into the workspace.
+    async fn download_source(&mut self, workspace: &Path) -> bool {
+        let started = Instant::now();
+        self.phase_started("DOWNLOAD_SOURCE");
+        let source = self.build.source.clone();
+        let target = workspace.to_owned();
+        let owner = self.workspace_owner();
+        let copy = tokio::task::spawn_blocking(move || {
+            let stats = crate::source::copy_into(&source, &target)?;
+            if let Some((uid, gid)) = owner {
+                chown_tree(&target, uid, gid)?;
+            }
+            anyhow::Ok(stats)
+        });
+        let outcome = match self.limits.guard(copy).await {
+            Ok(Ok(Ok(stats))) => {
+                let detail = format!("{} files, {} bytes", stats.files, stats.bytes);
+                self.phase_finished("DOWNLOAD_SOURCE", started, Status::Succeeded, Some(detail));
+                return true;
+            }
+            Ok(Ok(Err(err))) => (Status::Fault, format!("{err:#}")),
+            Ok(Err(join)) => (Status::Fault, format!("the source copy stopped: {join}")),
+            Err(interrupt) => (interrupt.status(), "interrupted".to_owned()),
+        };
+        self.phase_finished(
+            "DOWNLOAD_SOURCE",
+            started,
+            outcome.0,
+            Some(outcome.1.clone()),
+        );
+        self.end = Some(outcome.0);
+        self.message = Some(outcome.1);
+        false
+    }
+
+    /// The user the workspace belongs to when the build runs as another user than peerbuild.
+    fn workspace_owner(&self) -> Option<(u32, u32)> {
+        let name = self.build.buildspec.run_as.as_ref().or_else(|| {
+            PhaseName::ALL
+                .iter()
+                .filter_map(|p| self.build.buildspec.phases.get(*p))
+                .find_map(|p| p.run_as.as_ref())
+        })?;
+        let user = self.build.users.get(name)?;
+        (user.uid != self.node.me.uid).then_some((user.uid, user.gid))
+    }
+
+    async fn build_phases(&mut self) {
+        let mut skip_reason: Option<String> = None;
+        for name in PhaseName::ALL {
+            let Some(phase) = self.build.buildspec.phases.get(name) else {
+                continue;
+            };
+            if let Some(reason) = &skip_reason {
+                self.note(
+                    Level::Info,
+                    format!("{} skipped: {reason}", name.report_name()),
+                );
+                continue;
+            }
+            if name == PhaseName::PostBuild && self.failed {
+                self.note(
+                    Level::Warning,
+                    "POST_BUILD runs although the build has failed, as in CodeBuild; CODEBUILD_BUILD_SUCCEEDING is 0",
+                );
+            }
+            match self.phase(name, phase).await {
+                Step::Ok => {}
+                Step::Failed { command, code } => {
+                    self.fail(format!(
+                        "{}: command `{}` exited with status {code}",
+                        name.report_name(),
+                        first_line(&command)
+                    ));
+                    if let Some(sessions) = &mut self.sessions
+                        && let Err(err) = sessions.mark_failed().await
+                    {
+                        self.note(
+                            Level::Warning,
+                            format!("could not update CODEBUILD_BUILD_SUCCEEDING: {err}"),
+                        );
+                    }
+                    skip_reason = skip_after_failure(name, &phase.on_failure);
+                }
+                Step::Interrupted(interrupt) => {
+                    self.end = Some(interrupt.status());
+                    return;
+                }
+                Step::Fault(message) => {
+                    self.end = Some(Status::Fault);
+                    self.message.get_or_insert(message);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Runs one phase, with its retries, and reports it.
+    async fn phase(&mut self, name: PhaseName, phase: &Phase) -> Step {
+        let started = Instant::now();
+        let report_name = name.report_name();
+        self.phase_started(report_name);
+        let user = self.phase_user(phase);
+        let (retries, pattern) = match &phase.on_failure {
+            OnFailure::Retry { count, pattern } => (*count, pattern.as_deref()),
+            _ => (0, None),
+        };
+        if !phase.runtime_versions.is_empty()
+            && let Err(step) = self
+                .check_runtimes(name, user.as_ref(), &phase.runtime_versions)
+                .await
+        {
+            return self.phase_ended(report_name, started, step);
+        }
+        let mut attempt = 0;
+        let step = loop {
+            self.tail.clear();
+            let step = self.attempt(name, user.as_ref(), phase).await;
+            if !matches!(step, Step::Failed { .. }) || attempt >= retries {
+                break step;
+            }
+            if let Some(pattern) = pattern
+                && !retry_pattern_matches(pattern, &self.tail)
+            {
+                self.note(
+                        Level::Info,
+                        format!("{report_name} failed; not retrying, since its output does not match `{pattern}`"),
+                    );
+                break step;
+            }
+            attempt += 1;
+            self.note(
+                Level::Warning,
+                format!("{report_name} failed; retrying (retry {attempt} of {retries})"),
+            );
+        };
+        self.phase_ended(report_name, started, step)
+    }
+
+    fn phase_user(&self, phase: &Phase) -> Option<User> {
+        let name = phase
+            .run_as
+            .as_ref()
+            .or(self.build.buildspec.run_as.as_ref())?;
+        self.build.users.get(name).cloned()
+    }
+
+    fn phase_ended(&mut self, phase: &str, started: Instant, step: Step) -> Step {
+        let (status, message) = match &step {
+            Step::Ok => (Status::Succeeded, None),
+            Step::Failed { command, code } => (
+                Status::Failed,
+                Some(format!(
+                    "Error while executing command: {}. Reason: exit status {code}",
+                    first_line(command)
+                )),
+            ),
+            Step::Interrupted(Interrupt::TimedOut) => (
+                Status::TimedOut,
+                Some("the build timed out; its processes were killed".to_owned()),
+            ),
+            Step::Interrupted(Interrupt::Stopped) => (
+                Status::Stopped,
+                Some("the build was stopped; its processes were killed".to_owned()),
+            ),
+            Step::Fault(message) => (Status::Fault, Some(message.clone())),
+        };
+        if let (Step::Interrupted(_), Some(message)) = (&step, &message) {
+            self.message.get_or_insert(message.clone());
+        }
+        self.phase_finished(phase, started, status, message);
+        step
+    }
+
+    /// One attempt of a phase: its commands, then its `finally` block whatever happened (unless
+    /// the build was cut short). The phase succeeds only if both blocks do.
+    async fn attempt(&mut self, name: PhaseName, user: Option<&User>, phase: &Phase) -> Step {
+        let step = self.block(name, user, &phase.commands).await;
+        if matches!(step, Step::Interrupted(_) | Step::Fault(_)) || phase.finally.is_empty() {
+            return step;
+        }
+        let finally = self.block(name, user, &phase.finally).await;
+        match step {
+            Step::Ok => finally,
+            failed => match finally {
+                Step::Interrupted(_) | Step::Fault(_) => finally,
+                _ => failed,
+            },
+        }
+    }
+
+    /// Runs commands in order; the first that fails skips the rest.
+    async fn block(&mut self, name: PhaseName, user: Option<&User>, commands: &[String]) -> Step {
+        for command in commands {
+            let step = self.command(name, user, command).await;
+            if !matches!(step, Step::Ok) {
+                return step;
+            }
+        }
+        Step::Ok
+    }
+
+    async fn command(&mut self, name: PhaseName, user: Option<&User>, command: &str) -> Step {
+        // Copies of the shared references, so that notes can be emitted while the session (a
+        // borrow of `self.sessions`) is in use.
+        let (node, build) = (self.node, self.build);
+        let limits = self.limits.clone();
+        let Some(sessions) = self.sessions.as_mut() else {
+            return Step::Fault("the build has no shell".into());
+        };
+        let (session, handover) = match limits.guard(sessions.get(user)).await {
+            Err(interrupt) => return Step::Interrupted(interrupt),
+            Ok(Err(err)) => return Step::Fault(format!("the sandbox failed: {err}")),
+            Ok(Ok(pair)) => pair,
+        };
+        if let Handover::Switched { from, to } = handover {
+            node.reporter.emit(Event::Note {
+                member: build.member.clone(),
+                level: Level::Info,
+                message: format!("{} runs as `{to}` (was `{from}`) in a new shell, from the previous shell's working directory and exported variables", name.report_name()),
+            });
+        }
+        node.reporter.emit(Event::Command {
+            member: build.member.clone(),
+            phase: name.report_name().to_owned(),
+            command: command.to_owned(),
+        });
+        let mut output = PhaseOutput::new(&node.reporter, build.member.clone(), name.report_name());
+        let outcome = limits.guard(session.run(command, &mut output)).await;
+        output.finish();
+        append_tail(&mut self.tail, &output.text);
+        match outcome {
+            Err(interrupt) => Step::Interrupted(interrupt),
+            Ok(Err(err)) => Step::Fault(format!("the sandbox failed: {err}")),
+            Ok(Ok(outcome)) => {
+                if let sandbox::CommandOutcome::ShellExited(code) = outcome {
+                    if let Some(sessions) = &mut self.sessions {
+                        sessions.shell_exited();
+                    }
+                    self.note(
+                        Level::Warning,
+                        format!("the build's shell exited with status {code}; later commands start in a new shell from CODEBUILD_SRC_DIR, without the directory and variables of this one"),
+                    );
+                }
+                if outcome.succeeded() {
+                    Step::Ok
+                } else {
+                    Step::Failed {
+                        command: command.to_owned(),
+                        code: outcome.code(),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs `command` in a subshell of the build's shell and returns its standard output.
+    async fn capture(
+        &mut self,
+        user: Option<&User>,
+        command: &str,
+    ) -> Result<sandbox::Captured, Step> {
+        let limits = self.limits.clone();
+        let mut output = PhaseOutput::new(&self.node.reporter, self.build.member.clone(), "");
+        let sessions = self
+            .sessions
+            .as_mut()
+            .ok_or_else(|| Step::Fault("the build has no shell".into()))?;
+        let result = limits
+            .guard(async {
+                let (session, _) = sessions.get(user).await?;
+                session.capture(command, &mut output).await
+            })
+            .await;
+        output.finish();
+        match result {
+            Err(interrupt) => Err(Step::Interrupted(interrupt)),
+            Ok(Err(err)) => Err(Step::Fault(format!("the sandbox failed: {err}"))),
+            Ok(Ok(captured)) => Ok(captured),
+        }
+    }
+
+    async fn check_runtimes(
+        &mut self,
+        name: PhaseName,
+        user: Option<&User>,
+        wanted: &[(String, String)],
+    ) -> Result<(), Step> {
+        for (runtime, version) in wanted {
+            let version = if version.contains('$') {
+                self.capture(user, &format!("printf '%s' {}", double_quote(version)))
+                    .await?
+                    .stdout
+            } else {
+                version.clone()
+            };
+            let Some(probe) = runtimes::probe_command(runtime) else {
+                self.note(Level::Warning, format!("runtime {runtime} {version}: peerbuild does not know this runtime (it knows {}); going on", runtimes::known_runtimes()));
+                continue;
+            };
+            let captured = self.capture(user, probe).await?;
+            let found = (captured.status == 0)
+                .then(|| runtimes::version_in(&captured.stdout))
+                .flatten();
+            match found {
+                Some(found) if runtimes::matches(&version, &found) => {
+                    self.note(Level::Info, format!("runtime {runtime} {version}: found {found}"))
+                }
+                Some(found) => self.note(Level::Warning, format!("runtime {runtime} {version}: this machine has {found} instead; going on, as CodeBuild does on images without runtime support")),
+                None => self.note(Level::Warning, format!("runtime {runtime} {version}: not installed here; going on, as CodeBuild does on images without runtime support")),
+            }
+        }
+        let _ = name;
+        Ok(())
+    }
+
+    /// `exported-variables`: their values once the build phases are over.
+    async fn export_variables(&mut self) {
+        let names = self.build.buildspec.env.exported_variables.clone();
+        let user = self.top_user();
+        for name in names {
+            match self
+                .capture(user.as_ref(), &format!("printf '%s' \"${{{name}-}}\""))
+                .await
+            {
+                Ok(captured) => self.exported.push(Variable {
+                    name,
+                    value: captured.stdout,
+                }),
+                Err(Step::Interrupted(interrupt)) => {
+                    self.end = Some(interrupt.status());
+                    return;
+                }
+                Err(_) => self.note(
+                    Level::Warning,
+                    format!("could not read the exported variable {name}"),
+                ),
+            }
+        }
+    }
+
+    fn top_user(&self) -> Option<User> {
+        let name = self.build.buildspec.run_as.as_ref()?;
+        self.build.users.get(name).cloned()
+    }
+
+    fn has_uploads(&self) -> bool {
+        self.build.buildspec.artifacts.is_some() || !self.build.buildspec.reports.is_empty()
+    }
+
+    /// UPLOAD_ARTIFACTS: artifacts copied out, reports read.
+    async fn upload(&mut self, workspace: &Path) {
+        let started = Instant::now();
+        self.phase_started("UPLOAD_ARTIFACTS");
+        let mut problems = Vec::new();
+        let sets = artifact_sets(&self.build.buildspec);
+        let ArtifactTarget::Folder(root) = &self.build.artifacts;
+        for (identifier, set) in sets {
+            let dest = if identifier == "primary" {
+                root.clone()
+            } else {
+                root.join(&identifier)
+            };
+            match self.upload_set(workspace, &identifier, &set, &dest).await {
+                Ok(record) => self.artifacts.push(record),
+                Err(Step::Interrupted(interrupt)) => {
+                    self.end = Some(interrupt.status());
+                    self.phase_finished("UPLOAD_ARTIFACTS", started, interrupt.status(), None);
+                    return;
+                }
+                Err(Step::Fault(message))
+                | Err(Step::Failed {
+                    command: message, ..
+                }) => problems.push(message),
+                Err(Step::Ok) => {}
+            }
+        }
+        for (name, report) in &self.build.buildspec.reports {
+            let outcome = reports::collect(workspace, name, report);
+            self.reports.push(report_record(outcome));
+        }
+        let (status, message) = if problems.is_empty() {
+            (Status::Succeeded, None)
+        } else {
+            let message = problems.join("; ");
+            self.fail(format!("UPLOAD_ARTIFACTS: {message}"));
+            (Status::Failed, Some(message))
+        };
+        self.phase_finished("UPLOAD_ARTIFACTS", started, status, message);
+    }
+
+    async fn upload_set(
+        &mut self,
+        workspace: &Path,
+        identifier: &str,
+        set: &ArtifactSet,
+        dest: &Path,
+    ) -> Result<ArtifactRecord, Step> {
+        let name = match &set.name {
+            Some(name) => {
+                let user = self.top_user();
+                let command = format!(
+                    "cat <<__PEERBUILD_ARTIFACT_NAME__\n{name}\n__PEERBUILD_ARTIFACT_NAME__"
+                );
+                Some(self.capture(user.as_ref(), &command).await?.stdout)
+            }
+            None => None,
+        };
+        let selected = artifacts::select(workspace, set)
+            .map_err(|err| Step::Fault(format!("artifact {identifier}: {err}")))?;
+        for warning in &selected.warnings {
+            self.note(Level::Warning, format!("artifact {identifier}: {warning}"));
+        }
+        let summary = artifacts::copy_out(&selected, dest)
+            .map_err(|err| Step::Fault(format!("artifact {identifier}: {err}")))?;
+        Ok(ArtifactRecord {
+            identifier: identifier.to_owned(),
+            name,
+            files: summary.files,
+            bytes: summary.bytes,
+            location: dest.display().to_string(),
+        })
+    }
+
+    fn phase_started(&self, phase: &str) {
+        self.emit(Event::PhaseStarted {
+            member: self.build.member.clone(),
+            phase: phase.to_owned(),
+        });
+    }
+
+    fn phase_finished(
+        &mut self,
+        phase: &str,
+        started: Instant,
+        status: Status,
+        message: Option<String>,
+    ) {
+        let duration_ms = started.elapsed().as_millis() as u64;
+        self.emit(Event::PhaseFinished {
+            member: self.build.member.clone(),
+            phase: phase.to_owned(),
+            status,
+            duration_ms,
+            message: message.clone(),
+        });
+        self.phases.push(PhaseRecord {
+            phase: phase.to_owned(),
+            status,
+            duration_ms,
+            message,
+        });
+    }
+
+    fn result(self) -> BuildResult {
+        let status = match self.end {
+            Some(status) => status,
+            None if self.failed => Status::Failed,
+            None => Status::Succeeded,
+        };
+        BuildResult {
+            build_id: self.build.id.to_string(),
+            build_number: self.build.number,
+            member: self.build.member.clone(),
+            status,
+            message: self.message,
+            start_time_ms: self.build.start_time_ms,
+            duration_ms: self.started.elapsed().as_millis() as u64,
+            peer: self.node.peer.clone(),
+            phases: self.phases,
+            exported_variables: self.exported,
+            artifacts: self.artifacts,
+            reports: self.reports,
+            members: Vec::new(),
+        }
+    }
+}
+
+/// Which later build phases a failure skips, and why (`None`: none are skipped).
+fn skip_after_failure(phase: PhaseName, on_failure: &OnFailure) -> Option<String> {
+    let failed = phase.report_name();
+    match on_failure {
+        OnFailure::Continue => None,
+        OnFailure::Abort => Some(format!("{failed} failed with on-failure: ABORT")),
+        OnFailure::Default | OnFailure::Retry { .. } => match phase {
+            PhaseName::Install | PhaseName::PreBuild => Some(format!("{failed} failed")),
+            PhaseName::Build | PhaseName::PostBuild => None,
+        },
+    }
+}
+
+fn retry_pattern_matches(pattern: &str, output: &str) -> bool {
+    // The parser has checked the pattern; one that still does not compile never matches.
+    regex::Regex::new(pattern).is_ok_and(|re| re.is_match(output))
+}
+
+fn append_tail(tail: &mut String, text: &str) {
+    tail.push_str(text);
+    if tail.len() > TAIL_LIMIT_BYTES {
+        let mut cut = tail.len() - TAIL_LIMIT_BYTES;
+        while !tail.is_char_boundary(cut) {
+            cut += 1;
+        }
+        tail.drain(..cut);
+    }
+}
+
+fn first_line(text: &str) -> &str {
+    text.lines().next().unwrap_or_default()
+}
+
+/// Double-quotes `text` for the shell so that `$VAR` in it expands and nothing else does.
+fn double_quote(text: &str) -> String {
+    let escaped: String = text
+        .chars()
+        .flat_map(|c| match c {
+            '"' | '\\' | '`' => vec!['\\', c],
+            c => vec![c],
+        })
+        .collect();
+    format!("\"{escaped}\"")
+}
+
+fn artifact_sets(buildspec: &Buildspec) -> Vec<(String, ArtifactSet)> {
+    let Some(artifacts) = &buildspec.artifacts else {
+        return Vec::new();
+    };
+    artifacts
+        .primary
+        .iter()
+        .map(|set| ("primary".to_owned(), set.clone()))
+        .chain(artifacts.secondary.iter().cloned())
+        .collect()
+}
+
+fn report_record(outcome: reports::ReportOutcome) -> ReportRecord {
+    ReportRecord {
+        name: outcome.name,
+        format: outcome.format.key().to_owned(),
+        files: outcome
+            .files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect(),
+        counts: outcome.counts.map(|c| crate::events::TestCounts {
+            passed: c.passed,
+            failed: c.failed,
+            skipped: c.skipped,
+            errored: c.errored,
+        }),
+        problems: outcome.problems,
+    }
+}
+
+/// Turns a command's output into masked log lines, and keeps its text for retry patterns.
+struct PhaseOutput {
+    reporter: Reporter,
+    masker: mask::Masker,
+    member: Option<String>,
+    phase: &'static str,
+    lines: LineBuffer,
+    text: String,
+}
+
+impl PhaseOutput {
+    fn new(reporter: &Reporter, member: Option<String>, phase: &'static str) -> Self {
+        PhaseOutput {
+            masker: reporter.masker(),
+            reporter: reporter.clone(),
+            member,
+            phase,
+            lines: LineBuffer::default(),
+            text: String::new(),
+        }
+    }
+
+    fn line(&mut self, line: String) {
+        let line = self.masker.mask(&line);
+        append_tail(&mut self.text, &line);
+        self.text.push('\n');
+        self.reporter.emit(Event::Log {
+            member: self.member.clone(),
+            phase: self.phase.to_owned(),
+            line,
+        });
+    }
+
+    fn finish(&mut self) {
+        if let Some(rest) = self.lines.flush() {
+            self.line(rest);
+        }
+    }
+}
+
+impl OutputSink for PhaseOutput {
+    fn write(&mut self, bytes: &[u8]) {
+        for line in self.lines.push(bytes, &self.masker) {
+            self.line(line);
+        }
+    }
+}
+
+/// A build's working folder, removed when dropped.
+struct Workspace {
+    /// The folder that holds the workspace (removed with it).
+    holder: PathBuf,
+    path: PathBuf,
+}
+
+impl Workspace {
+    fn create(data: &DataDir, build: &Build) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        // A build run as another user must be able to reach its workspace, which the private
+        // data directory does not allow; it then lives in a fresh folder in the temporary
+        // directory that others may pass through but not list.
+        let needs_other_user = !build.users.is_empty();
+        let parent = if needs_other_user {
+            std::env::temp_dir()
+        } else {
+            data.work()
+        };
+        crate::data_dir::create_private(&parent)?;
+        let holder = parent.join(format!(
+            "peerbuild-{}",
+            build.id.to_string().replace([':', '/'], "-")
+        ));
+        std::fs::create_dir(&holder)
+            .with_context(|| format!("cannot create the workspace {}", holder.display()))?;
+        if needs_other_user {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&holder, std::fs::Permissions::from_mode(0o711))?;
+        }
+        let path = holder.join("src");
+        std::fs::create_dir(&path)
+            .with_context(|| format!("cannot create the workspace {}", path.display()))?;
+        Ok(Workspace { holder, path })
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        remove_tree(&self.holder);
+    }
+}
+
+/// Removes a folder tree, first making writable any folder a build left read-only.
+pub fn remove_tree(path: &Path) {
+    if std::fs::remove_dir_all(path).is_ok() || !path.exists() {
+        return;
+    }
+    make_writable(path);
+    let _ = std::fs::remove_dir_all(path);
+}
+
+fn make_writable(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(metadata) = path.symlink_metadata() else {
+        return;
+    };
+    if !metadata.is_dir() {
+        return;
+    }
+    let mode = metadata.permissions().mode() | 0o700;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode));
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for entry in entries.flatten() {
+            make_writable(&entry.path());
+        }
+    }
+}
+
+fn chown_tree(path: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
+    use anyhow::Context;
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+        .with_context(|| format!("cannot hand {} to the run-as user", path.display()))?;
+    if path.symlink_metadata()?.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            chown_tree(&entry?.path(), uid, gid)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,15 @@
+//! The `peerbuild` binary's library: the command line, the build engine that runs buildspecs
+//! through the `sandbox` crate, and the data directory that keeps builds and their logs.
+
+pub mod batch;
+pub mod cli;
+pub mod data_dir;
+pub mod engine;
+pub mod events;
+pub mod ids;
+pub mod records;
+pub mod render;
+pub mod reporter;
+pub mod run;
+pub mod source;
+pub mod users;

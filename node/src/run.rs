@@ -1,0 +1,622 @@
+//! `peerbuild run`: checks everything it can before anything runs (the buildspec, variables,
+//! secrets, users, the artifacts folder), then runs the build or batch on the embedded one-node
+//! pool, shows it live, keeps its record, and exits with DESIGN.md's status.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use protocol::buildspec::{self, Buildspec};
+use sandbox::{HelperCommand, HostExecutor};
+use tokio::sync::watch;
+
+use crate::batch::{self, PlannedMember};
+use crate::cli::RunArgs;
+use crate::data_dir::{self, DataDir};
+use crate::engine::env::{self, Variables};
+use crate::engine::secrets::{self, SecretsFile};
+use crate::engine::{ArtifactTarget, Build, Interrupt, Limits, Node};
+use crate::events::{BuildResult, Event, Level, Status};
+use crate::ids::BuildId;
+use crate::reporter::{EventSink, JsonLines, Reporter};
+use crate::source::{self, Source};
+use crate::users::{self, User};
+
+pub const EXIT_USAGE: u8 = 2;
+pub const EXIT_FAULT: u8 = 3;
+
+/// A problem with what the user asked for: exit status 2, nothing has run.
+#[derive(Debug)]
+struct Refused(String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+fn refuse<T>(message: impl Into<String>) -> Result<T> {
+    Err(Refused(message.into()).into())
+}
+
+/// Runs `peerbuild run` and returns the exit status.
+pub fn run(data_dir: Option<&Path>, args: RunArgs) -> Result<u8> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    match runtime.block_on(run_async(data_dir, args)) {
+        Ok(code) => Ok(code),
+        Err(err) if err.downcast_ref::<Refused>().is_some() => {
+            eprintln!("peerbuild: {err:#}");
+            Ok(EXIT_USAGE)
+        }
+        Err(err) => Err(err),
+    }
+}
+
+/// Everything checked and prepared before the build starts.
+struct Prepared {
+    data: DataDir,
+    source: Arc<Source>,
+    buildspec: Buildspec,
+    id: BuildId,
+    number: u64,
+    base_env: Variables,
+    submitted: Vec<(String, String)>,
+    secrets: SecretsFile,
+    users: HashMap<String, User>,
+    artifacts_root: PathBuf,
+    start_time_ms: u64,
+}
+
+async fn run_async(data_dir: Option<&Path>, args: RunArgs) -> Result<u8> {
+    let prepared = prepare(data_dir, &args)?;
+    let build_dir = prepared.data.build(&prepared.id.to_string());
+    data_dir::create_private(&build_dir)?;
+    data_dir::write_private(
+        &build_dir.join("pid"),
+        std::process::id().to_string().as_bytes(),
+    )?;
+    let reporter = Reporter::new(sinks(&args, &build_dir)?);
+    let node = Node {
+        executor: Arc::new(HostExecutor::new(helper_command()?)),
+        data: prepared.data.clone(),
+        reporter: reporter.clone(),
+        peer: peer_name(),
+        me: users::current(),
+    };
+    let (stop_sender, stop) = watch::channel(None);
+    let limits = Limits {
+        deadline: tokio::time::Instant::now() + args.timeout,
+        stop,
+    };
+    let signals = tokio::spawn(forward_signals(stop_sender));
+    let ticker = tokio::spawn(tick(reporter.clone()));
+    let result = run_prepared(&prepared, &args, &node, limits).await;
+    ticker.abort();
+    signals.abort();
+    let result = match result {
+        Ok(result) => result,
+        Err(err) if err.downcast_ref::<Refused>().is_some() => {
+            let _ = std::fs::remove_dir_all(&build_dir);
+            return Err(err);
+        }
+        Err(err) => return Err(err),
+    };
+    let status = result.status;
+    let mut finished = Event::BuildFinished {
+        result: Box::new(result),
+    };
+    reporter.emit(finished.clone());
+    // The record keeps the result masked, as every event sink saw it.
+    finished.mask_with(&|s| reporter.mask(s));
+    let record = crate::events::Envelope {
+        v: crate::events::SCHEMA_VERSION,
+        event: finished,
+    };
+    data_dir::write_private(
+        &build_dir.join("result.json"),
+        &serde_json::to_vec_pretty(&record)?,
+    )?;
+    let _ = std::fs::remove_file(build_dir.join("pid"));
+    Ok(status.exit_code())
+}
+
+fn sinks(args: &RunArgs, build_dir: &Path) -> Result<Vec<Box<dyn EventSink>>> {
+    let terminal: Box<dyn EventSink> = if args.json {
+        Box::new(JsonLines::new(std::io::stdout()))
+    } else {
+        let spinner = std::io::stderr().is_terminal() && std::io::stdout().is_terminal();
+        Box::new(crate::render::Human::new(std::io::stdout(), spinner))
+    };
+    let log = crate::reporter::event_log(&build_dir.join("events.jsonl"))?;
+    Ok(vec![terminal, Box::new(log)])
+}
+
+async fn run_prepared(
+    prepared: &Prepared,
+    args: &RunArgs,
+    node: &Node,
+    limits: Limits,
+) -> Result<BuildResult> {
+    let batch = prepared.buildspec.batch.clone();
+    node.reporter.emit(Event::BuildStarted {
+        build_id: prepared.id.to_string(),
+        build_number: prepared.number,
+        source: prepared.source.root.display().to_string(),
+        source_version: prepared.source.git_commit.clone(),
+        sandbox: node.executor.kind().to_owned(),
+        batch: batch.is_some(),
+        start_time_ms: prepared.start_time_ms,
+    });
+    for skipped in &prepared.source.skipped {
+        node.reporter.emit(Event::Note {
+            member: None,
+            level: Level::Warning,
+            message: format!("left out of the source: {skipped}"),
+        });
+    }
+    let Some(batch) = batch else {
+        let build = single_build(
+            prepared,
+            &prepared.buildspec,
+            None,
+            prepared.artifacts_root.clone(),
+        )?;
+        return Ok(crate::engine::run(build, node, limits).await);
+    };
+    run_batch(prepared, args, node, limits, &batch).await
+}
+
+async fn run_batch(
+    prepared: &Prepared,
+    args: &RunArgs,
+    node: &Node,
+    limits: Limits,
+    batch: &buildspec::Batch,
+) -> Result<BuildResult> {
+    let started = std::time::Instant::now();
+    let planned = batch::members(batch);
+    let mut builds = Vec::new();
+    for member in &planned {
+        builds.push(member_build(prepared, args, member)?);
+    }
+    for member in &planned {
+        if let Some(description) = &member.description {
+            node.reporter.emit(Event::Note {
+                member: Some(member.identifier.clone()),
+                level: Level::Info,
+                message: description.clone(),
+            });
+        }
+        if let Some(image) = &member.env.image {
+            node.reporter.emit(Event::Note {
+                member: Some(member.identifier.clone()),
+                level: Level::Warning,
+                message: format!(
+                    "image `{image}` is not used: the {} sandbox runs on this machine",
+                    node.executor.kind()
+                ),
+            });
+        }
+    }
+    let slots = args
+        .slots
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let mut builds: Vec<Option<Build>> = builds.into_iter().map(Some).collect();
+    let runner: batch::MemberRunner<'_> = Box::new(move |index, member_limits| {
+        let build = builds[index].take();
+        Box::pin(async move {
+            match build {
+                Some(build) => crate::engine::run(build, node, member_limits).await,
+                None => unreachable_member(index),
+            }
+        })
+    });
+    let batch_stop = limits.stop.clone();
+    let members = batch::run_members(
+        &planned,
+        batch.fast_fail,
+        slots,
+        limits,
+        &node.reporter,
+        runner,
+    )
+    .await;
+    let stopped = batch_stop.borrow().is_some();
+    let status = batch_status(&planned, &members, stopped);
+    let message = (status != Status::Succeeded).then(|| {
+        let failed: Vec<&str> = members
+            .iter()
+            .zip(&planned)
+            .filter(|(r, p)| {
+                r.status != Status::Succeeded && !(p.ignore_failure && r.status == Status::Failed)
+            })
+            .map(|(_, p)| p.identifier.as_str())
+            .collect();
+        format!("members that did not succeed: {}", failed.join(", "))
+    });
+    Ok(BuildResult {
+        build_id: prepared.id.to_string(),
+        build_number: prepared.number,
+        member: None,
+        status,
+        message,
+        start_time_ms: prepared.start_time_ms,
+        duration_ms: started.elapsed().as_millis() as u64,
+        peer: node.peer.clone(),
+        phases: Vec::new(),
+        exported_variables: Vec::new(),
+        artifacts: Vec::new(),
+        reports: Vec::new(),
+        members,
+    })
+}
+
+/// A result for a member the runner was asked to start twice, which the batch graph never does.
+fn unreachable_member(index: usize) -> BuildResult {
+    BuildResult {
+        build_id: String::new(),
+        build_number: 0,
+        member: None,
+        status: Status::Fault,
+        message: Some(format!(
+            "internal error: batch member {index} started twice"
+        )),
+        start_time_ms: 0,
+        duration_ms: 0,
+        peer: String::new(),
+        phases: Vec::new(),
+        exported_variables: Vec::new(),
+        artifacts: Vec::new(),
+        reports: Vec::new(),
+        members: Vec::new(),
+    }
+}
+
+/// The batch's status: a fault or timeout of any member is the batch's; a batch stopped by the
+/// user is STOPPED; otherwise it succeeds when every member succeeded or failed with
+/// `ignore-failure`.
+fn batch_status(planned: &[PlannedMember], members: &[BuildResult], stopped: bool) -> Status {
+    for decisive in [Status::Fault, Status::TimedOut] {
+        if members.iter().any(|m| m.status == decisive) {
+            return decisive;
+        }
+    }
+    let ok = members.iter().zip(planned).all(|(m, p)| {
+        m.status == Status::Succeeded || (p.ignore_failure && m.status == Status::Failed)
+    });
+    match (ok, stopped) {
+        (true, _) => Status::Succeeded,
+        (false, true) => Status::Stopped,
+        (false, false) => Status::Failed,
+    }
+}
+
+fn member_build(prepared: &Prepared, args: &RunArgs, member: &PlannedMember) -> Result<Build> {
+    if member.env.privileged_mode && !args.allow_privileged {
+        return refuse(format!(
+            "batch member `{}` asks for privileged-mode, which this node does not allow; pass --allow-privileged to allow it",
+            member.identifier
+        ));
+    }
+    let own = match &member.buildspec {
+        Some(path) => Some(load_buildspec(&prepared.source.root.join(path), path)?),
+        None => None,
+    };
+    let buildspec = batch::member_buildspec(&prepared.buildspec, own);
+    let mut build = single_build(
+        prepared,
+        &buildspec,
+        Some(member),
+        prepared.artifacts_root.join(&member.identifier),
+    )?;
+    build.member = Some(member.identifier.clone());
+    Ok(build)
+}
+
+/// Prepares one build (or batch member): its environment in CodeBuild's order of precedence.
+fn single_build(
+    prepared: &Prepared,
+    buildspec: &Buildspec,
+    member: Option<&PlannedMember>,
+    artifacts: PathBuf,
+) -> Result<Build> {
+    let id = match member {
+        Some(member) => prepared.id.member(&member.identifier),
+        None => prepared.id.clone(),
+    };
+    let mut vars = prepared.base_env.clone();
+    vars.set("CODEBUILD_BUILD_ID", id.to_string());
+    vars.set(
+        "CODEBUILD_BUILD_ARN",
+        format!("arn:aws:codebuild:local:000000000000:build/{id}"),
+    );
+    vars.set("CODEBUILD_BUILD_NUMBER", prepared.number.to_string());
+    if let Some(member) = member {
+        vars.set(
+            "CODEBUILD_BATCH_BUILD_IDENTIFIER",
+            member.identifier.clone(),
+        );
+        if let Some(image) = &member.env.image {
+            vars.set("CODEBUILD_BUILD_IMAGE", image.clone());
+        }
+    }
+    vars.extend(buildspec.env.variables.iter());
+    let resolved =
+        secrets::resolve(buildspec, &prepared.secrets).map_err(|e| Refused(format!("{e:#}")))?;
+    vars.extend(resolved.variables.iter());
+    if let Some(member) = member {
+        vars.extend(member.env.variables.iter());
+        vars.extend(member.extra_variables.iter());
+    }
+    vars.extend(prepared.submitted.iter());
+    let users = run_as_users(buildspec, &prepared.users);
+    Ok(Build {
+        id,
+        number: prepared.number,
+        member: None,
+        buildspec: buildspec.clone(),
+        source: prepared.source.clone(),
+        env: vars,
+        users,
+        artifacts: ArtifactTarget::Folder(artifacts),
+        start_time_ms: prepared.start_time_ms,
+        secrets: resolved.mask,
+    })
+}
+
+fn run_as_users(buildspec: &Buildspec, known: &HashMap<String, User>) -> HashMap<String, User> {
+    run_as_names(buildspec)
+        .into_iter()
+        .filter_map(|name| known.get(&name).map(|u| (name, u.clone())))
+        .collect()
+}
+
+fn run_as_names(buildspec: &Buildspec) -> Vec<String> {
+    let phases = buildspec::PhaseName::ALL
+        .iter()
+        .filter_map(|p| buildspec.phases.get(*p))
+        .filter_map(|p| p.run_as.clone());
+    buildspec.run_as.clone().into_iter().chain(phases).collect()
+}
+
+fn load_buildspec(path: &Path, display: impl AsRef<Path>) -> Result<Buildspec> {
+    let text = match std::fs::read(path) {
+        Ok(bytes) => match String::from_utf8(bytes) {
+            Ok(text) => text,
+            Err(_) => {
+                return refuse(format!(
+                    "{}: the buildspec is not UTF-8 text",
+                    display.as_ref().display()
+                ));
+            }
+        },
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            return refuse(format!(
+                "no buildspec at {}: write a buildspec.yml there, or name one with --buildspec FILE",
+                display.as_ref().display()
+            ));
+        }
+        Err(err) => return Err(err).with_context(|| format!("cannot read {}", path.display())),
+    };
+    buildspec::parse(&display.as_ref().display().to_string(), &text)
+        .map_err(|e| Refused(e.to_string()).into())
+}
+
+fn prepare(data_dir: Option<&Path>, args: &RunArgs) -> Result<Prepared> {
+    let dir = args.dir.clone().unwrap_or_else(|| PathBuf::from("."));
+    if !dir.is_dir() {
+        return refuse(format!(
+            "the source folder {} does not exist",
+            dir.display()
+        ));
+    }
+    let buildspec_path = args
+        .buildspec
+        .clone()
+        .unwrap_or_else(|| dir.join("buildspec.yml"));
+    let buildspec = load_buildspec(&buildspec_path, &buildspec_path)?;
+    check_sandbox(args)?;
+    let submitted = submitted_variables(args)?;
+    let secrets = match &args.secrets {
+        Some(path) => SecretsFile::load(path).map_err(|e| Refused(format!("{e:#}")))?,
+        None => SecretsFile::default(),
+    };
+    let artifacts_root = artifacts_root(args)?;
+    let data = DataDir::open(data_dir)?;
+    let source = source::scan(&dir, data.root())?;
+    let mut all_names = run_as_names(&buildspec);
+    if let Some(batch) = &buildspec.batch {
+        for member in batch::members(batch) {
+            if let Some(path) = &member.buildspec {
+                all_names.extend(run_as_names(&load_buildspec(
+                    &source.root.join(path),
+                    path,
+                )?));
+            }
+        }
+    }
+    let users = lookup_users(&all_names)?;
+    let project = source
+        .root
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "build".into());
+    let id = BuildId::new(&project);
+    let number = data.next_build_number(id.project())?;
+    // Without --artifacts, artifacts stay in the build's own folder of the data directory.
+    let artifacts_root =
+        artifacts_root.unwrap_or_else(|| data.build(&id.to_string()).join("artifacts"));
+    let me = users::current();
+    let mut base_env = env::base(&me.home, &me.name);
+    base_env.set("CODEBUILD_BUILD_SUCCEEDING", "1");
+    base_env.set("CODEBUILD_INITIATOR", format!("peerbuild/{}", me.name));
+    base_env.set(
+        "CODEBUILD_BUILD_IMAGE",
+        args.image.clone().unwrap_or_else(|| "host".into()),
+    );
+    let start_time_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_millis() as u64;
+    base_env.set("CODEBUILD_START_TIME", start_time_ms.to_string());
+    if let Some(commit) = &source.git_commit {
+        base_env.set("CODEBUILD_RESOLVED_SOURCE_VERSION", commit.clone());
+        base_env.set("CODEBUILD_SOURCE_VERSION", commit.clone());
+    }
+    base_env.set("PEERBUILD_SANDBOX", "host");
+    base_env.set("PEERBUILD_VERSION", env!("CARGO_PKG_VERSION"));
+    Ok(Prepared {
+        data,
+        source: Arc::new(source),
+        buildspec,
+        id,
+        number,
+        base_env,
+        submitted,
+        secrets,
+        users,
+        artifacts_root,
+        start_time_ms,
+    })
+}
+
+fn check_sandbox(args: &RunArgs) -> Result<()> {
+    match args.sandbox.as_deref() {
+        None | Some("host") => {}
+        Some(kind @ ("namespace" | "docker" | "wasm")) => {
+            bail!(
+                "the {kind} sandbox is not available in this version of peerbuild; use --sandbox host"
+            )
+        }
+        Some(other) => {
+            return refuse(format!(
+                "unknown sandbox `{other}`; expected namespace, docker, wasm or host"
+            ));
+        }
+    }
+    if let Some(image) = &args.image {
+        return refuse(format!(
+            "--image {image} needs a sandbox that runs images (docker); the host sandbox runs on this machine"
+        ));
+    }
+    let labels = local_labels();
+    for requirement in &args.require {
+        let Some((label, value)) = requirement.split_once('=') else {
+            return refuse(format!("--require {requirement}: expected LABEL=VALUE"));
+        };
+        if !labels.iter().any(|(l, v)| l == label && v == value) {
+            let have: Vec<String> = labels.iter().map(|(l, v)| format!("{l}={v}")).collect();
+            bail!(
+                "no peer can run this build: it requires {label}={value}, and this machine (the only peer) has {}",
+                have.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The labels this machine has for `--require`.
+fn local_labels() -> Vec<(String, String)> {
+    vec![
+        ("os".into(), std::env::consts::OS.into()),
+        ("arch".into(), std::env::consts::ARCH.into()),
+    ]
+}
+
+fn submitted_variables(args: &RunArgs) -> Result<Vec<(String, String)>> {
+    let mut pairs = Vec::new();
+    if let Some(path) = &args.env_file {
+        pairs.extend(env::read_env_file(path).map_err(|e| Refused(format!("{e:#}")))?);
+    }
+    for assignment in &args.env {
+        pairs.push(env::parse_assignment(assignment).map_err(|e| Refused(format!("--env {e:#}")))?);
+    }
+    Ok(pairs)
+}
+
+fn artifacts_root(args: &RunArgs) -> Result<Option<PathBuf>> {
+    let Some(dir) = &args.artifacts else {
+        return Ok(None);
+    };
+    if let Ok(mut entries) = std::fs::read_dir(dir)
+        && entries.next().is_some()
+    {
+        return refuse(format!(
+            "the artifacts folder {} is not empty; remove it or choose another, so no earlier output is mixed in or lost",
+            dir.display()
+        ));
+    }
+    Ok(Some(std::path::absolute(dir)?))
+}
+
+fn lookup_users(names: &[String]) -> Result<HashMap<String, User>> {
+    let me = users::current();
+    let mut users = HashMap::new();
+    for name in names {
+        let Some(user) = users::lookup(name)? else {
+            return refuse(format!(
+                "run-as: the user `{name}` does not exist on this machine; create it, or change run-as"
+            ));
+        };
+        if user.uid != me.uid && me.uid != 0 {
+            return refuse(format!(
+                "run-as: running as `{name}` needs peerbuild to run as root (it runs as `{}`)",
+                me.name
+            ));
+        }
+        users.insert(name.clone(), user);
+    }
+    Ok(users)
+}
+
+fn helper_command() -> Result<HelperCommand> {
+    Ok(HelperCommand {
+        program: std::env::current_exe().context("cannot find the peerbuild binary")?,
+        args: vec!["__sandbox-helper".into()],
+    })
+}
+
+fn peer_name() -> String {
+    let mut buffer = [0u8; 256];
+    // SAFETY: gethostname writes at most the buffer's length.
+    let ok = unsafe { libc::gethostname(buffer.as_mut_ptr().cast(), buffer.len()) } == 0;
+    let name = if ok {
+        let end = buffer.iter().position(|b| *b == 0).unwrap_or(buffer.len());
+        String::from_utf8_lossy(&buffer[..end]).into_owned()
+    } else {
+        "localhost".into()
+    };
+    format!("local ({name})")
+}
+
+/// Ctrl-C and SIGTERM stop the build in order: its processes are killed and it ends STOPPED.
+async fn forward_signals(stop: watch::Sender<Option<Interrupt>>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut interrupt), Ok(mut terminate)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return;
+    };
+    tokio::select! {
+        _ = interrupt.recv() => {}
+        _ = terminate.recv() => {}
+    }
+    let _ = stop.send(Some(Interrupt::Stopped));
+}
+
+async fn tick(reporter: Reporter) {
+    let mut interval = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        interval.tick().await;
+        reporter.tick();
+    }
+}

@@ -1,0 +1,4 @@
+//! peerbuild's shared language: the buildspec model and its parser, free of I/O and of any
+//! runtime, so every other crate (and a simulator) can use it.
+
+pub mod buildspec;

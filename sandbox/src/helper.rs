@@ -1,0 +1,319 @@
+//! The session helper: a small process, freshly executed for every session, that starts the
+//! build's shell and makes sure that every process the build started dies with the session.
+//!
+//! The node runs it as `peerbuild __sandbox-helper ...` and never forks from its own
+//! multi-threaded process into the build. The helper marks itself a child subreaper, so orphans
+//! of the build (double-forked daemons included) are re-parented to it rather than to init; when
+//! the shell exits, or when the node asks with SIGTERM, it kills its children again and again
+//! until none are left, then exits with the shell's status.
+
+use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The script the shell runs; see the file for the request protocol.
+pub const DRIVER: &str = include_str!("driver.sh");
+
+/// The file descriptor the shell replies on.
+pub const STATUS_FD: i32 = 3;
+
+/// Exit status when the helper could not start the shell.
+pub const EXIT_CANNOT_START: i32 = 127;
+
+struct Options {
+    shell: String,
+    workdir: PathBuf,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    groups: Vec<u32>,
+}
+
+/// Builds the helper's arguments for a session (the inverse of `parse_options`).
+pub fn arguments(
+    shell: &str,
+    workdir: &std::path::Path,
+    run_as: Option<&crate::RunAs>,
+) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec![
+        "--shell".into(),
+        shell.into(),
+        "--workdir".into(),
+        workdir.as_os_str().to_owned(),
+    ];
+    if let Some(run_as) = run_as {
+        let groups: Vec<String> = run_as.groups.iter().map(u32::to_string).collect();
+        args.extend([
+            "--uid".into(),
+            run_as.uid.to_string().into(),
+            "--gid".into(),
+            run_as.gid.to_string().into(),
+            "--groups".into(),
+            groups.join(",").into(),
+        ]);
+    }
+    args
+}
+
+fn parse_options(args: Vec<OsString>) -> Result<Options, String> {
+    let mut options = Options {
+        shell: String::new(),
+        workdir: PathBuf::new(),
+        uid: None,
+        gid: None,
+        groups: Vec::new(),
+    };
+    let mut args = args.into_iter();
+    while let Some(flag) = args.next() {
+        let value = args
+            .next()
+            .ok_or_else(|| format!("{} needs a value", flag.to_string_lossy()))?;
+        let text = || value.to_string_lossy().into_owned();
+        let number = |s: &str| s.parse::<u32>().map_err(|_| format!("not a number: {s}"));
+        match flag.to_str() {
+            Some("--shell") => options.shell = text(),
+            Some("--workdir") => options.workdir = PathBuf::from(&value),
+            Some("--uid") => options.uid = Some(number(&text())?),
+            Some("--gid") => options.gid = Some(number(&text())?),
+            Some("--groups") => {
+                options.groups = text()
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(number)
+                    .collect::<Result<_, _>>()?
+            }
+            _ => return Err(format!("unknown option {}", flag.to_string_lossy())),
+        }
+    }
+    if options.shell.is_empty() {
+        return Err("--shell is required".into());
+    }
+    Ok(options)
+}
+
+/// The helper's entry point; returns the process exit status. Call it before any threads exist.
+pub fn main(args: Vec<OsString>) -> i32 {
+    let options = match parse_options(args) {
+        Ok(options) => options,
+        Err(message) => {
+            eprintln!("peerbuild sandbox helper: {message}");
+            return 2;
+        }
+    };
+    // SAFETY: prctl with these arguments only changes this process's attributes.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let signals = block_signals();
+    let shell_pid = match spawn_shell(&options) {
+        Ok(pid) => pid,
+        Err(err) => {
+            eprintln!(
+                "peerbuild: cannot start the build's shell `{}`: {err}",
+                options.shell
+            );
+            return EXIT_CANNOT_START;
+        }
+    };
+    release_session_pipes();
+    supervise(shell_pid, &signals)
+}
+
+/// Blocks the signals the helper waits for, so they are taken synchronously by `sigtimedwait`
+/// and none can slip in between a check and a wait.
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: the set is initialised by sigemptyset before use; sigprocmask only changes this
+    // thread's mask, and the helper has a single thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for signal in [libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, signal);
+        }
+        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn spawn_shell(options: &Options) -> std::io::Result<i32> {
+    let mut command = Command::new(&options.shell);
+    command
+        .arg("-c")
+        .arg(DRIVER)
+        .arg("peerbuild")
+        .current_dir(&options.workdir);
+    let (uid, gid, groups) = (options.uid, options.gid, options.groups.clone());
+    // SAFETY: the closure runs between fork and exec and calls only async-signal-safe functions
+    // (sigprocmask, setsid, setgroups, setgid, setuid) on data prepared before the fork.
+    unsafe {
+        command.pre_exec(move || {
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            // A new session: the build has no controlling terminal to read from or inject into,
+            // and its process group is the shell's pid.
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let (Some(uid), Some(gid)) = (uid, gid)
+                && (libc::setgroups(groups.len(), groups.as_ptr()) < 0
+                    || libc::setgid(gid) < 0
+                    || libc::setuid(uid) < 0)
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn()?;
+    Ok(child.id() as i32)
+}
+
+/// Points the helper's own copies of the session pipes at /dev/null, so that the node sees the
+/// pipes close once the shell and everything it started are gone.
+fn release_session_pipes() {
+    let path = c"/dev/null";
+    // SAFETY: plain descriptor calls on descriptors this process owns.
+    unsafe {
+        let null = libc::open(path.as_ptr(), libc::O_RDWR);
+        if null >= 0 {
+            for fd in [0, 1, 2, STATUS_FD] {
+                libc::dup2(null, fd);
+            }
+            if null > STATUS_FD {
+                libc::close(null);
+            }
+        }
+    }
+}
+
+fn supervise(shell_pid: i32, signals: &libc::sigset_t) -> i32 {
+    let mut shell_status = None;
+    let mut killing = false;
+    loop {
+        if killing {
+            kill_children(shell_pid);
+        }
+        if let Reaped::NoChildrenLeft = reap(shell_pid, &mut shell_status) {
+            break;
+        }
+        if shell_status.is_some() && !killing {
+            // The shell is gone, so the session is over: nothing it left behind may live on.
+            killing = true;
+            continue;
+        }
+        let timeout = libc::timespec {
+            tv_sec: 1,
+            tv_nsec: 0,
+        };
+        // SAFETY: waits for one of the blocked signals; the info pointer may be null.
+        let signal = unsafe { libc::sigtimedwait(signals, std::ptr::null_mut(), &timeout) };
+        if matches!(signal, libc::SIGTERM | libc::SIGINT | libc::SIGHUP) {
+            killing = true;
+        }
+    }
+    shell_status.unwrap_or(128 + libc::SIGKILL)
+}
+
+enum Reaped {
+    Some,
+    Nothing,
+    NoChildrenLeft,
+}
+
+/// Reaps every child that has exited, noting the shell's status.
+fn reap(shell_pid: i32, shell_status: &mut Option<i32>) -> Reaped {
+    let mut reaped = Reaped::Nothing;
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid writes only to `status`.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid == 0 {
+            return reaped;
+        }
+        if pid < 0 {
+            return match std::io::Error::last_os_error().raw_os_error() {
+                Some(libc::EINTR) => continue,
+                _ => Reaped::NoChildrenLeft,
+            };
+        }
+        if pid == shell_pid {
+            *shell_status = Some(decode_status(status));
+        }
+        reaped = Reaped::Some;
+    }
+}
+
+fn decode_status(status: i32) -> i32 {
+    if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else if libc::WIFSIGNALED(status) {
+        128 + libc::WTERMSIG(status)
+    } else {
+        1
+    }
+}
+
+/// Kills the shell's process group and every child of the helper, including orphans that were
+/// re-parented to it. Called again after each reap, because killing a process hands its own
+/// children to the helper.
+fn kill_children(shell_pid: i32) {
+    // SAFETY: kill only sends signals.
+    unsafe { libc::kill(-shell_pid, libc::SIGKILL) };
+    let me = std::process::id() as i32;
+    for pid in children_of(me) {
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
+/// The pids whose parent is `parent`, read from /proc.
+fn children_of(parent: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| parent_of(*pid) == Some(parent))
+        .collect()
+}
+
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses; the fields after its last ')' are
+    // "state ppid ...".
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arguments_round_trip() {
+        let run_as = crate::RunAs {
+            uid: 1000,
+            gid: 100,
+            groups: vec![100, 27],
+        };
+        let args = arguments("bash", std::path::Path::new("/w"), Some(&run_as));
+        let options = parse_options(args).expect("parses");
+        assert_eq!(options.shell, "bash");
+        assert_eq!(options.workdir, PathBuf::from("/w"));
+        assert_eq!((options.uid, options.gid), (Some(1000), Some(100)));
+        assert_eq!(options.groups, vec![100, 27]);
+    }
+
+    #[test]
+    fn unknown_option_is_refused() {
+        let err = parse_options(vec!["--bogus".into(), "x".into()]).err();
+        assert_eq!(err.as_deref(), Some("unknown option --bogus"));
+    }
+
+    #[test]
+    fn parent_of_self_is_our_parent() {
+        let me = std::process::id() as i32;
+        // SAFETY: getppid has no preconditions.
+        let parent = unsafe { libc::getppid() };
+        assert_eq!(parent_of(me), Some(parent));
+    }
+}

@@ -1,0 +1,417 @@
+//! Helpers for peerbuild's end-to-end tests: a scratch project on disk, the real `peerbuild`
+//! binary run against it, and a compact, stable transcript of what it did for snapshots.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// The `peerbuild` binary that `cargo test --workspace` builds next to the test executables.
+pub fn peerbuild() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary knows its path");
+    // target/<profile>/deps/it-HASH -> target/<profile>/peerbuild
+    let binary = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("peerbuild"))
+        .expect("the test binary lives in target/<profile>/deps");
+    assert!(
+        binary.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` (which builds it), or build it with `cargo build -p node`",
+        binary.display()
+    );
+    binary
+}
+
+/// A folder removed when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> TempDir {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let path = std::env::temp_dir().join(format!("pb-test-{label}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("can create a temporary folder");
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A scratch project with its own data directory.
+pub struct Project {
+    root: TempDir,
+}
+
+impl Project {
+    /// A project holding `files` (path, contents); a path ending in `*` is made executable
+    /// (the `*` is dropped).
+    pub fn new(files: &[(&str, &str)]) -> Project {
+        let project = Project {
+            root: TempDir::new("project"),
+        };
+        std::fs::create_dir_all(project.src()).expect("mkdir src");
+        for (path, contents) in files {
+            project.write(path, contents);
+        }
+        project
+    }
+
+    pub fn write(&self, path: &str, contents: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let (path, executable) = match path.strip_suffix('*') {
+            Some(path) => (path, true),
+            None => (path, false),
+        };
+        let full = self.src().join(path);
+        std::fs::create_dir_all(full.parent().expect("has a parent")).expect("mkdir");
+        std::fs::write(&full, contents).expect("write file");
+        if executable {
+            std::fs::set_permissions(&full, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+    }
+
+    /// The source folder.
+    pub fn src(&self) -> PathBuf {
+        self.root.path().join("src")
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.root.path().join("data")
+    }
+
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// A `peerbuild` command with this project's data directory.
+    pub fn command(&self) -> Command {
+        let mut command = Command::new(peerbuild());
+        command
+            .env("PEERBUILD_DATA_DIR", self.data())
+            .env_remove("PEERBUILD_NODE")
+            .current_dir(self.root.path())
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// Runs `peerbuild run src --json ARGS` to the end.
+    pub fn run(&self, args: &[&str]) -> Run {
+        let output = self
+            .command()
+            .arg("run")
+            .arg(self.src())
+            .arg("--json")
+            .args(args)
+            .output()
+            .expect("peerbuild runs");
+        Run::new(output, self)
+    }
+}
+
+/// The outcome of `peerbuild run --json`.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    pub events: Vec<serde_json::Value>,
+    replacements: Vec<(String, String)>,
+}
+
+impl Run {
+    fn new(output: Output, project: &Project) -> Run {
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let events = stdout
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect();
+        Run {
+            code: output.status.code().unwrap_or(-1),
+            stdout,
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            events,
+            replacements: vec![
+                (project.data().display().to_string(), "<DATA>".into()),
+                (project.root().display().to_string(), "<PROJECT>".into()),
+            ],
+        }
+    }
+
+    /// The final result event's `result` object.
+    pub fn result(&self) -> &serde_json::Value {
+        self.events
+            .iter()
+            .rev()
+            .find(|e| e["event"] == "build_finished")
+            .map(|e| &e["result"])
+            .unwrap_or_else(|| {
+                panic!(
+                    "no build_finished event; stdout:\n{}\nstderr:\n{}",
+                    self.stdout, self.stderr
+                )
+            })
+    }
+
+    /// A compact transcript for snapshots: the exit status, each phase with its status, the
+    /// commands and their output, peerbuild's notes, and the result's key facts. Ids, paths and
+    /// timings are replaced by stable placeholders.
+    pub fn transcript(&self) -> String {
+        let mut lines = vec![format!("exit {}", self.code)];
+        if self.events.is_empty() {
+            lines.push(format!("stderr: {}", self.stderr.trim()));
+        }
+        for event in &self.events {
+            if let Some(line) = transcript_line(event) {
+                lines.push(line);
+            }
+        }
+        self.normalize(&lines.join("\n"))
+    }
+
+    fn normalize(&self, text: &str) -> String {
+        let mut text = text.to_owned();
+        for (from, to) in &self.replacements {
+            text = text.replace(from.as_str(), to);
+        }
+        normalize_ids(&text)
+    }
+}
+
+fn member_prefix(event: &serde_json::Value) -> String {
+    event["member"]
+        .as_str()
+        .map(|m| format!("[{m}] "))
+        .unwrap_or_default()
+}
+
+fn transcript_line(event: &serde_json::Value) -> Option<String> {
+    let m = member_prefix(event);
+    let text = |key: &str| event[key].as_str().unwrap_or_default().to_owned();
+    match event["event"].as_str()? {
+        "phase_finished" => {
+            let phase = text("phase");
+            let status = text("status");
+            // Set-up phases are noise in snapshots unless they fail.
+            if matches!(phase.as_str(), "PROVISIONING" | "DOWNLOAD_SOURCE") && status == "SUCCEEDED"
+            {
+                return None;
+            }
+            let message = event["message"]
+                .as_str()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default();
+            Some(format!("{m}{phase} {status}{message}"))
+        }
+        "command" => Some(format!("{m}$ {}", text("command"))),
+        "log" => Some(format!("{m}| {}", text("line"))),
+        "note" => Some(format!("{m}note: {}", text("message"))),
+        "member_finished" => {
+            let r = &event["result"];
+            Some(format!(
+                "[{}] member {}{}",
+                r["member"].as_str().unwrap_or("?"),
+                r["status"].as_str().unwrap_or("?"),
+                r["message"]
+                    .as_str()
+                    .map(|m| format!(": {m}"))
+                    .unwrap_or_default()
+            ))
+        }
+        "build_finished" => Some(result_lines(&event["result"])),
+        _ => None,
+    }
+}
+
+fn result_lines(result: &serde_json::Value) -> String {
+    let mut lines = vec![format!(
+        "result {}{}",
+        result["status"].as_str().unwrap_or("?"),
+        result["message"]
+            .as_str()
+            .map(|m| format!(": {m}"))
+            .unwrap_or_default()
+    )];
+    for variable in result["exported_variables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        lines.push(format!(
+            "exported {}={}",
+            variable["name"].as_str().unwrap_or("?"),
+            variable["value"].as_str().unwrap_or("?")
+        ));
+    }
+    for artifact in result["artifacts"].as_array().into_iter().flatten() {
+        lines.push(format!(
+            "artifact {}{}: {} files",
+            artifact["identifier"].as_str().unwrap_or("?"),
+            artifact["name"]
+                .as_str()
+                .map(|n| format!(" `{n}`"))
+                .unwrap_or_default(),
+            artifact["files"]
+        ));
+    }
+    for report in result["reports"].as_array().into_iter().flatten() {
+        lines.push(format!(
+            "report {} {}: {}",
+            report["name"].as_str().unwrap_or("?"),
+            report["format"].as_str().unwrap_or("?"),
+            report["counts"]
+        ));
+    }
+    lines.join("\n")
+}
+
+/// Replaces `project:uuid` build ids by `<ID>`.
+pub fn normalize_ids(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < text.len() {
+        if bytes[i] == b':' && i + 37 <= text.len() && is_uuid(&text[i + 1..i + 37]) {
+            // Drop the project name already copied.
+            while out.ends_with(|c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                out.pop();
+            }
+            out.push_str("<ID>");
+            i += 37;
+            continue;
+        }
+        let c = text[i..].chars().next().expect("in bounds");
+        out.push(c);
+        i += c.len_utf8();
+    }
+    out
+}
+
+/// Replaces durations (`12ms`, `1.23s`, `2m03s`) by `<T>`, since timings vary from run to run.
+pub fn normalize_durations(text: &str) -> String {
+    text.lines()
+        .map(normalize_line_durations)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn normalize_line_durations(text: &str) -> String {
+    text.split(' ')
+        .map(|word| {
+            let (core, rest) = word.split_at(word.trim_end_matches([',', ':', ')']).len());
+            let digits = core.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+            let unit = &core[digits.len()..];
+            let numeric = !digits.is_empty()
+                && digits
+                    .chars()
+                    .all(|c| c.is_ascii_digit() || c == '.' || c == 'm');
+            if numeric && matches!(unit, "ms" | "s") {
+                format!("<T>{rest}")
+            } else {
+                word.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn is_uuid(text: &str) -> bool {
+    text.len() == 36
+        && text.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+/// Waits until `condition` holds, checking every 20 ms, failing after `limit`.
+pub fn wait_for(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The pids of live processes whose command line contains `marker`.
+pub fn processes_with(marker: &str) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let zombie = state
+                .rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z'));
+            !zombie && String::from_utf8_lossy(&cmdline).contains(marker)
+        })
+        .collect()
+}
+
+/// A marker unique to this test run, to find a test's processes.
+pub fn marker(label: &str) -> String {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "pbmark-{label}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// The unprivileged user the run-as tests switch to; created when missing (the tests run as
+/// root, as CI does).
+pub const TEST_USER: &str = "peerbuild-test";
+
+pub fn ensure_test_user() {
+    let exists = Command::new("id")
+        .arg("-u")
+        .arg(TEST_USER)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if exists {
+        return;
+    }
+    let created = Command::new("useradd")
+        .args([
+            "--system",
+            "--no-create-home",
+            "--shell",
+            "/bin/bash",
+            TEST_USER,
+        ])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        created,
+        "the run-as tests need the user {TEST_USER}; create it (as root: useradd --system {TEST_USER})"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize_ids;
+
+    #[test]
+    fn ids_are_normalized() {
+        assert_eq!(
+            normalize_ids("build my-app:0f3c1e2a-1b2c-4d3e-8f90-123456789abc (#1)"),
+            "build <ID> (#1)"
+        );
+        assert_eq!(
+            normalize_ids("x:0f3c1e2a-1b2c-4d3e-8f90-123456789abc/lint"),
+            "<ID>/lint"
+        );
+    }
+}

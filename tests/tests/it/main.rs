@@ -1,0 +1,7 @@
+//! peerbuild's end-to-end tests, one binary: each module drives the real `peerbuild` binary.
+
+mod batch;
+mod conformance;
+mod processes;
+mod records;
+mod refusals;
