@@ -139,20 +139,50 @@ fn sinks(args: &RunArgs, build_dir: &Path) -> Result<Vec<Box<dyn EventSink>>> {
     Ok(vec![terminal, Box::new(log)])
 }
 
+/// What a run executes: one build, or a batch's members (all prepared before anything starts,
+/// so a refused member refuses the whole batch before it is announced).
+enum Work {
+    Single(Box<Build>),
+    Batch {
+        batch: buildspec::Batch,
+        planned: Vec<PlannedMember>,
+        builds: Vec<Build>,
+    },
+}
+
 async fn run_prepared(
     prepared: &Prepared,
     args: &RunArgs,
     node: &Node,
     limits: Limits,
 ) -> Result<BuildResult> {
-    let batch = prepared.buildspec.batch.clone();
+    let work = match &prepared.buildspec.batch {
+        None => Work::Single(Box::new(single_build(
+            prepared,
+            &prepared.buildspec,
+            None,
+            prepared.artifacts_root.clone(),
+        )?)),
+        Some(batch) => {
+            let planned = batch::members(batch);
+            let builds = planned
+                .iter()
+                .map(|member| member_build(prepared, args, member))
+                .collect::<Result<_>>()?;
+            Work::Batch {
+                batch: batch.clone(),
+                planned,
+                builds,
+            }
+        }
+    };
     node.reporter.emit(Event::BuildStarted {
         build_id: prepared.id.to_string(),
         build_number: prepared.number,
         source: prepared.source.root.display().to_string(),
         source_version: prepared.source.git_commit.clone(),
         sandbox: node.executor.kind().to_owned(),
-        batch: batch.is_some(),
+        batch: matches!(work, Work::Batch { .. }),
         start_time_ms: prepared.start_time_ms,
     });
     for skipped in &prepared.source.skipped {
@@ -162,16 +192,14 @@ async fn run_prepared(
             message: format!("left out of the source: {skipped}"),
         });
     }
-    let Some(batch) = batch else {
-        let build = single_build(
-            prepared,
-            &prepared.buildspec,
-            None,
-            prepared.artifacts_root.clone(),
-        )?;
-        return Ok(crate::engine::run(build, node, limits).await);
-    };
-    run_batch(prepared, args, node, limits, &batch).await
+    match work {
+        Work::Single(build) => Ok(crate::engine::run(*build, node, limits).await),
+        Work::Batch {
+            batch,
+            planned,
+            builds,
+        } => Ok(run_batch(prepared, args, node, limits, &batch, planned, builds).await),
+    }
 }
 
 async fn run_batch(
@@ -180,13 +208,10 @@ async fn run_batch(
     node: &Node,
     limits: Limits,
     batch: &buildspec::Batch,
-) -> Result<BuildResult> {
+    planned: Vec<PlannedMember>,
+    builds: Vec<Build>,
+) -> BuildResult {
     let started = std::time::Instant::now();
-    let planned = batch::members(batch);
-    let mut builds = Vec::new();
-    for member in &planned {
-        builds.push(member_build(prepared, args, member)?);
-    }
     for member in &planned {
         if let Some(description) = &member.description {
             node.reporter.emit(Event::Note {
@@ -242,7 +267,7 @@ async fn run_batch(
             .collect();
         format!("members that did not succeed: {}", failed.join(", "))
     });
-    Ok(BuildResult {
+    BuildResult {
         build_id: prepared.id.to_string(),
         build_number: prepared.number,
         member: None,
@@ -256,7 +281,7 @@ async fn run_batch(
         artifacts: Vec::new(),
         reports: Vec::new(),
         members,
-    })
+    }
 }
 
 /// A result for a member the runner was asked to start twice, which the batch graph never does.

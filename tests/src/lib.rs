@@ -166,13 +166,13 @@ impl Run {
     /// timings are replaced by stable placeholders.
     pub fn transcript(&self) -> String {
         let mut lines = vec![format!("exit {}", self.code)];
-        if self.events.is_empty() {
-            lines.push(format!("stderr: {}", self.stderr.trim()));
-        }
         for event in &self.events {
             if let Some(line) = transcript_line(event) {
                 lines.push(line);
             }
+        }
+        if !self.stderr.trim().is_empty() {
+            lines.push(format!("stderr: {}", self.stderr.trim()));
         }
         self.normalize(&lines.join("\n"))
     }

@@ -287,7 +287,9 @@ phases:
 "#,
     )]);
     let refused = project.run(&[]);
-    expect!["exit 2"].assert_eq(&refused.transcript());
+    expect![[r#"
+        exit 2
+        stderr: peerbuild: batch member `docker_in_docker` asks for privileged-mode, which this node does not allow; pass --allow-privileged to allow it"#]].assert_eq(&refused.transcript());
     let allowed = project.run(&["--allow-privileged"]);
     assert_eq!(allowed.code, 0, "{}", allowed.stdout);
 }

@@ -5,3 +5,4 @@ mod conformance;
 mod processes;
 mod records;
 mod refusals;
+mod tidy;

@@ -1,0 +1,88 @@
+//! Start-up overhead: a trivial build (`echo hi`) through `peerbuild run` on the embedded node,
+//! against bash running the same command. Runs alternate so both see the same machine noise;
+//! prints medians and percentiles. Goal (DESIGN.md): under 50 ms more than bash.
+//!
+//!   cargo bench -p node --bench startup            (BENCH_RUNS=N to change the 101 runs)
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn time(command: &mut Command) -> Duration {
+    let started = Instant::now();
+    let status = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("the command runs");
+    let elapsed = started.elapsed();
+    assert!(status.success(), "{command:?} failed");
+    elapsed
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let index = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[index].as_secs_f64() * 1000.0
+}
+
+fn report(name: &str, mut samples: Vec<Duration>) -> f64 {
+    samples.sort();
+    let median = percentile(&samples, 0.5);
+    println!(
+        "{name:<34} median {median:7.2} ms   p10 {:7.2} ms   p90 {:7.2} ms   ({} runs)",
+        percentile(&samples, 0.1),
+        percentile(&samples, 0.9),
+        samples.len()
+    );
+    median
+}
+
+fn main() {
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(101);
+    let root = std::env::temp_dir().join(format!("pb-bench-startup-{}", std::process::id()));
+    let source = root.join("src");
+    std::fs::create_dir_all(&source).expect("mkdir");
+    std::fs::write(
+        source.join("buildspec.yml"),
+        "version: 0.2\nphases:\n  build:\n    commands:\n      - echo hi\n",
+    )
+    .expect("write buildspec");
+    let data = root.join("data");
+    let peerbuild = env!("CARGO_BIN_EXE_peerbuild");
+    let run = |source: &Path| {
+        let mut command = Command::new(peerbuild);
+        command
+            .arg("run")
+            .arg(source)
+            .env("PEERBUILD_DATA_DIR", &data);
+        command
+    };
+    let bash = || {
+        let mut command = Command::new("bash");
+        command.args(["-c", "echo hi"]);
+        command
+    };
+    for _ in 0..5 {
+        time(&mut run(&source));
+        time(&mut bash());
+    }
+    let (mut peerbuild_samples, mut bash_samples) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        peerbuild_samples.push(time(&mut run(&source)));
+        bash_samples.push(time(&mut bash()));
+    }
+    println!(
+        "trivial build (`echo hi`), {} cores",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let bash_median = report("bash -c 'echo hi'", bash_samples);
+    let peerbuild_median = report("peerbuild run (embedded node)", peerbuild_samples);
+    println!(
+        "overhead of peerbuild over bash: {:.2} ms (goal: under 50 ms)",
+        peerbuild_median - bash_median
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
