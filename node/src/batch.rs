@@ -303,6 +303,7 @@ fn finish(
                     start_time_ms: 0,
                     duration_ms: 0,
                     peer: String::new(),
+                    source_digest: None,
                     phases: Vec::new(),
                     exported_variables: Vec::new(),
                     artifacts: Vec::new(),

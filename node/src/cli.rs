@@ -49,12 +49,86 @@ pub enum Command {
     /// Stop a running build (it ends STOPPED, its processes killed).
     #[command(after_help = "Examples:\n  peerbuild cancel myapp:0f3c")]
     Cancel { build_id: String },
+    /// The content-addressed store: import and export folders, statistics, garbage collection.
+    #[command(subcommand)]
+    Cache(CacheCommand),
     /// Internal: the sandbox helper process.
     #[command(name = "__sandbox-helper", hide = true)]
     SandboxHelper {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<std::ffi::OsString>,
     },
+}
+
+/// `peerbuild cache ...`.
+#[derive(Subcommand, Debug)]
+pub enum CacheCommand {
+    /// Store a folder as a tree and print its digest.
+    #[command(
+        after_help = "Examples:\n  peerbuild cache import ./node_modules\n  peerbuild cache import build/ --json"
+    )]
+    Import {
+        dir: PathBuf,
+        /// Print the outcome as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a stored tree into a new or empty folder.
+    #[command(after_help = "Examples:\n  peerbuild cache export 3f2a...9c/1234 ./restored")]
+    Export {
+        digest: protocol::Digest,
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what the store holds: objects, stored and logical bytes, ratios.
+    #[command(after_help = "Examples:\n  peerbuild cache stat\n  peerbuild cache stat --json")]
+    Stat {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drop least recently used trees until the store fits in SIZE, then remove unused objects.
+    #[command(
+        after_help = "Examples:\n  peerbuild cache gc --max-size 20G\n  peerbuild cache gc --max-size 500M"
+    )]
+    Gc {
+        /// The budget: bytes, or with a unit K, M, G, T (powers of 1024).
+        #[arg(long, value_parser = parse_size)]
+        max_size: u64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Parses `500M`, `20G`, `1024`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}`: write a size such as 500M or 20G"))?;
+    let shift = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches(['B', 'I'])
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => {
+            return Err(format!(
+                "`{text}`: unknown unit; write a size such as 500M or 20G"
+            ));
+        }
+    };
+    number
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("`{text}` is too large"))
 }
 
 /// `peerbuild run`.
@@ -139,6 +213,7 @@ pub fn main() -> ExitCode {
             crate::records::logs(cli.data_dir.as_deref(), &build_id, json)
         }
         Command::Cancel { build_id } => crate::records::cancel(cli.data_dir.as_deref(), &build_id),
+        Command::Cache(command) => crate::cache_cli::run(cli.data_dir.as_deref(), command),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -161,6 +236,15 @@ mod tests {
         assert!(parse_duration("20").is_err());
         assert!(parse_duration("5d").is_err());
         assert!(parse_duration("0s").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1024"), Ok(1024));
+        assert_eq!(parse_size("500M"), Ok(500 << 20));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert!(parse_size("5X").is_err());
+        assert!(parse_size("G").is_err());
     }
 
     #[test]

@@ -135,8 +135,11 @@ pub struct ArtifactRecord {
     pub name: Option<String>,
     pub files: u64,
     pub bytes: u64,
-    /// The folder holding the artifact's files.
-    pub location: String,
+    /// The artifact's tree in the store (`peerbuild cache export DIGEST DIR` writes it out).
+    pub digest: String,
+    /// The folder holding the artifact's files, with `--artifacts`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub location: Option<String>,
 }
 
 /// Passed, failed, skipped and errored test cases.
@@ -174,6 +177,9 @@ pub struct BuildResult {
     pub duration_ms: u64,
     /// The peer that ran it.
     pub peer: String,
+    /// The source's tree digest in the store.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub source_digest: Option<String>,
     pub phases: Vec<PhaseRecord>,
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub exported_variables: Vec<Variable>,

@@ -2,6 +2,7 @@
 //! through the `sandbox` crate, and the data directory that keeps builds and their logs.
 
 pub mod batch;
+pub mod cache_cli;
 pub mod cli;
 pub mod data_dir;
 pub mod engine;
@@ -12,4 +13,5 @@ pub mod render;
 pub mod reporter;
 pub mod run;
 pub mod source;
+pub mod store;
 pub mod users;

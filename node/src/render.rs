@@ -267,9 +267,16 @@ fn summary_details(result: &BuildResult, out: &mut Vec<String>) {
             .as_ref()
             .map(|n| format!(" `{n}`"))
             .unwrap_or_default();
+        let place = match &artifact.location {
+            Some(location) => format!("in {location}"),
+            None => format!(
+                "stored; export with: peerbuild cache export {} OUT_DIR",
+                artifact.digest
+            ),
+        };
         out.push(format!(
-            "  artifacts: {who}{}{name}: {} files, {} bytes in {}",
-            artifact.identifier, artifact.files, artifact.bytes, artifact.location
+            "  artifacts: {who}{}{name}: {} files, {} bytes, {place}",
+            artifact.identifier, artifact.files, artifact.bytes
         ));
     }
     for report in &result.reports {

@@ -71,7 +71,8 @@ struct Prepared {
     submitted: Vec<(String, String)>,
     secrets: SecretsFile,
     users: HashMap<String, User>,
-    artifacts_root: PathBuf,
+    /// `--artifacts`, if given.
+    artifacts_root: Option<PathBuf>,
     start_time_ms: u64,
 }
 
@@ -84,8 +85,10 @@ async fn run_async(data_dir: Option<&Path>, args: RunArgs) -> Result<u8> {
         std::process::id().to_string().as_bytes(),
     )?;
     let reporter = Reporter::new(sinks(&args, &build_dir)?);
+    let store = crate::cache_cli::open_store(Some(prepared.data.root()))?;
     let node = Node {
         executor: Arc::new(HostExecutor::new(helper_command()?)),
+        store: Arc::new(store),
         data: prepared.data.clone(),
         reporter: reporter.clone(),
         peer: peer_name(),
@@ -144,7 +147,7 @@ fn sinks(args: &RunArgs, build_dir: &Path) -> Result<Vec<Box<dyn EventSink>>> {
 enum Work {
     Single(Box<Build>),
     Batch {
-        batch: buildspec::Batch,
+        batch: Box<buildspec::Batch>,
         planned: Vec<PlannedMember>,
         builds: Vec<Build>,
     },
@@ -161,7 +164,7 @@ async fn run_prepared(
             prepared,
             &prepared.buildspec,
             None,
-            prepared.artifacts_root.clone(),
+            artifact_target(prepared, None),
         )?)),
         Some(batch) => {
             let planned = batch::members(batch);
@@ -170,7 +173,7 @@ async fn run_prepared(
                 .map(|member| member_build(prepared, args, member))
                 .collect::<Result<_>>()?;
             Work::Batch {
-                batch: batch.clone(),
+                batch: Box::new(batch.clone()),
                 planned,
                 builds,
             }
@@ -276,6 +279,7 @@ async fn run_batch(
         start_time_ms: prepared.start_time_ms,
         duration_ms: started.elapsed().as_millis() as u64,
         peer: node.peer.clone(),
+        source_digest: None,
         phases: Vec::new(),
         exported_variables: Vec::new(),
         artifacts: Vec::new(),
@@ -297,6 +301,7 @@ fn unreachable_member(index: usize) -> BuildResult {
         start_time_ms: 0,
         duration_ms: 0,
         peer: String::new(),
+        source_digest: None,
         phases: Vec::new(),
         exported_variables: Vec::new(),
         artifacts: Vec::new(),
@@ -340,18 +345,28 @@ fn member_build(prepared: &Prepared, args: &RunArgs, member: &PlannedMember) -> 
         prepared,
         &buildspec,
         Some(member),
-        prepared.artifacts_root.join(&member.identifier),
+        artifact_target(prepared, Some(&member.identifier)),
     )?;
     build.member = Some(member.identifier.clone());
     Ok(build)
 }
 
 /// Prepares one build (or batch member): its environment in CodeBuild's order of precedence.
+/// Where a build's artifacts go: `--artifacts DIR` (a member's in `DIR/IDENTIFIER`), else only
+/// the store.
+fn artifact_target(prepared: &Prepared, member: Option<&str>) -> ArtifactTarget {
+    match (&prepared.artifacts_root, member) {
+        (Some(root), Some(member)) => ArtifactTarget::Folder(root.join(member)),
+        (Some(root), None) => ArtifactTarget::Folder(root.clone()),
+        (None, _) => ArtifactTarget::Store,
+    }
+}
+
 fn single_build(
     prepared: &Prepared,
     buildspec: &Buildspec,
     member: Option<&PlannedMember>,
-    artifacts: PathBuf,
+    artifacts: ArtifactTarget,
 ) -> Result<Build> {
     let id = match member {
         Some(member) => prepared.id.member(&member.identifier),
@@ -391,7 +406,7 @@ fn single_build(
         source: prepared.source.clone(),
         env: vars,
         users,
-        artifacts: ArtifactTarget::Folder(artifacts),
+        artifacts,
         start_time_ms: prepared.start_time_ms,
         secrets: resolved.mask,
     })
@@ -477,8 +492,6 @@ fn prepare(data_dir: Option<&Path>, args: &RunArgs) -> Result<Prepared> {
     let id = BuildId::new(&project);
     let number = data.next_build_number(id.project())?;
     // Without --artifacts, artifacts stay in the build's own folder of the data directory.
-    let artifacts_root =
-        artifacts_root.unwrap_or_else(|| data.build(&id.to_string()).join("artifacts"));
     let me = users::current();
     let mut base_env = env::base(&me.home, &me.name);
     base_env.set("CODEBUILD_BUILD_SUCCEEDING", "1");

@@ -2,3 +2,7 @@
 //! runtime, so every other crate (and a simulator) can use it.
 
 pub mod buildspec;
+pub mod digest;
+pub mod tree;
+
+pub use digest::Digest;

@@ -182,7 +182,7 @@ impl Run {
         for (from, to) in &self.replacements {
             text = text.replace(from.as_str(), to);
         }
-        normalize_ids(&text)
+        normalize_digests(&normalize_ids(&text))
     }
 }
 
@@ -292,6 +292,33 @@ pub fn normalize_ids(text: &str) -> String {
         out.push(c);
         i += c.len_utf8();
     }
+    out
+}
+
+/// Replaces store digests (`64 hex digits/SIZE`) by `<DIGEST>`.
+pub fn normalize_digests(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(slash) = rest.find('/') {
+        let before = &rest[..slash];
+        let hex_start = before.len().saturating_sub(64);
+        let hex = &before[hex_start..];
+        let size_len = rest[slash + 1..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .count();
+        let is_digest =
+            hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit()) && size_len > 0;
+        if is_digest {
+            out.push_str(&before[..hex_start]);
+            out.push_str("<DIGEST>");
+            rest = &rest[slash + 1 + size_len..];
+        } else {
+            out.push_str(&rest[..=slash]);
+            rest = &rest[slash + 1..];
+        }
+    }
+    out.push_str(rest);
     out
 }
 

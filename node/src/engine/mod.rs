@@ -62,7 +62,11 @@ impl Interrupt {
 pub enum ArtifactTarget {
     /// `--artifacts DIR` (for a batch member, `DIR/IDENTIFIER`): the primary artifact's files go
     /// in the folder itself, each secondary artifact in a sub-folder named by its identifier.
+    /// They are stored as trees too.
     Folder(PathBuf),
+    /// Without `--artifacts`: artifacts are only stored as trees; the summary says how to
+    /// export them.
+    Store,
 }
 
 /// A build ready to run.
@@ -86,6 +90,7 @@ pub struct Build {
 /// What every build on this node shares.
 pub struct Node {
     pub executor: Arc<dyn Executor>,
+    pub store: Arc<crate::store::Store>,
     pub data: DataDir,
     pub reporter: Reporter,
     /// The peer that runs builds here, as results name it.
@@ -150,6 +155,7 @@ pub async fn run(build: Build, node: &Node, limits: Limits) -> BuildResult {
         exported: Vec::new(),
         artifacts: Vec::new(),
         reports: Vec::new(),
+        source_digest: None,
         limits,
         started: Instant::now(),
         build: &build,
@@ -176,6 +182,8 @@ struct Run<'a> {
     exported: Vec<Variable>,
     artifacts: Vec<ArtifactRecord>,
     reports: Vec<ReportRecord>,
+    /// The source's tree digest, once DOWNLOAD_SOURCE has stored it.
+    source_digest: Option<String>,
     started: Instant,
 }
 
@@ -270,23 +278,35 @@ impl Run<'_> {
         }
     }
 
-    /// DOWNLOAD_SOURCE: the source copied into the workspace.
+    /// DOWNLOAD_SOURCE: the source imported into the store as a tree (unchanged files come from
+    /// the stat cache) and exported, verified, into the workspace.
     async fn download_source(&mut self, workspace: &Path) -> bool {
         let started = Instant::now();
         self.phase_started("DOWNLOAD_SOURCE");
         let source = self.build.source.clone();
+        let store = self.node.store.clone();
         let target = workspace.to_owned();
         let owner = self.workspace_owner();
+        let what = format!("source of {}", self.build.id);
         let copy = tokio::task::spawn_blocking(move || {
-            let stats = crate::source::copy_into(&source, &target)?;
+            let imported =
+                crate::store::import::import_files(&store, &source.root, &source.files, &what)?;
+            let root = imported
+                .root
+                .ok_or_else(|| anyhow::anyhow!("the source produced no tree"))?;
+            crate::store::export::export(&store, &root, &target)?;
             if let Some((uid, gid)) = owner {
                 chown_tree(&target, uid, gid)?;
             }
-            anyhow::Ok(stats)
+            anyhow::Ok((root, imported))
         });
         let outcome = match self.limits.guard(copy).await {
-            Ok(Ok(Ok(stats))) => {
-                let detail = format!("{} files, {} bytes", stats.files, stats.bytes);
+            Ok(Ok(Ok((root, imported)))) => {
+                let detail = format!(
+                    "{} files, {} bytes, tree {root}",
+                    imported.files, imported.bytes
+                );
+                self.source_digest = Some(root.to_string());
                 self.phase_finished("DOWNLOAD_SOURCE", started, Status::Succeeded, Some(detail));
                 return true;
             }
@@ -626,14 +646,13 @@ impl Run<'_> {
         self.phase_started("UPLOAD_ARTIFACTS");
         let mut problems = Vec::new();
         let sets = artifact_sets(&self.build.buildspec);
-        let ArtifactTarget::Folder(root) = &self.build.artifacts;
         for (identifier, set) in sets {
-            let dest = if identifier == "primary" {
-                root.clone()
-            } else {
-                root.join(&identifier)
+            let dest = match &self.build.artifacts {
+                ArtifactTarget::Folder(root) if identifier == "primary" => Some(root.clone()),
+                ArtifactTarget::Folder(root) => Some(root.join(&identifier)),
+                ArtifactTarget::Store => None,
             };
-            match self.upload_set(workspace, &identifier, &set, &dest).await {
+            match self.upload_set(workspace, &identifier, &set, dest).await {
                 Ok(record) => self.artifacts.push(record),
                 Err(Step::Interrupted(interrupt)) => {
                     self.end = Some(interrupt.status());
@@ -661,12 +680,14 @@ impl Run<'_> {
         self.phase_finished("UPLOAD_ARTIFACTS", started, status, message);
     }
 
+    /// Selects an artifact's files, copies them out (into `dest`, or a scratch folder), and
+    /// stores them as a tree whose digest the result reports.
     async fn upload_set(
         &mut self,
         workspace: &Path,
         identifier: &str,
         set: &ArtifactSet,
-        dest: &Path,
+        dest: Option<PathBuf>,
     ) -> Result<ArtifactRecord, Step> {
         let name = match &set.name {
             Some(name) => {
@@ -678,19 +699,40 @@ impl Run<'_> {
             }
             None => None,
         };
-        let selected = artifacts::select(workspace, set)
-            .map_err(|err| Step::Fault(format!("artifact {identifier}: {err}")))?;
+        let fault = |err: String| Step::Fault(format!("artifact {identifier}: {err}"));
+        let selected = artifacts::select(workspace, set).map_err(|e| fault(e.to_string()))?;
         for warning in &selected.warnings {
             self.note(Level::Warning, format!("artifact {identifier}: {warning}"));
         }
-        let summary = artifacts::copy_out(&selected, dest)
-            .map_err(|err| Step::Fault(format!("artifact {identifier}: {err}")))?;
+        let scratch = self.node.data.work().join(format!(
+            "artifact-{}-{identifier}",
+            self.build.id.to_string().replace([':', '/'], "-")
+        ));
+        let folder = dest.clone().unwrap_or_else(|| scratch.clone());
+        let store = self.node.store.clone();
+        let what = format!("artifact {identifier} of {}", self.build.id);
+        let stored = tokio::task::spawn_blocking(move || {
+            let summary = artifacts::copy_out(&selected, &folder).map_err(|e| e.to_string())?;
+            let imported = crate::store::import::import_dir_once(&store, &folder, &what)
+                .map_err(|e| e.to_string());
+            Ok::<_, String>((summary, imported?))
+        })
+        .await;
+        if dest.is_none() {
+            remove_tree(&scratch);
+        }
+        let (summary, imported) = match stored {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(err)) => return Err(fault(err)),
+            Err(join) => return Err(fault(join.to_string())),
+        };
         Ok(ArtifactRecord {
             identifier: identifier.to_owned(),
             name,
             files: summary.files,
             bytes: summary.bytes,
-            location: dest.display().to_string(),
+            digest: imported.root.map(|d| d.to_string()).unwrap_or_default(),
+            location: dest.map(|d| d.display().to_string()),
         })
     }
 
@@ -739,6 +781,7 @@ impl Run<'_> {
             start_time_ms: self.build.start_time_ms,
             duration_ms: self.started.elapsed().as_millis() as u64,
             peer: self.node.peer.clone(),
+            source_digest: self.source_digest,
             phases: self.phases,
             exported_variables: self.exported,
             artifacts: self.artifacts,

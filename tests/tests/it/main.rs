@@ -5,4 +5,5 @@ mod conformance;
 mod processes;
 mod records;
 mod refusals;
+mod store;
 mod tidy;

@@ -1,0 +1,118 @@
+//! `peerbuild cache`: the content-addressed store from the command line.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+
+use crate::cli::CacheCommand;
+use crate::data_dir::DataDir;
+use crate::store::{Store, export, gc, import};
+
+/// Opens the store in the data directory.
+pub fn open_store(data_dir: Option<&Path>) -> Result<Store> {
+    let data = DataDir::open(data_dir)?;
+    let path = data.root().join("store");
+    Store::open(&path).with_context(|| format!("cannot open the store at {}", path.display()))
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 { 1.0 } else { a as f64 / b as f64 }
+}
+
+pub fn run(data_dir: Option<&Path>, command: CacheCommand) -> Result<u8> {
+    let store = open_store(data_dir)?;
+    match command {
+        CacheCommand::Import { dir, json } => {
+            let started = Instant::now();
+            let absolute = std::path::absolute(&dir)?;
+            let imported = import::import_dir(
+                &store,
+                &absolute,
+                &format!("import of {}", absolute.display()),
+            )
+            .with_context(|| format!("cannot import {}", dir.display()))?;
+            let root = imported.root.context("the import produced no tree")?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"digest": root.to_string(), "imported": imported, "duration_ms": started.elapsed().as_millis() as u64})
+                );
+            } else {
+                eprintln!(
+                    "imported {} files ({}), {} read, {} new in the store, in {:.2}s",
+                    imported.files,
+                    mib(imported.bytes),
+                    imported.files_read,
+                    mib(imported.new_bytes),
+                    started.elapsed().as_secs_f64()
+                );
+                println!("{root}");
+            }
+        }
+        CacheCommand::Export { digest, dir, json } => {
+            let started = Instant::now();
+            let exported = export::export(&store, &digest, &dir)
+                .with_context(|| format!("cannot export {digest} into {}", dir.display()))?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"exported": exported, "duration_ms": started.elapsed().as_millis() as u64})
+                );
+            } else {
+                println!(
+                    "exported {} files ({}), {} folders, {} symlinks into {} in {:.2}s",
+                    exported.files,
+                    mib(exported.bytes),
+                    exported.dirs,
+                    exported.symlinks,
+                    dir.display(),
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        }
+        CacheCommand::Stat { json } => {
+            let stats = store.stats()?;
+            if json {
+                println!("{}", serde_json::to_string(&stats)?);
+            } else {
+                println!("store:       {}", store.root().display());
+                println!("objects:     {}", stats.objects);
+                println!("stored:      {}", mib(stats.stored_bytes));
+                println!("logical:     {}", mib(stats.logical_bytes));
+                println!(
+                    "referenced:  {} by {} trees",
+                    mib(stats.referenced_bytes),
+                    stats.roots
+                );
+                println!(
+                    "compression: {:.2}x (logical / stored)",
+                    ratio(stats.logical_bytes, stats.stored_bytes)
+                );
+                println!(
+                    "dedup:       {:.2}x (referenced / logical)",
+                    ratio(stats.referenced_bytes, stats.logical_bytes)
+                );
+            }
+        }
+        CacheCommand::Gc { max_size, json } => {
+            let collected = gc::collect(&store, max_size)?;
+            if json {
+                println!("{}", serde_json::to_string(&collected)?);
+            } else {
+                println!(
+                    "removed {} trees and {} objects, freed {}; the store now holds {}",
+                    collected.roots_removed,
+                    collected.objects_removed,
+                    mib(collected.bytes_freed),
+                    mib(collected.stored_bytes_after)
+                );
+            }
+        }
+    }
+    Ok(0)
+}

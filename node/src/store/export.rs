@@ -1,0 +1,227 @@
+//! Exporting a tree from the store into a folder: every blob verified, files written in
+//! parallel, large files assembled in order and checked against their whole-file digest,
+//! executable bits, symlinks and empty folders restored. The export is built in a temporary
+//! folder beside the destination and renamed into place, so a failure never leaves the
+//! destination half-written.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Component, Path, PathBuf};
+
+use protocol::Digest;
+use protocol::tree::{EntryKind, Tree, decode_chunk_list};
+
+use super::parallel::ordered;
+use super::{Result, Store, StoreError};
+
+/// What an export wrote.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct Exported {
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub bytes: u64,
+}
+
+struct FileJob {
+    path: PathBuf,
+    digest: Digest,
+    chunks: Option<Digest>,
+    executable: bool,
+}
+
+/// Exports the tree `root` into `dest`, which must not exist or be an empty folder.
+pub fn export(store: &Store, root: &Digest, dest: &Path) -> Result<Exported> {
+    let _lock = store.lock(false)?;
+    if let Ok(mut entries) = fs::read_dir(dest)
+        && entries.next().is_some()
+    {
+        return Err(StoreError::Refused {
+            path: dest.to_owned(),
+            reason: "the destination is not empty; export into a new or empty folder".into(),
+        });
+    }
+    let parent = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(|e| StoreError::io(parent, e))?;
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temporary = parent.join(format!(".{name}.peerbuild-export-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&temporary);
+    fs::create_dir(&temporary).map_err(|e| StoreError::io(&temporary, e))?;
+    match fill(store, root, &temporary) {
+        Ok(exported) => {
+            if let Err(err) = fs::rename(&temporary, dest) {
+                let _ = fs::remove_dir_all(&temporary);
+                return Err(StoreError::io(dest, err));
+            }
+            store.touch_root(root);
+            Ok(exported)
+        }
+        Err(err) => {
+            let _ = fs::remove_dir_all(&temporary);
+            Err(err)
+        }
+    }
+}
+
+fn fill(store: &Store, root: &Digest, dir: &Path) -> Result<Exported> {
+    let mut exported = Exported::default();
+    let mut jobs = Vec::new();
+    plan(store, root, dir, 0, &mut jobs, &mut exported)?;
+    let (small, large): (Vec<FileJob>, Vec<FileJob>) =
+        jobs.into_iter().partition(|j| j.chunks.is_none());
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    ordered(
+        small.into_iter(),
+        workers,
+        64,
+        |job| -> Result<u64> {
+            let bytes = store.get(&job.digest)?;
+            write_file(&job.path, &bytes, job.executable)?;
+            Ok(bytes.len() as u64)
+        },
+        |written| {
+            exported.bytes += written?;
+            exported.files += 1;
+            Ok::<(), StoreError>(())
+        },
+    )?;
+    for job in large {
+        exported.bytes += write_chunked(store, &job, workers)?;
+        exported.files += 1;
+    }
+    Ok(exported)
+}
+
+/// Creates folders and symlinks, and lists the files to write.
+fn plan(
+    store: &Store,
+    tree: &Digest,
+    dir: &Path,
+    depth: usize,
+    jobs: &mut Vec<FileJob>,
+    exported: &mut Exported,
+) -> Result<()> {
+    let tree = Tree::decode(&store.get(tree)?)?;
+    exported.dirs += 1;
+    for entry in tree.entries() {
+        let path = dir.join(std::ffi::OsStr::from_bytes(&entry.name));
+        match &entry.kind {
+            EntryKind::Dir { digest } => {
+                fs::create_dir(&path).map_err(|e| StoreError::io(&path, e))?;
+                plan(store, digest, &path, depth + 1, jobs, exported)?;
+            }
+            EntryKind::Symlink { target } => {
+                let target = Path::new(std::ffi::OsStr::from_bytes(target));
+                if !stays_inside(target, depth) {
+                    return Err(StoreError::Refused {
+                        path: path.clone(),
+                        reason: format!(
+                            "is a symlink to {}, outside the tree; it was not restored",
+                            target.display()
+                        ),
+                    });
+                }
+                std::os::unix::fs::symlink(target, &path).map_err(|e| StoreError::io(&path, e))?;
+                exported.symlinks += 1;
+            }
+            EntryKind::File {
+                digest,
+                executable,
+                chunks,
+            } => jobs.push(FileJob {
+                path,
+                digest: *digest,
+                chunks: *chunks,
+                executable: *executable,
+            }),
+        }
+    }
+    Ok(())
+}
+
+/// Whether a relative link target, from a link `depth` folders below the tree's root, stays
+/// inside the tree.
+fn stays_inside(target: &Path, depth: usize) -> bool {
+    let mut level = depth as i64;
+    for component in target.components() {
+        match component {
+            Component::Normal(_) => level += 1,
+            Component::CurDir => {}
+            Component::ParentDir => {
+                level -= 1;
+                if level < 0 {
+                    return false;
+                }
+            }
+            Component::RootDir | Component::Prefix(_) => return false,
+        }
+    }
+    true
+}
+
+fn write_file(path: &Path, bytes: &[u8], executable: bool) -> Result<()> {
+    fs::write(path, bytes).map_err(|e| StoreError::io(path, e))?;
+    set_mode(path, executable)
+}
+
+fn set_mode(path: &Path, executable: bool) -> Result<()> {
+    let mode = if executable { 0o755 } else { 0o644 };
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|e| StoreError::io(path, e))
+}
+
+/// Writes a chunked file: chunks fetched and verified in parallel, written in order, and the
+/// assembled file checked against its whole-file digest.
+fn write_chunked(store: &Store, job: &FileJob, workers: usize) -> Result<u64> {
+    let Some(list) = job.chunks else {
+        return Ok(0);
+    };
+    let chunks = decode_chunk_list(&store.get(&list)?)?;
+    let mut file = fs::File::create(&job.path).map_err(|e| StoreError::io(&job.path, e))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut size = 0u64;
+    ordered(
+        chunks.into_iter(),
+        workers,
+        workers * 4,
+        |chunk| store.get(&chunk),
+        |bytes| {
+            let bytes = bytes?;
+            hasher.update(&bytes);
+            size += bytes.len() as u64;
+            file.write_all(&bytes)
+                .map_err(|e| StoreError::io(&job.path, e))
+        },
+    )?;
+    drop(file);
+    if Digest::from_parts(*hasher.finalize().as_bytes(), size) != job.digest {
+        return Err(StoreError::Corrupt {
+            digest: job.digest,
+            detail: "its chunks do not assemble into the file's digest".into(),
+        });
+    }
+    set_mode(&job.path, job.executable)?;
+    Ok(size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stays_inside;
+    use std::path::Path;
+
+    #[test]
+    fn symlink_targets_are_checked_lexically() {
+        assert!(stays_inside(Path::new("a/b"), 0));
+        assert!(stays_inside(Path::new("../x"), 1));
+        assert!(!stays_inside(Path::new("../x"), 0));
+        assert!(!stays_inside(Path::new("a/../../x"), 0));
+        assert!(!stays_inside(Path::new("/etc/passwd"), 3));
+    }
+}

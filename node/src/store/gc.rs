@@ -1,0 +1,126 @@
+//! Garbage collection: keeps the store under a size budget by dropping the least recently used
+//! roots, then removes every object no remaining root reaches. It holds the store's lock
+//! exclusively, so it never removes what a running import, export or build uses.
+
+use std::collections::HashMap;
+
+use protocol::Digest;
+use protocol::tree::{EntryKind, Tree, decode_chunk_list};
+
+use super::{Result, Store};
+
+/// What a collection did.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct Collected {
+    pub roots_removed: u64,
+    pub objects_removed: u64,
+    pub bytes_freed: u64,
+    pub stored_bytes_after: u64,
+}
+
+fn name(digest: &Digest) -> String {
+    format!("{}-{}", digest.hex(), digest.size())
+}
+
+/// The objects a root reaches (by name); objects missing from the store are skipped.
+fn reachable(store: &Store, tree: &Digest, out: &mut Vec<String>) {
+    out.push(name(tree));
+    let Ok(bytes) = store.get(tree) else {
+        return;
+    };
+    let Ok(tree) = Tree::decode(&bytes) else {
+        return;
+    };
+    for entry in tree.entries() {
+        match &entry.kind {
+            EntryKind::Dir { digest } => reachable(store, digest, out),
+            EntryKind::File {
+                digest,
+                chunks: None,
+                ..
+            } => out.push(name(digest)),
+            EntryKind::File {
+                chunks: Some(list), ..
+            } => {
+                out.push(name(list));
+                if let Some(chunks) = store
+                    .get(list)
+                    .ok()
+                    .and_then(|b| decode_chunk_list(&b).ok())
+                {
+                    out.extend(chunks.iter().map(name));
+                }
+            }
+            EntryKind::Symlink { .. } => {}
+        }
+    }
+}
+
+/// The bytes of all files a tree holds (duplicates counted each time), memoized by tree.
+pub fn tree_file_bytes(
+    store: &Store,
+    tree: &Digest,
+    memo: &mut HashMap<Digest, u64>,
+) -> Result<u64> {
+    if let Some(bytes) = memo.get(tree) {
+        return Ok(*bytes);
+    }
+    let decoded = Tree::decode(&store.get(tree)?)?;
+    let mut total = 0;
+    for entry in decoded.entries() {
+        total += match &entry.kind {
+            EntryKind::Dir { digest } => tree_file_bytes(store, digest, memo)?,
+            EntryKind::File { digest, .. } => digest.size(),
+            EntryKind::Symlink { .. } => 0,
+        };
+    }
+    memo.insert(*tree, total);
+    Ok(total)
+}
+
+/// Drops least recently used roots until what the rest reach fits in `max_stored_bytes`, then
+/// removes every object no root reaches.
+pub fn collect(store: &Store, max_stored_bytes: u64) -> Result<Collected> {
+    let _lock = store.lock(true)?;
+    let objects = store.list_objects()?;
+    let stored: HashMap<&str, u64> = objects.iter().map(|(n, _, s)| (n.as_str(), *s)).collect();
+    let mut roots = store.list_roots()?;
+    roots.sort_by_key(|(_, used)| *used);
+    let mut refcount: HashMap<String, u64> = HashMap::new();
+    let mut per_root = Vec::new();
+    for (root, _) in &roots {
+        let mut names = Vec::new();
+        reachable(store, root, &mut names);
+        names.sort();
+        names.dedup();
+        for n in &names {
+            *refcount.entry(n.clone()).or_default() += 1;
+        }
+        per_root.push(names);
+    }
+    let mut live: u64 = refcount.keys().filter_map(|n| stored.get(n.as_str())).sum();
+    let mut collected = Collected::default();
+    for ((root, _), names) in roots.iter().zip(&per_root) {
+        if live <= max_stored_bytes {
+            break;
+        }
+        for n in names {
+            if let Some(count) = refcount.get_mut(n) {
+                *count -= 1;
+                if *count == 0 {
+                    live -= stored.get(n.as_str()).copied().unwrap_or(0);
+                }
+            }
+        }
+        store.remove_root(root);
+        collected.roots_removed += 1;
+    }
+    for (object, _, _) in &objects {
+        if refcount.get(object).copied().unwrap_or(0) == 0 {
+            collected.bytes_freed += store.remove_object(object);
+            collected.objects_removed += 1;
+        }
+    }
+    collected.stored_bytes_after = live;
+    Ok(collected)
+}

@@ -1,0 +1,372 @@
+//! Importing a folder into the store as a tree: files hashed and stored in parallel, large ones
+//! cut into content-defined chunks so a small edit stores a few new chunks, unchanged files
+//! taken from the stat cache without being read, and one sync before the root is published.
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use protocol::Digest;
+use protocol::tree::{Entry, EntryKind, Tree, encode_chunk_list};
+
+use super::parallel::ordered;
+use super::statcache::{Hashed, Look, StatCache};
+use super::{CHUNK_AVG_BYTES, CHUNK_MAX_BYTES, CHUNK_MIN_BYTES, Result, Store, StoreError};
+
+/// Files larger than this are streamed and their chunks stored in parallel; smaller ones are
+/// read whole, many files in parallel.
+const LARGE_FILE_BYTES: u64 = 8 * 1024 * 1024;
+
+/// What an import did.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct Imported {
+    pub root: Option<Digest>,
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    /// Bytes of all files, as they are on disk uncompressed.
+    pub bytes: u64,
+    /// Bytes newly written to the store (compressed), after deduplication.
+    pub new_bytes: u64,
+    /// Files that were read (the rest came from the stat cache).
+    pub files_read: u64,
+}
+
+enum Node {
+    File { index: usize },
+    Dir(Vec<(Vec<u8>, Node)>),
+    Symlink(Vec<u8>),
+}
+
+struct FileJob {
+    relative: Vec<u8>,
+    path: PathBuf,
+    look: Look,
+    executable: bool,
+}
+
+/// Whether an import keeps a stat cache for the folder (worth it only for folders imported
+/// again, such as sources).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Statting {
+    Cached,
+    Once,
+}
+
+/// Imports every file, folder and symlink under `root`. Devices, sockets and pipes are refused.
+pub fn import_dir(store: &Store, root: &Path, what: &str) -> Result<Imported> {
+    let mut jobs = Vec::new();
+    let node = walk(root, Path::new(""), &mut jobs)?;
+    finish(store, root, node, jobs, what, Statting::Cached)
+}
+
+/// Imports a folder that will not be imported again (a scratch copy of artifacts): no stat
+/// cache is kept for it.
+pub fn import_dir_once(store: &Store, root: &Path, what: &str) -> Result<Imported> {
+    let mut jobs = Vec::new();
+    let node = walk(root, Path::new(""), &mut jobs)?;
+    finish(store, root, node, jobs, what, Statting::Once)
+}
+
+/// Imports the listed files (relative to `root`; folders are implied), as a source is sent.
+pub fn import_files(store: &Store, root: &Path, files: &[PathBuf], what: &str) -> Result<Imported> {
+    let mut jobs = Vec::new();
+    let mut top = Node::Dir(Vec::new());
+    for relative in files {
+        let path = root.join(relative);
+        let metadata = path
+            .symlink_metadata()
+            .map_err(|e| StoreError::io(&path, e))?;
+        let leaf = leaf(&path, relative, &metadata, &mut jobs)?;
+        insert(&mut top, relative, leaf);
+    }
+    finish(store, root, top, jobs, what, Statting::Cached)
+}
+
+fn insert(node: &mut Node, relative: &Path, leaf: Node) {
+    let mut node = node;
+    let components: Vec<&[u8]> = relative.iter().map(|c| c.as_bytes()).collect();
+    let Some((last, parents)) = components.split_last() else {
+        return;
+    };
+    for name in parents {
+        let Node::Dir(children) = node else {
+            return;
+        };
+        let position = match children.iter().position(|(n, _)| n == name) {
+            Some(position) => position,
+            None => {
+                children.push((name.to_vec(), Node::Dir(Vec::new())));
+                children.len() - 1
+            }
+        };
+        node = &mut children[position].1;
+    }
+    if let Node::Dir(children) = node {
+        children.push((last.to_vec(), leaf));
+    }
+}
+
+fn walk(root: &Path, relative: &Path, jobs: &mut Vec<FileJob>) -> Result<Node> {
+    let dir = root.join(relative);
+    let entries = fs::read_dir(&dir).map_err(|e| StoreError::io(&dir, e))?;
+    let mut children = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| StoreError::io(&dir, e))?;
+        let path = entry.path();
+        let child_relative = relative.join(entry.file_name());
+        let metadata = path
+            .symlink_metadata()
+            .map_err(|e| StoreError::io(&path, e))?;
+        let node = if metadata.is_dir() {
+            walk(root, &child_relative, jobs)?
+        } else {
+            leaf(&path, &child_relative, &metadata, jobs)?
+        };
+        children.push((entry.file_name().as_bytes().to_vec(), node));
+    }
+    Ok(Node::Dir(children))
+}
+
+fn leaf(
+    path: &Path,
+    relative: &Path,
+    metadata: &fs::Metadata,
+    jobs: &mut Vec<FileJob>,
+) -> Result<Node> {
+    let kind = metadata.file_type();
+    if kind.is_symlink() {
+        let target = fs::read_link(path).map_err(|e| StoreError::io(path, e))?;
+        return Ok(Node::Symlink(target.as_os_str().as_bytes().to_vec()));
+    }
+    if !kind.is_file() {
+        return Err(StoreError::Refused {
+            path: path.to_owned(),
+            reason: "not a regular file, folder or symlink (a device, socket or pipe cannot be stored); remove it or leave it out".into(),
+        });
+    }
+    jobs.push(FileJob {
+        relative: relative.as_os_str().as_bytes().to_vec(),
+        path: path.to_owned(),
+        look: Look::of(metadata),
+        executable: metadata.permissions().mode() & 0o111 != 0,
+    });
+    Ok(Node::File {
+        index: jobs.len() - 1,
+    })
+}
+
+fn now_ns() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0)
+}
+
+fn workers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+fn finish(
+    store: &Store,
+    root: &Path,
+    node: Node,
+    jobs: Vec<FileJob>,
+    what: &str,
+    statting: Statting,
+) -> Result<Imported> {
+    let _lock = store.lock(false)?;
+    let started_ns = now_ns();
+    let mut cache = match statting {
+        Statting::Cached => StatCache::load(&store.statcache_dir(), root),
+        Statting::Once => StatCache::default(),
+    };
+    let mut imported = Imported::default();
+    let mut hashed: Vec<Option<Hashed>> = vec![None; jobs.len()];
+    let mut small = Vec::new();
+    let mut large = Vec::new();
+    for (index, job) in jobs.iter().enumerate() {
+        imported.files += 1;
+        imported.bytes += job.look.size;
+        match cache
+            .lookup(&job.relative, &job.look)
+            .filter(|h| still_stored(store, h))
+        {
+            Some(hit) => hashed[index] = Some(hit),
+            None if job.look.size > LARGE_FILE_BYTES => large.push(index),
+            None => small.push(index),
+        }
+    }
+    imported.files_read = (small.len() + large.len()) as u64;
+    ordered(
+        small.iter().copied(),
+        workers(),
+        64,
+        |index| (index, store_small(store, &jobs[index].path)),
+        |(index, result)| {
+            let (hash, written) = result?;
+            imported.new_bytes += written;
+            hashed[index] = Some(hash);
+            Ok::<(), StoreError>(())
+        },
+    )?;
+    for index in large {
+        let (hash, written) = store_large(store, &jobs[index].path)?;
+        imported.new_bytes += written;
+        hashed[index] = Some(hash);
+    }
+    for (job, hash) in jobs.iter().zip(&hashed) {
+        if let Some(hash) = hash {
+            cache.record(job.relative.clone(), job.look, *hash, started_ns);
+        }
+    }
+    let root_digest = store_tree(store, node, &jobs, &hashed, &mut imported)?;
+    store.sync()?;
+    store.add_root(&root_digest, what)?;
+    if statting == Statting::Cached {
+        cache.save(&store.temporary_path("statcache"));
+    }
+    imported.root = Some(root_digest);
+    Ok(imported)
+}
+
+/// Whether the objects a cached file needs are still in the store (gc may have removed them).
+fn still_stored(store: &Store, hashed: &Hashed) -> bool {
+    match hashed.chunks {
+        None => store.contains(&hashed.digest),
+        Some(list) => store.contains(&list),
+    }
+}
+
+/// Reads a file whole and stores it as one blob, or as chunks and a chunk list.
+fn store_small(store: &Store, path: &Path) -> Result<(Hashed, u64)> {
+    let bytes = fs::read(path).map_err(|e| StoreError::io(path, e))?;
+    if bytes.len() <= CHUNK_MIN_BYTES {
+        let (digest, written) = store.put(&bytes)?;
+        return Ok((
+            Hashed {
+                digest,
+                chunks: None,
+            },
+            written,
+        ));
+    }
+    let mut chunks = Vec::new();
+    let mut written = 0;
+    for chunk in
+        fastcdc::v2020::FastCDC::new(&bytes, CHUNK_MIN_BYTES, CHUNK_AVG_BYTES, CHUNK_MAX_BYTES)
+    {
+        let (digest, new) = store.put(&bytes[chunk.offset..chunk.offset + chunk.length])?;
+        chunks.push(digest);
+        written += new;
+    }
+    chunked(store, Digest::of(&bytes), chunks, written)
+}
+
+fn chunked(
+    store: &Store,
+    whole: Digest,
+    chunks: Vec<Digest>,
+    written: u64,
+) -> Result<(Hashed, u64)> {
+    if chunks.len() == 1 {
+        return Ok((
+            Hashed {
+                digest: whole,
+                chunks: None,
+            },
+            written,
+        ));
+    }
+    let (list, new) = store.put(&encode_chunk_list(&chunks))?;
+    Ok((
+        Hashed {
+            digest: whole,
+            chunks: Some(list),
+        },
+        written + new,
+    ))
+}
+
+/// Streams a large file: chunk boundaries found in order, chunks hashed, compressed and written
+/// by several threads, the whole file hashed in order as the chunks come back.
+fn store_large(store: &Store, path: &Path) -> Result<(Hashed, u64)> {
+    let file = fs::File::open(path).map_err(|e| StoreError::io(path, e))?;
+    let reader = std::io::BufReader::with_capacity(CHUNK_MAX_BYTES, file.take(u64::MAX));
+    let chunker =
+        fastcdc::v2020::StreamCDC::new(reader, CHUNK_MIN_BYTES, CHUNK_AVG_BYTES, CHUNK_MAX_BYTES);
+    let mut hasher = blake3::Hasher::new();
+    let mut size = 0u64;
+    let mut chunks = Vec::new();
+    let mut written = 0u64;
+    let workers = workers();
+    ordered(
+        chunker,
+        workers,
+        workers * 4,
+        |chunk| {
+            let chunk =
+                chunk.map_err(|e| StoreError::io(path, std::io::Error::other(format!("{e:?}"))))?;
+            let (digest, new) = store.put(&chunk.data)?;
+            Ok::<_, StoreError>((digest, new, chunk.data))
+        },
+        |result| {
+            let (digest, new, data) = result?;
+            hasher.update(&data);
+            size += data.len() as u64;
+            chunks.push(digest);
+            written += new;
+            Ok::<(), StoreError>(())
+        },
+    )?;
+    let whole = Digest::from_parts(*hasher.finalize().as_bytes(), size);
+    chunked(store, whole, chunks, written)
+}
+
+fn store_tree(
+    store: &Store,
+    node: Node,
+    jobs: &[FileJob],
+    hashed: &[Option<Hashed>],
+    imported: &mut Imported,
+) -> Result<Digest> {
+    let Node::Dir(children) = node else {
+        return Err(StoreError::Refused {
+            path: PathBuf::from("."),
+            reason: "the root of an import must be a folder".into(),
+        });
+    };
+    imported.dirs += 1;
+    let mut entries = Vec::with_capacity(children.len());
+    for (name, child) in children {
+        let kind = match child {
+            Node::File { index } => {
+                let Some(hash) = hashed[index] else {
+                    return Err(StoreError::Refused {
+                        path: jobs[index].path.clone(),
+                        reason: "was not hashed".into(),
+                    });
+                };
+                EntryKind::File {
+                    digest: hash.digest,
+                    executable: jobs[index].executable,
+                    chunks: hash.chunks,
+                }
+            }
+            Node::Symlink(target) => {
+                imported.symlinks += 1;
+                EntryKind::Symlink { target }
+            }
+            dir @ Node::Dir(_) => EntryKind::Dir {
+                digest: store_tree(store, dir, jobs, hashed, imported)?,
+            },
+        };
+        entries.push(Entry { name, kind });
+    }
+    let tree = Tree::new(entries)?;
+    let (digest, written) = store.put(&tree.encode())?;
+    imported.new_bytes += written;
+    Ok(digest)
+}

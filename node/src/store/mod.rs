@@ -1,0 +1,496 @@
+//! The content-addressed store: every blob (a small file, a chunk of a large one, a chunk list,
+//! an encoded tree) kept once under its BLAKE3 digest, zstd-compressed where that saves space
+//! and raw where it does not, and verified against its digest on every read.
+//!
+//! Layout under `DATA_DIR/store/`:
+//! - `FORMAT`: the store's format version; a store of another version is refused, not misread.
+//! - `objects/ab/HASH-SIZE`: one file a blob: a kind byte (0 raw, 1 zstd), then the bytes.
+//! - `roots/HASH-SIZE`: the trees kept alive (imports, sources, artifacts, caches); the file's
+//!   modification time is its last use, for least-recently-used eviction; its text says what it is.
+//! - `tmp/PID-N/`: files being written by one process, renamed into `objects/` when complete.
+//! - `statcache/`: per imported folder, what each file's stat looked like when it was hashed.
+//! - `lock`: imports and exports hold it shared, `gc` exclusive, so gc never removes what a
+//!   running import or build is using.
+//!
+//! Durability: objects are written to a temporary file and renamed, so a torn object is never
+//! visible; an import syncs the file system once (`syncfs`) before it publishes its root, not
+//! once per object.
+
+pub mod export;
+pub mod gc;
+pub mod import;
+mod parallel;
+mod statcache;
+#[cfg(test)]
+mod tests;
+
+use std::cell::RefCell;
+use std::fs;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use protocol::Digest;
+use protocol::tree::TreeError;
+
+/// The on-disk format this code reads and writes.
+pub const STORE_FORMAT: &str = "peerbuild-store 1";
+
+/// FastCDC parameters (the Bazel Remote Execution API's): min, average, max chunk size.
+pub const CHUNK_MIN_BYTES: usize = 128 * 1024;
+pub const CHUNK_AVG_BYTES: usize = 512 * 1024;
+pub const CHUNK_MAX_BYTES: usize = 2 * 1024 * 1024;
+
+/// zstd level: fast enough that compressing costs less than writing the bytes.
+const ZSTD_LEVEL: i32 = 1;
+
+const KIND_RAW: u8 = 0;
+const KIND_ZSTD: u8 = 1;
+
+/// Errors a caller can act on.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("the store has no blob {digest}")]
+    Missing { digest: Digest },
+    #[error("the stored blob {digest} is corrupt ({detail}); it was not used")]
+    Corrupt { digest: Digest, detail: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the store at {path} has format `{found}`; this peerbuild reads `{STORE_FORMAT}`")]
+    Format { path: PathBuf, found: String },
+    #[error(transparent)]
+    Tree(#[from] TreeError),
+    #[error("{path}: {reason}")]
+    Refused { path: PathBuf, reason: String },
+}
+
+impl StoreError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> StoreError {
+        StoreError::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// An open store.
+#[derive(Debug)]
+pub struct Store {
+    root: PathBuf,
+    objects: PathBuf,
+    /// This process's folder for files being written.
+    tmp: PathBuf,
+    counter: AtomicU64,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `root`, removing temporary files that processes
+    /// which no longer exist left behind.
+    pub fn open(root: &Path) -> Result<Store> {
+        for dir in ["objects", "roots", "tmp", "statcache"] {
+            let path = root.join(dir);
+            fs::create_dir_all(&path).map_err(|e| StoreError::io(&path, e))?;
+        }
+        check_format(root)?;
+        clean_dead_temporaries(&root.join("tmp"));
+        let tmp = root
+            .join("tmp")
+            .join(format!("{}-{}", std::process::id(), nanos()));
+        fs::create_dir_all(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
+        Ok(Store {
+            root: root.to_owned(),
+            objects: root.join("objects"),
+            tmp,
+            counter: AtomicU64::new(0),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn object_path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.objects
+            .join(&hex[..2])
+            .join(format!("{hex}-{}", digest.size()))
+    }
+
+    pub fn contains(&self, digest: &Digest) -> bool {
+        self.object_path(digest).symlink_metadata().is_ok()
+    }
+
+    /// Stores `bytes`; returns their digest and how many bytes were newly written (0 when the
+    /// store already held them).
+    pub fn put(&self, bytes: &[u8]) -> Result<(Digest, u64)> {
+        let digest = Digest::of(bytes);
+        let written = self.put_with_digest(digest, bytes)?;
+        Ok((digest, written))
+    }
+
+    /// Stores bytes whose digest the caller computed.
+    pub(crate) fn put_with_digest(&self, digest: Digest, bytes: &[u8]) -> Result<u64> {
+        let path = self.object_path(&digest);
+        if path.symlink_metadata().is_ok() {
+            return Ok(0);
+        }
+        let compressed = compress(bytes);
+        let (kind, payload) = match &compressed {
+            // Keep the compressed form only where it saves at least 3%.
+            Some(c) if (c.len() as u64) * 100 < (bytes.len() as u64) * 97 => {
+                (KIND_ZSTD, c.as_slice())
+            }
+            _ => (KIND_RAW, bytes),
+        };
+        let temporary = self
+            .tmp
+            .join(self.counter.fetch_add(1, Ordering::Relaxed).to_string());
+        let mut file = fs::File::create(&temporary).map_err(|e| StoreError::io(&temporary, e))?;
+        file.write_all(&[kind])
+            .and_then(|()| file.write_all(payload))
+            .map_err(|e| {
+                let _ = fs::remove_file(&temporary);
+                StoreError::io(&temporary, e)
+            })?;
+        drop(file);
+        // Two writers of the same blob both rename identical bytes into place; either wins.
+        if let Err(err) = fs::rename(&temporary, &path) {
+            let parent = path.parent().unwrap_or(&self.objects);
+            if err.kind() == std::io::ErrorKind::NotFound && fs::create_dir_all(parent).is_ok() {
+                fs::rename(&temporary, &path).map_err(|e| StoreError::io(&path, e))?;
+            } else {
+                let _ = fs::remove_file(&temporary);
+                return Err(StoreError::io(&path, err));
+            }
+        }
+        Ok(payload.len() as u64 + 1)
+    }
+
+    /// Reads a blob, verified against its digest: a mismatch is an error naming the digest,
+    /// never wrong bytes.
+    pub fn get(&self, digest: &Digest) -> Result<Vec<u8>> {
+        let path = self.object_path(digest);
+        let stored = match fs::read(&path) {
+            Ok(stored) => stored,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::Missing { digest: *digest });
+            }
+            Err(err) => return Err(StoreError::io(&path, err)),
+        };
+        let corrupt = |detail: &str| StoreError::Corrupt {
+            digest: *digest,
+            detail: detail.to_owned(),
+        };
+        let bytes = match stored.split_first() {
+            Some((&KIND_RAW, rest)) => rest.to_vec(),
+            Some((&KIND_ZSTD, rest)) => {
+                let capacity = usize::try_from(digest.size()).map_err(|_| corrupt("too large"))?;
+                decompress(rest, capacity)
+                    .map_err(|e| corrupt(&format!("cannot decompress: {e}")))?
+            }
+            _ => return Err(corrupt("unknown object kind")),
+        };
+        if !digest.matches(&bytes) {
+            return Err(corrupt("its bytes do not match the digest"));
+        }
+        Ok(bytes)
+    }
+
+    /// Makes everything written so far durable: one `syncfs` for the store's file system.
+    pub fn sync(&self) -> Result<()> {
+        let dir = fs::File::open(&self.root).map_err(|e| StoreError::io(&self.root, e))?;
+        // SAFETY: syncfs on a descriptor we hold open.
+        if unsafe { libc::syncfs(dir.as_raw_fd()) } < 0 {
+            return Err(StoreError::io(&self.root, std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// Keeps `digest` (a tree) alive and marks it used now. `what` says what it is.
+    pub fn add_root(&self, digest: &Digest, what: &str) -> Result<()> {
+        let path = self
+            .root
+            .join("roots")
+            .join(format!("{}-{}", digest.hex(), digest.size()));
+        let temporary = self.tmp.join(format!(
+            "root-{}",
+            self.counter.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::write(&temporary, what).map_err(|e| StoreError::io(&temporary, e))?;
+        fs::rename(&temporary, &path).map_err(|e| StoreError::io(&path, e))
+    }
+
+    /// Marks a root used now, if it is one.
+    pub fn touch_root(&self, digest: &Digest) {
+        let path = self
+            .root
+            .join("roots")
+            .join(format!("{}-{}", digest.hex(), digest.size()));
+        if let Ok(file) = fs::File::options().append(true).open(&path) {
+            let _ = file.set_modified(std::time::SystemTime::now());
+        }
+    }
+
+    /// Holds the store shared (imports, exports, builds) or exclusive (gc) until dropped.
+    pub fn lock(&self, exclusive: bool) -> Result<StoreLock> {
+        let path = self.root.join("lock");
+        let file = fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| StoreError::io(&path, e))?;
+        let mode = if exclusive {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_SH
+        };
+        // SAFETY: flock on a descriptor we hold open.
+        if unsafe { libc::flock(file.as_raw_fd(), mode) } < 0 {
+            return Err(StoreError::io(&path, std::io::Error::last_os_error()));
+        }
+        Ok(StoreLock { _file: file })
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.tmp);
+    }
+}
+
+/// A held store lock; released when dropped (closing the descriptor releases the flock).
+pub struct StoreLock {
+    _file: fs::File,
+}
+
+fn check_format(root: &Path) -> Result<()> {
+    let path = root.join("FORMAT");
+    match fs::read_to_string(&path) {
+        Ok(found) if found.trim() == STORE_FORMAT => Ok(()),
+        Ok(found) => Err(StoreError::Format {
+            path: root.to_owned(),
+            found: found.trim().to_owned(),
+        }),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            fs::write(&path, format!("{STORE_FORMAT}\n")).map_err(|e| StoreError::io(&path, e))
+        }
+        Err(err) => Err(StoreError::io(&path, err)),
+    }
+}
+
+fn clean_dead_temporaries(tmp: &Path) {
+    let Ok(entries) = fs::read_dir(tmp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid: Option<i32> = name.split('-').next().and_then(|p| p.parse().ok());
+        let alive = pid.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+        if !alive {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+fn nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+thread_local! {
+    static COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
+/// Compresses with a per-thread context (allocating one per blob would dominate small files).
+fn compress(bytes: &[u8]) -> Option<Vec<u8>> {
+    COMPRESSOR.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if cell.is_none() {
+            *cell = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+        }
+        cell.as_mut()?.compress(bytes).ok()
+    })
+}
+
+fn decompress(bytes: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if cell.is_none() {
+            *cell = Some(zstd::bulk::Decompressor::new()?);
+        }
+        match cell.as_mut() {
+            Some(decompressor) => decompressor.decompress(bytes, capacity),
+            None => Err(std::io::Error::other("no decompressor")),
+        }
+    })
+}
+
+/// What `peerbuild cache stat` shows.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct Stats {
+    pub objects: u64,
+    /// Bytes on disk.
+    pub stored_bytes: u64,
+    /// Bytes the objects hold uncompressed.
+    pub logical_bytes: u64,
+    pub roots: u64,
+    /// Bytes of all files the roots' trees hold, duplicates counted each time.
+    pub referenced_bytes: u64,
+}
+
+impl Store {
+    pub fn stats(&self) -> Result<Stats> {
+        let mut stats = Stats::default();
+        for (_, size, stored) in self.list_objects()? {
+            stats.objects += 1;
+            stats.logical_bytes += size;
+            stats.stored_bytes += stored;
+        }
+        let mut sizes = std::collections::HashMap::new();
+        for (root, _) in self.list_roots()? {
+            stats.roots += 1;
+            stats.referenced_bytes += gc::tree_file_bytes(self, &root, &mut sizes).unwrap_or(0);
+        }
+        Ok(stats)
+    }
+
+    /// Every object: its digest text (`HASH-SIZE`), logical size, and stored size.
+    pub(crate) fn list_objects(&self) -> Result<Vec<(String, u64, u64)>> {
+        let mut out = Vec::new();
+        let shards = fs::read_dir(&self.objects).map_err(|e| StoreError::io(&self.objects, e))?;
+        for shard in shards.flatten() {
+            let Ok(entries) = fs::read_dir(shard.path()) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let Some(size) = name
+                    .rsplit_once('-')
+                    .and_then(|(_, s)| s.parse::<u64>().ok())
+                else {
+                    continue;
+                };
+                let stored = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                out.push((name, size, stored));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every root with its last use.
+    pub(crate) fn list_roots(&self) -> Result<Vec<(Digest, std::time::SystemTime)>> {
+        let dir = self.root.join("roots");
+        let entries = fs::read_dir(&dir).map_err(|e| StoreError::io(&dir, e))?;
+        let mut roots = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().replacen('-', "/", 1);
+            let (Ok(digest), Ok(metadata)) = (name.parse::<Digest>(), entry.metadata()) else {
+                continue;
+            };
+            roots.push((digest, metadata.modified().unwrap_or(std::time::UNIX_EPOCH)));
+        }
+        Ok(roots)
+    }
+
+    pub(crate) fn remove_object(&self, name: &str) -> u64 {
+        let path = self.objects.join(&name[..2]).join(name);
+        let size = path.metadata().map(|m| m.len()).unwrap_or(0);
+        match fs::remove_file(&path) {
+            Ok(()) => size,
+            Err(_) => 0,
+        }
+    }
+
+    pub(crate) fn remove_root(&self, digest: &Digest) {
+        let _ = fs::remove_file(self.root.join("roots").join(format!(
+            "{}-{}",
+            digest.hex(),
+            digest.size()
+        )));
+    }
+
+    pub(crate) fn statcache_dir(&self) -> PathBuf {
+        self.root.join("statcache")
+    }
+
+    pub(crate) fn temporary_path(&self, label: &str) -> PathBuf {
+        self.tmp.join(format!(
+            "{label}-{}",
+            self.counter.fetch_add(1, Ordering::Relaxed)
+        ))
+    }
+}
+
+#[cfg(test)]
+mod unit_tests {
+    use super::*;
+
+    pub(crate) fn temp_store(label: &str) -> (PathBuf, Store) {
+        let dir = std::env::temp_dir().join(format!(
+            "pb-store-{label}-{}-{}",
+            std::process::id(),
+            nanos()
+        ));
+        let store = Store::open(&dir).expect("opens");
+        (dir, store)
+    }
+
+    #[test]
+    fn blobs_round_trip_compressed_or_raw() {
+        let (dir, store) = temp_store("roundtrip");
+        let text = b"hello hello hello hello hello hello hello hello".repeat(100);
+        let random: Vec<u8> = (0..10_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        for bytes in [&text[..], &random[..], b""] {
+            let (digest, written) = store.put(bytes).expect("puts");
+            assert!(written > 0);
+            assert_eq!(store.put(bytes).expect("puts again").1, 0, "stored once");
+            assert_eq!(store.get(&digest).expect("gets"), bytes);
+        }
+        let (digest, written) = store.put(&text).map(|(d, _)| (d, 0)).expect("puts");
+        let _ = written;
+        let stored = fs::metadata(store.object_path(&digest))
+            .expect("stat")
+            .len();
+        assert!(stored < text.len() as u64 / 4, "text is compressed");
+        fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn a_flipped_byte_is_reported_with_the_digest() {
+        let (dir, store) = temp_store("flip");
+        let bytes = b"important build output".repeat(50);
+        let (digest, _) = store.put(&bytes).expect("puts");
+        let path = store.object_path(&digest);
+        let mut stored = fs::read(&path).expect("read");
+        let last = stored.len() - 1;
+        stored[last] ^= 0x40;
+        fs::write(&path, stored).expect("write");
+        let err = store.get(&digest).expect_err("corruption is detected");
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains(&digest.to_string()));
+        fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn a_store_of_another_format_is_refused() {
+        let dir = std::env::temp_dir().join(format!("pb-store-format-{}", nanos()));
+        fs::create_dir_all(&dir).expect("mkdir");
+        fs::write(dir.join("FORMAT"), "peerbuild-store 99\n").expect("write");
+        let err = Store::open(&dir).expect_err("refused");
+        assert!(err.to_string().contains("peerbuild-store 99"), "{err}");
+        fs::remove_dir_all(dir).ok();
+    }
+}

@@ -1,0 +1,297 @@
+//! Store tests: random trees round-trip exactly; equal content gives equal digests; concurrent
+//! imports of overlapping trees; an export that fails leaves nothing behind.
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use super::{Store, StoreError, export, import};
+
+/// A small deterministic generator, so a failing seed replays exactly.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+fn scratch(label: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "pb-storetest-{label}-{}-{}",
+        std::process::id(),
+        super::nanos()
+    ));
+    fs::create_dir_all(&dir).expect("mkdir");
+    dir
+}
+
+/// Names that stress encodings: spaces, newlines, non-UTF-8 bytes, unicode, dots.
+fn name(rng: &mut Rng) -> Vec<u8> {
+    let pool: [&[u8]; 8] = [
+        b"file",
+        b"with space",
+        b"new\nline",
+        b"\xff\xfe-bytes",
+        "ünï-çødé".as_bytes(),
+        b".hidden",
+        b"-dash",
+        b"x",
+    ];
+    let mut name = pool[rng.below(pool.len() as u64) as usize].to_vec();
+    name.extend_from_slice(format!("-{}", rng.below(1000)).as_bytes());
+    name
+}
+
+fn content(rng: &mut Rng) -> Vec<u8> {
+    let size = match rng.below(10) {
+        0 => 0,
+        1 => 300 * 1024 + rng.below(900 * 1024) as usize, // chunked
+        _ => rng.below(4096) as usize,
+    };
+    let text = rng.below(2) == 0;
+    (0..size)
+        .map(|i| {
+            if text {
+                b"abc def\n"[i % 8]
+            } else {
+                rng.next() as u8
+            }
+        })
+        .collect()
+}
+
+fn random_tree(rng: &mut Rng, dir: &Path, depth: u32) {
+    for _ in 0..rng.below(6) + 1 {
+        let path = dir.join(OsStr::from_bytes(&name(rng)));
+        if path.symlink_metadata().is_ok() {
+            continue;
+        }
+        match rng.below(10) {
+            0..=5 => {
+                fs::write(&path, content(rng)).expect("write");
+                let mode = if rng.below(3) == 0 { 0o755 } else { 0o644 };
+                fs::set_permissions(&path, fs::Permissions::from_mode(mode)).expect("chmod");
+            }
+            6 => std::os::unix::fs::symlink("some/relative/target", &path).expect("symlink"),
+            _ if depth < 3 => {
+                fs::create_dir(&path).expect("mkdir");
+                random_tree(rng, &path, depth + 1);
+            }
+            _ => fs::create_dir(&path).expect("empty folder"),
+        }
+    }
+}
+
+/// Every entry under `dir`: kind, executable bit, content or link target.
+fn listing(dir: &Path) -> BTreeMap<Vec<u8>, String> {
+    let mut out = BTreeMap::new();
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<Vec<u8>, String>) {
+        for entry in fs::read_dir(dir).expect("list").flatten() {
+            let path = entry.path();
+            let relative = path
+                .strip_prefix(root)
+                .expect("inside")
+                .as_os_str()
+                .as_bytes()
+                .to_vec();
+            let meta = path.symlink_metadata().expect("stat");
+            let what = if meta.file_type().is_symlink() {
+                format!("link {:?}", fs::read_link(&path).expect("readlink"))
+            } else if meta.is_dir() {
+                walk(root, &path, out);
+                "dir".to_owned()
+            } else {
+                let exec = meta.permissions().mode() & 0o111 != 0;
+                format!(
+                    "file exec={exec} {}",
+                    blake3::hash(&fs::read(&path).expect("read")).to_hex()
+                )
+            };
+            out.insert(relative, what);
+        }
+    }
+    walk(dir, dir, &mut out);
+    out
+}
+
+#[test]
+fn random_trees_round_trip_exactly() {
+    for seed in 1..=12u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let work = scratch("roundtrip");
+        let source = work.join("source");
+        fs::create_dir(&source).expect("mkdir");
+        random_tree(&mut rng, &source, 0);
+        let store = Store::open(&work.join("store")).expect("opens");
+        let imported = import::import_dir(&store, &source, "test").expect("imports");
+        let root = imported.root.expect("a root");
+        let out = work.join("out");
+        export::export(&store, &root, &out).expect("exports");
+        assert_eq!(
+            listing(&source),
+            listing(&out),
+            "seed {seed}: the export differs from the source"
+        );
+        let again = import::import_dir(&store, &out, "test").expect("imports the export");
+        assert_eq!(
+            again.root,
+            Some(root),
+            "seed {seed}: equal content gives an equal digest"
+        );
+        fs::remove_dir_all(&work).ok();
+    }
+}
+
+#[test]
+fn concurrent_imports_of_overlapping_trees_agree() {
+    let work = scratch("concurrent");
+    let mut rng = Rng(77);
+    let a = work.join("a");
+    fs::create_dir(&a).expect("mkdir");
+    random_tree(&mut rng, &a, 0);
+    let b = work.join("b");
+    fs::create_dir(&b).expect("mkdir");
+    fs::write(a.join("shared-big"), content(&mut Rng(5)).repeat(3)).expect("write");
+    fs::copy(a.join("shared-big"), b.join("shared-big")).expect("copy");
+    let store_path = work.join("store");
+    let digests: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = [&a, &b, &a]
+            .into_iter()
+            .map(|dir| {
+                let store_path = &store_path;
+                scope.spawn(move || {
+                    let store = Store::open(store_path).expect("opens");
+                    import::import_dir(&store, dir, "test")
+                        .expect("imports")
+                        .root
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("no panic"))
+            .collect()
+    });
+    assert_eq!(digests[0], digests[2]);
+    let store = Store::open(&store_path).expect("opens");
+    for (dir, digest) in [(&a, digests[0]), (&b, digests[1])] {
+        let out = work.join(format!(
+            "out-{}",
+            dir.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        ));
+        export::export(&store, &digest.expect("a root"), &out).expect("exports");
+        assert_eq!(listing(dir), listing(&out));
+    }
+    fs::remove_dir_all(&work).ok();
+}
+
+#[test]
+fn a_failed_export_leaves_no_half_written_folder() {
+    let work = scratch("failedexport");
+    let source = work.join("source");
+    fs::create_dir_all(source.join("sub")).expect("mkdir");
+    fs::write(source.join("sub/a"), b"a".repeat(1000)).expect("write");
+    fs::write(source.join("b"), b"bbbb".repeat(1000)).expect("write");
+    let store = Store::open(&work.join("store")).expect("opens");
+    let root = import::import_dir(&store, &source, "test")
+        .expect("imports")
+        .root
+        .expect("root");
+    // Corrupt one file's object: the export must fail and leave nothing at the destination.
+    let victim = protocol::Digest::of(&b"bbbb".repeat(1000));
+    let path = store.object_path(&victim);
+    let mut bytes = fs::read(&path).expect("read");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    fs::write(&path, bytes).expect("write");
+    let out = work.join("out");
+    let err = export::export(&store, &root, &out).expect_err("corruption is caught");
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    assert!(!out.exists(), "no half-written destination");
+    let leftovers: Vec<_> = fs::read_dir(&work)
+        .expect("list")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(
+        leftovers.len(),
+        2,
+        "only source and store remain: {leftovers:?}"
+    );
+    fs::remove_dir_all(&work).ok();
+}
+
+#[test]
+fn symlinks_pointing_outside_are_refused_on_export_and_devices_on_import() {
+    let work = scratch("escape");
+    let source = work.join("source");
+    fs::create_dir(&source).expect("mkdir");
+    std::os::unix::fs::symlink("/etc/passwd", source.join("escape")).expect("symlink");
+    let store = Store::open(&work.join("store")).expect("opens");
+    let root = import::import_dir(&store, &source, "test")
+        .expect("imports")
+        .root
+        .expect("root");
+    let err = export::export(&store, &root, &work.join("out")).expect_err("refused");
+    assert!(err.to_string().contains("outside the tree"), "{err}");
+    let fifo = work.join("withfifo");
+    fs::create_dir(&fifo).expect("mkdir");
+    let status = std::process::Command::new("mkfifo")
+        .arg(fifo.join("pipe"))
+        .status()
+        .expect("mkfifo runs");
+    assert!(status.success());
+    let err = import::import_dir(&store, &fifo, "test").expect_err("refused");
+    assert!(
+        err.to_string()
+            .contains("a device, socket or pipe cannot be stored"),
+        "{err}"
+    );
+    fs::remove_dir_all(&work).ok();
+}
+
+#[test]
+fn gc_keeps_the_budget_and_the_newest_roots() {
+    let work = scratch("gc");
+    let store = Store::open(&work.join("store")).expect("opens");
+    let mut roots = Vec::new();
+    for i in 0..3u8 {
+        let dir = work.join(format!("t{i}"));
+        fs::create_dir(&dir).expect("mkdir");
+        let bytes: Vec<u8> = (0..200_000u32)
+            .map(|j| (j.wrapping_mul(2_654_435_761) >> (i + 3)) as u8)
+            .collect();
+        fs::write(dir.join("data"), bytes).expect("write");
+        roots.push(
+            import::import_dir(&store, &dir, "test")
+                .expect("imports")
+                .root
+                .expect("root"),
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let before = store.stats().expect("stats");
+    let collected = super::gc::collect(&store, before.stored_bytes / 2).expect("collects");
+    assert!(collected.roots_removed >= 1);
+    assert!(collected.stored_bytes_after <= before.stored_bytes / 2);
+    let newest = roots[2];
+    export::export(&store, &newest, &work.join("newest")).expect("the newest root survives");
+    assert!(
+        export::export(&store, &roots[0], &work.join("oldest")).is_err(),
+        "the oldest root was dropped"
+    );
+    fs::remove_dir_all(&work).ok();
+}
