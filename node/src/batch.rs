@@ -308,6 +308,7 @@ fn finish(
                     exported_variables: Vec::new(),
                     artifacts: Vec::new(),
                     reports: Vec::new(),
+                    caches: Vec::new(),
                     members: Vec::new(),
                 }
             })

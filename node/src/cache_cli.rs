@@ -99,6 +99,27 @@ pub fn run(data_dir: Option<&Path>, command: CacheCommand) -> Result<u8> {
                 );
             }
         }
+        CacheCommand::Keys { json } => {
+            let entries = crate::engine::cache::all_entries(&store);
+            if json {
+                for entry in &entries {
+                    println!("{}", serde_json::to_string(entry)?);
+                }
+            } else if entries.is_empty() {
+                println!("no cache entries yet; a buildspec's `cache:` section saves them");
+            } else {
+                for entry in &entries {
+                    println!(
+                        "{}  {}/{}  paths: {}",
+                        entry.key,
+                        entry.os,
+                        entry.arch,
+                        entry.paths.join(", ")
+                    );
+                    println!("    tree {}", entry.tree);
+                }
+            }
+        }
         CacheCommand::Gc { max_size, json } => {
             let collected = gc::collect(&store, max_size)?;
             if json {

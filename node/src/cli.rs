@@ -87,6 +87,12 @@ pub enum CacheCommand {
         #[arg(long)]
         json: bool,
     },
+    /// List the saved cache entries (buildspec `cache:` keys), newest first.
+    #[command(after_help = "Examples:\n  peerbuild cache keys\n  peerbuild cache keys --json")]
+    Keys {
+        #[arg(long)]
+        json: bool,
+    },
     /// Drop least recently used trees until the store fits in SIZE, then remove unused objects.
     #[command(
         after_help = "Examples:\n  peerbuild cache gc --max-size 20G\n  peerbuild cache gc --max-size 500M"

@@ -142,6 +142,25 @@ pub struct ArtifactRecord {
     pub location: Option<String>,
 }
 
+/// A cache restore or save, as the build's output reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheRecord {
+    /// `restore` or `save`.
+    pub action: String,
+    /// The key as evaluated.
+    pub key: String,
+    /// The entry's key that matched (a fallback prefix may match another key).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub matched_key: Option<String>,
+    pub hit: bool,
+    pub files: u64,
+    pub bytes: u64,
+    pub duration_ms: u64,
+    /// Why a restore missed or a save stored nothing.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reason: Option<String>,
+}
+
 /// Passed, failed, skipped and errored test cases.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TestCounts {
@@ -187,6 +206,8 @@ pub struct BuildResult {
     pub artifacts: Vec<ArtifactRecord>,
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub reports: Vec<ReportRecord>,
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub caches: Vec<CacheRecord>,
     /// A batch build's members, in the order the batch lists them.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub members: Vec<BuildResult>,

@@ -284,6 +284,7 @@ async fn run_batch(
         exported_variables: Vec::new(),
         artifacts: Vec::new(),
         reports: Vec::new(),
+        caches: Vec::new(),
         members,
     }
 }
@@ -306,6 +307,7 @@ fn unreachable_member(index: usize) -> BuildResult {
         exported_variables: Vec::new(),
         artifacts: Vec::new(),
         reports: Vec::new(),
+        caches: Vec::new(),
         members: Vec::new(),
     }
 }

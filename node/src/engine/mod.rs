@@ -12,6 +12,7 @@
 //! - A timeout or a stop ends the build at once: its processes are killed and nothing else runs.
 
 pub mod artifacts;
+pub mod cache;
 pub mod env;
 pub mod mask;
 pub mod reports;
@@ -31,7 +32,8 @@ use tokio::sync::watch;
 
 use crate::data_dir::DataDir;
 use crate::events::{
-    ArtifactRecord, BuildResult, Event, Level, PhaseRecord, ReportRecord, Status, Variable,
+    ArtifactRecord, BuildResult, CacheRecord, Event, Level, PhaseRecord, ReportRecord, Status,
+    Variable,
 };
 use crate::ids::BuildId;
 use crate::reporter::Reporter;
@@ -156,6 +158,7 @@ pub async fn run(build: Build, node: &Node, limits: Limits) -> BuildResult {
         artifacts: Vec::new(),
         reports: Vec::new(),
         source_digest: None,
+        caches: Vec::new(),
         limits,
         started: Instant::now(),
         build: &build,
@@ -184,6 +187,7 @@ struct Run<'a> {
     reports: Vec<ReportRecord>,
     /// The source's tree digest, once DOWNLOAD_SOURCE has stored it.
     source_digest: Option<String>,
+    caches: Vec<CacheRecord>,
     started: Instant,
 }
 
@@ -213,9 +217,15 @@ impl Run<'_> {
             return;
         };
         if self.download_source(workspace.path()).await {
-            self.build_phases().await;
+            self.restore_cache(&workspace).await;
+            if self.end.is_none() {
+                self.build_phases().await;
+            }
             if self.end.is_none() {
                 self.export_variables().await;
+            }
+            if self.end.is_none() && !self.failed {
+                self.save_cache(&workspace).await;
             }
             if self.end.is_none() && self.has_uploads() {
                 self.upload(workspace.path()).await;
@@ -240,6 +250,9 @@ impl Run<'_> {
             Ok(workspace) => {
                 let mut env = self.build.env.clone();
                 env.set("CODEBUILD_SRC_DIR", workspace.path().display().to_string());
+                // `codebuild-hash-files` on the build's PATH, as CodeBuild provides it.
+                let path = env.get("PATH").unwrap_or_default().to_owned();
+                env.set("PATH", format!("{}:{path}", workspace.bin().display()));
                 let shell = match self.build.buildspec.env.shell {
                     protocol::buildspec::Shell::Bash => ShellKind::Bash,
                     protocol::buildspec::Shell::Sh => ShellKind::Sh,
@@ -631,6 +644,188 @@ impl Run<'_> {
         }
     }
 
+    /// Evaluates a cache key (or fallback key) in the build's shell: `$(...)` and variables,
+    /// after the source is in place.
+    async fn evaluate_key(&mut self, key: &str) -> Result<String, Step> {
+        let user = self.top_user();
+        let command = format!("cat <<__PEERBUILD_CACHE_KEY__\n{key}\n__PEERBUILD_CACHE_KEY__");
+        Ok(self.capture(user.as_ref(), &command).await?.stdout)
+    }
+
+    /// Restores the buildspec's cache before INSTALL (unless `action: save`).
+    async fn restore_cache(&mut self, workspace: &Workspace) {
+        let Some(cache) = self.build.buildspec.cache.clone() else {
+            return;
+        };
+        if cache.action == protocol::buildspec::CacheAction::Save {
+            return;
+        }
+        let started = Instant::now();
+        let Some(key) = self.cache_key(&cache).await else {
+            return;
+        };
+        let mut fallbacks = Vec::new();
+        for fallback in &cache.fallback_keys {
+            match self.evaluate_key(fallback).await {
+                Ok(value) => fallbacks.push(value),
+                Err(step) => return self.cache_interrupted(step),
+            }
+        }
+        let store = self.node.store.clone();
+        let workspace_path = workspace.path().to_owned();
+        let scratch = workspace.scratch("cache-restore");
+        let lookup_key = key.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            match cache::lookup(&store, &cache, &lookup_key, &fallbacks) {
+                cache::Lookup::Hit { entry, .. } => {
+                    let restored = cache::restore(&store, &entry, &workspace_path, &scratch);
+                    restored.map(|(files, bytes)| (entry.key, files, bytes))
+                }
+                cache::Lookup::Miss { reason } => Err(reason),
+            }
+        })
+        .await
+        .unwrap_or_else(|join| Err(join.to_string()));
+        let duration_ms = started.elapsed().as_millis() as u64;
+        let (record, message) = match outcome {
+            Ok((matched, files, bytes)) => (
+                CacheRecord {
+                    action: "restore".into(),
+                    key: key.clone(),
+                    matched_key: Some(matched.clone()),
+                    hit: true,
+                    files,
+                    bytes,
+                    duration_ms,
+                    reason: None,
+                },
+                format!(
+                    "cache hit: restored {files} files ({bytes} bytes) from key `{matched}` in {duration_ms} ms"
+                ),
+            ),
+            Err(reason) => (
+                CacheRecord {
+                    action: "restore".into(),
+                    key: key.clone(),
+                    matched_key: None,
+                    hit: false,
+                    files: 0,
+                    bytes: 0,
+                    duration_ms,
+                    reason: Some(reason.clone()),
+                },
+                format!("cache miss for key `{key}`: {reason}"),
+            ),
+        };
+        self.note(Level::Info, message);
+        self.caches.push(record);
+    }
+
+    /// The cache's key, evaluated; `None` (with a note) when the buildspec gives none.
+    async fn cache_key(&mut self, cache: &protocol::buildspec::Cache) -> Option<String> {
+        let Some(key) = &cache.key else {
+            self.note(Level::Warning, "cache: the buildspec gives no `key`, so nothing is restored or saved (fallback-keys need a key)");
+            return None;
+        };
+        match self.evaluate_key(key).await {
+            Ok(value) if !value.trim().is_empty() => Some(value),
+            Ok(_) => {
+                self.note(
+                    Level::Warning,
+                    format!("cache: the key `{key}` evaluated to nothing; no cache used"),
+                );
+                None
+            }
+            Err(step) => {
+                self.cache_interrupted(step);
+                None
+            }
+        }
+    }
+
+    fn cache_interrupted(&mut self, step: Step) {
+        match step {
+            Step::Interrupted(interrupt) => self.end = Some(interrupt.status()),
+            Step::Fault(message) => self.note(Level::Warning, format!("cache: {message}")),
+            Step::Ok | Step::Failed { .. } => {}
+        }
+    }
+
+    /// Saves the cache after a successful build (unless `action: restore`); an existing entry
+    /// for the key is never replaced.
+    async fn save_cache(&mut self, workspace: &Workspace) {
+        let Some(cache) = self.build.buildspec.cache.clone() else {
+            return;
+        };
+        if cache.action == protocol::buildspec::CacheAction::Restore {
+            return;
+        }
+        let started = Instant::now();
+        let Some(key) = self.cache_key(&cache).await else {
+            return;
+        };
+        let store = self.node.store.clone();
+        let workspace_path = workspace.path().to_owned();
+        let scratch = workspace.scratch("cache-save");
+        let save_key = key.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            cache::save(&store, &cache, &save_key, &workspace_path, &scratch)
+        })
+        .await
+        .unwrap_or_else(|join| Err(join.to_string()));
+        let duration_ms = started.elapsed().as_millis() as u64;
+        let mut record = CacheRecord {
+            action: "save".into(),
+            key: key.clone(),
+            matched_key: None,
+            hit: false,
+            files: 0,
+            bytes: 0,
+            duration_ms,
+            reason: None,
+        };
+        let message = match outcome {
+            Ok((saved, warnings)) => {
+                for warning in warnings {
+                    self.note(Level::Warning, format!("cache: {warning}"));
+                }
+                match saved {
+                    cache::Saved::Stored { files, bytes } => {
+                        (record.files, record.bytes) = (files, bytes);
+                        format!(
+                            "cache saved: {files} files ({bytes} bytes) under key `{key}` in {duration_ms} ms"
+                        )
+                    }
+                    cache::Saved::AlreadyThere => {
+                        record.reason =
+                            Some("an entry for this key exists; entries are immutable".into());
+                        format!(
+                            "cache not saved: an entry for key `{key}` already exists, and entries never change (put a hash of your lock files in the key)"
+                        )
+                    }
+                    cache::Saved::NothingMatched => {
+                        record.reason = Some("no file matches the cache paths".into());
+                        format!(
+                            "cache not saved: no file matches the cache paths ({})",
+                            self.build
+                                .buildspec
+                                .cache
+                                .as_ref()
+                                .map(|c| c.paths.join(", "))
+                                .unwrap_or_default()
+                        )
+                    }
+                }
+            }
+            Err(err) => {
+                record.reason = Some(err.clone());
+                format!("cache not saved: {err}")
+            }
+        };
+        self.note(Level::Info, message);
+        self.caches.push(record);
+    }
+
     fn top_user(&self) -> Option<User> {
         let name = self.build.buildspec.run_as.as_ref()?;
         self.build.users.get(name).cloned()
@@ -782,6 +977,7 @@ impl Run<'_> {
             duration_ms: self.started.elapsed().as_millis() as u64,
             peer: self.node.peer.clone(),
             source_digest: self.source_digest,
+            caches: self.caches,
             phases: self.phases,
             exported_variables: self.exported,
             artifacts: self.artifacts,
@@ -948,11 +1144,30 @@ impl Workspace {
         let path = holder.join("src");
         std::fs::create_dir(&path)
             .with_context(|| format!("cannot create the workspace {}", path.display()))?;
+        let bin = holder.join("bin");
+        std::fs::create_dir(&bin).with_context(|| format!("cannot create {}", bin.display()))?;
+        let script = bin.join("codebuild-hash-files");
+        std::fs::write(&script, cache::HASH_FILES_SCRIPT)
+            .with_context(|| format!("cannot write {}", script.display()))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
+        }
         Ok(Workspace { holder, path })
     }
 
     fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Tools peerbuild puts on the build's PATH.
+    fn bin(&self) -> PathBuf {
+        self.holder.join("bin")
+    }
+
+    /// A scratch folder beside the workspace (same file system, so moves are renames).
+    fn scratch(&self, label: &str) -> PathBuf {
+        self.holder.join(label)
     }
 }
 

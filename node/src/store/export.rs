@@ -78,10 +78,12 @@ fn fill(store: &Store, root: &Digest, dir: &Path) -> Result<Exported> {
     let (small, large): (Vec<FileJob>, Vec<FileJob>) =
         jobs.into_iter().partition(|j| j.chunks.is_none());
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    // Small files are bound by file-system calls more than by the CPU, so more threads than
+    // cores keep the disk busy.
     ordered(
         small.into_iter(),
-        workers,
-        64,
+        workers * 4,
+        128,
         |job| -> Result<u64> {
             let bytes = store.get(&job.digest)?;
             write_file(&job.path, &bytes, job.executable)?;
@@ -167,9 +169,37 @@ fn stays_inside(target: &Path, depth: usize) -> bool {
     true
 }
 
+/// Writes a new file with its mode set at creation; a second `chmod` is needed only when the
+/// process's umask would strip bits from 0644/0755.
 fn write_file(path: &Path, bytes: &[u8], executable: bool) -> Result<()> {
-    fs::write(path, bytes).map_err(|e| StoreError::io(path, e))?;
-    set_mode(path, executable)
+    use std::os::unix::fs::OpenOptionsExt;
+    let mode = if executable { 0o755 } else { 0o644 };
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| StoreError::io(path, e))?;
+    file.write_all(bytes).map_err(|e| StoreError::io(path, e))?;
+    if umask() & mode != 0 {
+        set_mode(path, executable)?;
+    }
+    Ok(())
+}
+
+/// The process's umask, read without changing it (`umask(2)` would race with other threads).
+fn umask() -> u32 {
+    static UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|status| {
+                let line = status.lines().find(|l| l.starts_with("Umask:"))?;
+                u32::from_str_radix(line.split_whitespace().nth(1)?, 8).ok()
+            })
+            // Unknown: assume the worst, so modes are always set explicitly.
+            .unwrap_or(0o777)
+    })
 }
 
 fn set_mode(path: &Path, executable: bool) -> Result<()> {

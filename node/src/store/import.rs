@@ -200,10 +200,11 @@ fn finish(
         }
     }
     imported.files_read = (small.len() + large.len()) as u64;
+    // Small files are bound by file-system calls more than by the CPU.
     ordered(
         small.iter().copied(),
-        workers(),
-        64,
+        workers() * 4,
+        128,
         |index| (index, store_small(store, &jobs[index].path)),
         |(index, result)| {
             let (hash, written) = result?;

@@ -866,3 +866,90 @@ phases:
             result SUCCEEDED"#]],
     );
 }
+
+#[test]
+fn cache_restores_saves_falls_back_and_explains_misses() {
+    let project = Project::new(&[
+        ("deps.lock", "v1\n"),
+        (
+            "buildspec.yml",
+            r#"
+version: 0.2
+phases:
+  build:
+    commands:
+      - if [ -f deps/pkg.txt ]; then echo "restored=$(cat deps/pkg.txt)"; else mkdir -p deps && echo "fetched-for-$(cat deps.lock)" > deps/pkg.txt; fi
+      - test "${FAIL:-no}" = no
+cache:
+  key: deps-$(codebuild-hash-files deps.lock | cut -c1-8)
+  fallback-keys:
+    - deps-
+  paths:
+    - deps/**/*
+"#,
+        ),
+    ]);
+    let mut transcripts = Vec::new();
+    transcripts.push(project.run(&["--env", "FAIL=yes"]).transcript()); // a failed build saves nothing
+    transcripts.push(project.run(&[]).transcript()); // miss, then save
+    transcripts.push(project.run(&[]).transcript()); // exact hit; the entry is immutable
+    project.write("deps.lock", "v2\n");
+    transcripts.push(project.run(&[]).transcript()); // fallback prefix hit, new key saved
+    let keys = project
+        .command()
+        .args(["cache", "keys"])
+        .output()
+        .expect("lists");
+    let keys = String::from_utf8_lossy(&keys.stdout);
+    assert_eq!(keys.matches("deps-").count(), 2, "{keys}");
+    let spec = std::fs::read_to_string(project.src().join("buildspec.yml")).expect("read");
+    project.write(
+        "buildspec.yml",
+        &spec.replace("    - deps/**/*\n", "    - deps/**/*\n    - more/**/*\n"),
+    );
+    transcripts.push(project.run(&[]).transcript()); // other paths: a different cache
+    let text = tests::normalize_digests(&transcripts.join("\n----\n"));
+    let text: String = text
+        .lines()
+        .filter(|l| l.starts_with("note: cache") || l.starts_with("| ") || l.starts_with("result"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let text = tests::normalize_durations(&text.replace(" ms", "ms"));
+    expect![[r#"
+        note: cache miss for key `deps-2d27fbdf`: no entry yet for these paths
+        result FAILED: BUILD: command `test "${FAIL:-no}" = no` exited with status 1
+        note: cache miss for key `deps-2d27fbdf`: no entry yet for these paths
+        note: cache saved: 1 files (15 bytes) under key `deps-2d27fbdf` in <T>
+        result SUCCEEDED
+        note: cache hit: restored 1 files (15 bytes) from key `deps-2d27fbdf` in <T>
+        | restored=fetched-for-v1
+        note: cache not saved: an entry for key `deps-2d27fbdf` already exists, and entries never change (put a hash of your lock files in the key)
+        result SUCCEEDED
+        note: cache hit: restored 1 files (15 bytes) from key `deps-2d27fbdf` in <T>
+        | restored=fetched-for-v1
+        note: cache saved: 1 files (15 bytes) under key `deps-81db67b6` in <T>
+        result SUCCEEDED
+        note: cache miss for key `deps-81db67b6`: the entry for this key was saved with other paths (deps/**/*); the cache version includes the set of paths
+        note: cache saved: 1 files (15 bytes) under key `deps-81db67b6` in <T>
+        result SUCCEEDED"#]].assert_eq(&text);
+}
+
+#[test]
+fn cache_paths_outside_the_workspace_are_restored() {
+    let outside = tests::TempDir::new("cache-outside");
+    let target = outside.path().join("m2");
+    let spec = format!(
+        "version: 0.2\nphases:\n  build:\n    commands:\n      - ls {dir} 2>/dev/null || (mkdir -p {dir} && echo jar > {dir}/lib.jar)\ncache:\n  key: m2\n  paths:\n    - '{dir}/**/*'\n",
+        dir = target.display()
+    );
+    let project = Project::new(&[("buildspec.yml", &spec)]);
+    assert_eq!(project.run(&[]).code, 0);
+    std::fs::remove_dir_all(&target).expect("remove");
+    let run = project.run(&[]);
+    assert_eq!(run.code, 0, "{}", run.stdout);
+    assert!(run.stdout.contains("cache hit"), "{}", run.stdout);
+    assert_eq!(
+        std::fs::read_to_string(target.join("lib.jar")).expect("restored"),
+        "jar\n"
+    );
+}

@@ -1,0 +1,336 @@
+//! The buildspec's `cache:` section on the store. An entry maps (key, set of paths, OS, CPU
+//! architecture) to a tree; the paths, OS and architecture form the cache's version, so an entry
+//! saved with other paths or on another platform never matches. Entries are immutable: the
+//! first save under a key wins, later saves do nothing (users put a hash of their lock files in
+//! the key). A cache is restored before INSTALL and saved after the build phases, only when the
+//! build succeeded.
+//!
+//! Layout: `DATA_DIR/store/cache/VERSION/KEYHASH.json`, created exclusively (so two builds
+//! saving one key at once cannot both win). A cached tree holds `rel/...` (paths relative to the
+//! build directory) and `abs/...` (absolute paths, such as `/root/.m2`).
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use protocol::Digest;
+use protocol::buildspec::{ArtifactSet, Cache};
+use serde::{Deserialize, Serialize};
+
+use super::artifacts;
+use crate::store::{Store, export, import};
+
+/// A saved entry.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Entry {
+    pub key: String,
+    pub paths: Vec<String>,
+    pub os: String,
+    pub arch: String,
+    pub tree: String,
+    pub created_ms: u64,
+}
+
+/// What looking a key up found.
+#[derive(Debug)]
+pub enum Lookup {
+    Hit { entry: Entry, exact: bool },
+    Miss { reason: String },
+}
+
+fn paths_key(paths: &[String]) -> Vec<String> {
+    let mut sorted = paths.to_vec();
+    sorted.sort();
+    sorted.dedup();
+    sorted
+}
+
+/// The cache's version: its set of paths, OS and CPU architecture.
+pub fn version(paths: &[String]) -> String {
+    let mut hasher = blake3::Hasher::new();
+    for path in paths_key(paths) {
+        hasher.update(path.as_bytes());
+        hasher.update(b"\0");
+    }
+    hasher.update(std::env::consts::OS.as_bytes());
+    hasher.update(b"\0");
+    hasher.update(std::env::consts::ARCH.as_bytes());
+    hasher.finalize().to_hex()[..32].to_owned()
+}
+
+fn cache_dir(store: &Store) -> PathBuf {
+    store.root().join("cache")
+}
+
+fn entries_in(dir: &Path) -> Vec<Entry> {
+    let Ok(files) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    files
+        .flatten()
+        .filter_map(|f| fs::read(f.path()).ok())
+        .filter_map(|bytes| serde_json::from_slice(&bytes).ok())
+        .collect()
+}
+
+/// Every entry in the store, for `peerbuild cache keys`.
+pub fn all_entries(store: &Store) -> Vec<Entry> {
+    let Ok(versions) = fs::read_dir(cache_dir(store)) else {
+        return Vec::new();
+    };
+    let mut entries: Vec<Entry> = versions
+        .flatten()
+        .flat_map(|v| entries_in(&v.path()))
+        .collect();
+    entries.sort_by_key(|e| std::cmp::Reverse(e.created_ms));
+    entries
+}
+
+/// Looks `key` up, then each fallback key as a prefix (newest entry first), in this version.
+pub fn lookup(store: &Store, cache: &Cache, key: &str, fallbacks: &[String]) -> Lookup {
+    let version = version(&cache.paths);
+    let mut here = entries_in(&cache_dir(store).join(&version));
+    // An entry whose tree gc removed is no entry.
+    here.retain(|e| e.tree.parse::<Digest>().is_ok_and(|d| store.contains(&d)));
+    here.sort_by_key(|e| std::cmp::Reverse(e.created_ms));
+    if let Some(entry) = here.iter().find(|e| e.key == key) {
+        return Lookup::Hit {
+            entry: entry.clone(),
+            exact: true,
+        };
+    }
+    for prefix in fallbacks {
+        if let Some(entry) = here.iter().find(|e| e.key.starts_with(prefix.as_str())) {
+            return Lookup::Hit {
+                entry: entry.clone(),
+                exact: false,
+            };
+        }
+    }
+    Lookup::Miss {
+        reason: miss_reason(store, cache, key, &here),
+    }
+}
+
+fn miss_reason(store: &Store, cache: &Cache, key: &str, here: &[Entry]) -> String {
+    let wanted = paths_key(&cache.paths);
+    let elsewhere: Vec<Entry> = all_entries(store)
+        .into_iter()
+        .filter(|e| e.key == key)
+        .collect();
+    if let Some(other) = elsewhere.first() {
+        if other.os != std::env::consts::OS || other.arch != std::env::consts::ARCH {
+            return format!(
+                "the entry for this key was saved on {}/{}; entries are specific to the OS and CPU architecture",
+                other.os, other.arch
+            );
+        }
+        if paths_key(&other.paths) != wanted {
+            return format!(
+                "the entry for this key was saved with other paths ({}); the cache version includes the set of paths",
+                other.paths.join(", ")
+            );
+        }
+    }
+    match here.first() {
+        Some(newest) => format!(
+            "key changed: no entry for this key or its fallback prefixes (the newest entry for these paths has key `{}`)",
+            newest.key
+        ),
+        None => "no entry yet for these paths".to_owned(),
+    }
+}
+
+/// The files a cache's paths select right now, split into those relative to the build
+/// directory and absolute ones.
+fn select(
+    workspace: &Path,
+    paths: &[String],
+) -> (
+    Option<artifacts::Selected>,
+    Option<artifacts::Selected>,
+    Vec<String>,
+) {
+    let (absolute, relative): (Vec<&String>, Vec<&String>) =
+        paths.iter().partition(|p| p.starts_with('/'));
+    let mut warnings = Vec::new();
+    let mut pick = |root: &Path, patterns: Vec<String>| {
+        if patterns.is_empty() {
+            return None;
+        }
+        let set = ArtifactSet {
+            files: patterns,
+            ..ArtifactSet::default()
+        };
+        match artifacts::select(root, &set) {
+            Ok(selected) => {
+                warnings.extend(selected.warnings.iter().cloned());
+                Some(selected)
+            }
+            Err(artifacts::ArtifactError::NoMatch { .. }) => None,
+            Err(err) => {
+                warnings.push(err.to_string());
+                None
+            }
+        }
+    };
+    let relative = pick(workspace, relative.into_iter().cloned().collect());
+    let absolute = pick(
+        Path::new("/"),
+        absolute
+            .into_iter()
+            .map(|p| p.trim_start_matches('/').to_owned())
+            .collect(),
+    );
+    (relative, absolute, warnings)
+}
+
+/// What a save did.
+pub enum Saved {
+    Stored { files: u64, bytes: u64 },
+    AlreadyThere,
+    NothingMatched,
+}
+
+/// Saves the files the cache's paths select under `key`, unless an entry for it exists.
+pub fn save(
+    store: &Store,
+    cache: &Cache,
+    key: &str,
+    workspace: &Path,
+    scratch: &Path,
+) -> Result<(Saved, Vec<String>), String> {
+    let version = version(&cache.paths);
+    let dir = cache_dir(store).join(&version);
+    let name = format!("{}.json", &blake3::hash(key.as_bytes()).to_hex()[..32]);
+    if dir.join(&name).exists() {
+        return Ok((Saved::AlreadyThere, Vec::new()));
+    }
+    let (relative, absolute, warnings) = select(workspace, &cache.paths);
+    if relative.is_none() && absolute.is_none() {
+        return Ok((Saved::NothingMatched, warnings));
+    }
+    let _ = fs::remove_dir_all(scratch);
+    fs::create_dir_all(scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
+    let mut files = 0;
+    let mut bytes = 0;
+    for (selected, part) in [(relative, "rel"), (absolute, "abs")] {
+        if let Some(selected) = selected {
+            let copied =
+                artifacts::copy_out(&selected, &scratch.join(part)).map_err(|e| e.to_string())?;
+            files += copied.files;
+            bytes += copied.bytes;
+        }
+    }
+    let imported = import::import_dir_once(store, scratch, &format!("cache `{key}`"));
+    let _ = fs::remove_dir_all(scratch);
+    let root = imported
+        .map_err(|e| e.to_string())?
+        .root
+        .ok_or("the cache produced no tree")?;
+    let entry = Entry {
+        key: key.to_owned(),
+        paths: cache.paths.clone(),
+        os: std::env::consts::OS.to_owned(),
+        arch: std::env::consts::ARCH.to_owned(),
+        tree: root.to_string(),
+        created_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+            .as_millis() as u64,
+    };
+    fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let json = serde_json::to_vec_pretty(&entry).map_err(|e| e.to_string())?;
+    // Created exclusively: of two builds saving one key at once, exactly one wins.
+    match fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dir.join(&name))
+    {
+        Ok(mut file) => {
+            file.write_all(&json).map_err(|e| e.to_string())?;
+            Ok((Saved::Stored { files, bytes }, warnings))
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
+            Ok((Saved::AlreadyThere, warnings))
+        }
+        Err(err) => Err(err.to_string()),
+    }
+}
+
+/// Restores an entry's files into place: `rel/` into the build directory, `abs/` at their
+/// absolute paths. Returns files and bytes restored.
+pub fn restore(
+    store: &Store,
+    entry: &Entry,
+    workspace: &Path,
+    scratch: &Path,
+) -> Result<(u64, u64), String> {
+    let digest: Digest = entry
+        .tree
+        .parse()
+        .map_err(|e: protocol::digest::DigestParseError| e.to_string())?;
+    let _ = fs::remove_dir_all(scratch);
+    if let Some(parent) = scratch.parent() {
+        fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+    }
+    let exported = export::export(store, &digest, scratch).map_err(|e| e.to_string())?;
+    let result = merge(&scratch.join("rel"), workspace)
+        .and_then(|()| merge(&scratch.join("abs"), Path::new("/")));
+    let _ = fs::remove_dir_all(scratch);
+    result.map_err(|e| e.to_string())?;
+    Ok((exported.files, exported.bytes))
+}
+
+/// Moves everything under `from` into `to`, creating folders and replacing files.
+fn merge(from: &Path, to: &Path) -> std::io::Result<()> {
+    let Ok(entries) = fs::read_dir(from) else {
+        return Ok(());
+    };
+    fs::create_dir_all(to)?;
+    for entry in entries {
+        let entry = entry?;
+        let source = entry.path();
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            if target.symlink_metadata().is_ok_and(|m| !m.is_dir()) {
+                fs::remove_file(&target)?;
+            }
+            merge(&source, &target)?;
+            continue;
+        }
+        if target.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+            fs::remove_dir_all(&target)?;
+        }
+        if fs::rename(&source, &target).is_err() {
+            // Another file system: copy instead.
+            if entry.file_type()?.is_symlink() {
+                let _ = fs::remove_file(&target);
+                std::os::unix::fs::symlink(fs::read_link(&source)?, &target)?;
+            } else {
+                fs::copy(&source, &target)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `codebuild-hash-files GLOB...`, as CodeBuild provides it: the SHA-256 of the matched files'
+/// contents in path order, for cache keys such as `npm-$(codebuild-hash-files package-lock.json)`.
+pub const HASH_FILES_SCRIPT: &str = r#"#!/usr/bin/env bash
+# codebuild-hash-files GLOB...: SHA-256 over the matched files (in path order), for cache keys.
+set -euo pipefail
+shopt -s globstar nullglob dotglob
+files=()
+for pattern in "$@"; do
+  for match in $pattern; do
+    [ -f "$match" ] && files+=("$match")
+  done
+done
+if [ ${#files[@]} -eq 0 ]; then
+  echo "codebuild-hash-files: no file matches $*" >&2
+  exit 1
+fi
+printf '%s\n' "${files[@]}" | LC_ALL=C sort -u | while IFS= read -r f; do cat -- "$f"; done | sha256sum | cut -d' ' -f1
+"#;
