@@ -16,6 +16,49 @@ pub fn open_store(data_dir: Option<&Path>) -> Result<Store> {
     Store::open(&path).with_context(|| format!("cannot open the store at {}", path.display()))
 }
 
+/// Shows how many bytes an operation has moved, on standard error, while it runs, when standard
+/// error is a terminal; cleared when dropped.
+struct Progress {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Progress {
+    fn start(store: &std::sync::Arc<Store>, verb: &'static str) -> Progress {
+        use std::io::{IsTerminal, Write};
+        use std::sync::atomic::Ordering;
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = std::io::stderr().is_terminal().then(|| {
+            let (done, store) = (done.clone(), store.clone());
+            let started = Instant::now();
+            std::thread::spawn(move || {
+                while !done.load(Ordering::Relaxed) {
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                    let bytes = store.progress.load(Ordering::Relaxed);
+                    let _ = write!(
+                        std::io::stderr(),
+                        "\r\x1b[2K{verb} {} ({:.0}s)",
+                        mib(bytes),
+                        started.elapsed().as_secs_f64()
+                    );
+                    let _ = std::io::stderr().flush();
+                }
+                let _ = write!(std::io::stderr(), "\r\x1b[2K");
+            })
+        });
+        Progress { done, thread }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
@@ -25,17 +68,19 @@ fn ratio(a: u64, b: u64) -> f64 {
 }
 
 pub fn run(data_dir: Option<&Path>, command: CacheCommand) -> Result<u8> {
-    let store = open_store(data_dir)?;
+    let store = std::sync::Arc::new(open_store(data_dir)?);
     match command {
         CacheCommand::Import { dir, json } => {
             let started = Instant::now();
             let absolute = std::path::absolute(&dir)?;
+            let progress = Progress::start(&store, "importing");
             let imported = import::import_dir(
                 &store,
                 &absolute,
                 &format!("import of {}", absolute.display()),
             )
             .with_context(|| format!("cannot import {}", dir.display()))?;
+            drop(progress);
             let root = imported.root.context("the import produced no tree")?;
             if json {
                 println!(
@@ -56,8 +101,11 @@ pub fn run(data_dir: Option<&Path>, command: CacheCommand) -> Result<u8> {
         }
         CacheCommand::Export { digest, dir, json } => {
             let started = Instant::now();
+            let progress = Progress::start(&store, "exporting");
             let exported = export::export(&store, &digest, &dir)
-                .with_context(|| format!("cannot export {digest} into {}", dir.display()))?;
+                .with_context(|| format!("cannot export {digest} into {}", dir.display()));
+            drop(progress);
+            let exported = exported?;
             if json {
                 println!(
                     "{}",
@@ -119,6 +167,19 @@ pub fn run(data_dir: Option<&Path>, command: CacheCommand) -> Result<u8> {
                     println!("    tree {}", entry.tree);
                 }
             }
+        }
+        CacheCommand::Pin { digest } => {
+            if !store.contains(&digest) {
+                anyhow::bail!("the store has no tree {digest}");
+            }
+            store.pin(&digest.to_string(), &[digest])?;
+            println!("pinned {digest}");
+        }
+        CacheCommand::Unpin { digest } => {
+            if !store.unpin(&digest.to_string()) {
+                anyhow::bail!("{digest} was not pinned");
+            }
+            println!("unpinned {digest}");
         }
         CacheCommand::Gc { max_size, json } => {
             let collected = gc::collect(&store, max_size)?;

@@ -93,6 +93,12 @@ pub enum CacheCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Keep a tree whatever gc decides (until unpinned).
+    #[command(after_help = "Examples:\n  peerbuild cache pin 3f2a...9c/1234")]
+    Pin { digest: protocol::Digest },
+    /// Let gc drop a tree pinned with `cache pin` again.
+    #[command(after_help = "Examples:\n  peerbuild cache unpin 3f2a...9c/1234")]
+    Unpin { digest: protocol::Digest },
     /// Drop least recently used trees until the store fits in SIZE, then remove unused objects.
     #[command(
         after_help = "Examples:\n  peerbuild cache gc --max-size 20G\n  peerbuild cache gc --max-size 500M"
@@ -178,6 +184,10 @@ pub struct RunArgs {
     /// Allow batch members with privileged-mode.
     #[arg(long)]
     pub allow_privileged: bool,
+    /// The store's size budget; least recently used trees are dropped past it (default:
+    /// $PEERBUILD_STORE_MAX_SIZE, else 20G).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub store_max_size: Option<u64>,
 }
 
 /// Parses `90s`, `20m`, `2h`, `1h30m`.

@@ -85,10 +85,11 @@ async fn run_async(data_dir: Option<&Path>, args: RunArgs) -> Result<u8> {
         std::process::id().to_string().as_bytes(),
     )?;
     let reporter = Reporter::new(sinks(&args, &build_dir)?);
-    let store = crate::cache_cli::open_store(Some(prepared.data.root()))?;
+    let store = Arc::new(crate::cache_cli::open_store(Some(prepared.data.root()))?);
+    let store_for_gc = store.clone();
     let node = Node {
         executor: Arc::new(HostExecutor::new(helper_command()?)),
-        store: Arc::new(store),
+        store,
         data: prepared.data.clone(),
         reporter: reporter.clone(),
         peer: peer_name(),
@@ -128,6 +129,7 @@ async fn run_async(data_dir: Option<&Path>, args: RunArgs) -> Result<u8> {
         &serde_json::to_vec_pretty(&record)?,
     )?;
     let _ = std::fs::remove_file(build_dir.join("pid"));
+    keep_store_within_budget(&store_for_gc, &args, grown_bytes(&record.event));
     Ok(status.exit_code())
 }
 
@@ -615,6 +617,42 @@ fn lookup_users(names: &[String]) -> Result<HashMap<String, User>> {
         users.insert(name.clone(), user);
     }
     Ok(users)
+}
+
+/// The bytes a build added to the store, roughly: its artifacts and saved caches.
+fn grown_bytes(finished: &Event) -> u64 {
+    let Event::BuildFinished { result } = finished else {
+        return 0;
+    };
+    let own = |r: &BuildResult| {
+        r.artifacts.iter().map(|a| a.bytes).sum::<u64>()
+            + r.caches
+                .iter()
+                .filter(|c| c.action == "save")
+                .map(|c| c.bytes)
+                .sum::<u64>()
+    };
+    own(result) + result.members.iter().map(own).sum::<u64>()
+}
+
+/// Keeps the store within its budget after a build (`--store-max-size`, else
+/// `$PEERBUILD_STORE_MAX_SIZE`, else 20 GiB). A collection never blocks the exit: when another
+/// process uses the store it waits for a later build.
+fn keep_store_within_budget(store: &crate::store::Store, args: &RunArgs, grown: u64) {
+    let budget = args.store_max_size.or_else(|| {
+        std::env::var("PEERBUILD_STORE_MAX_SIZE")
+            .ok()
+            .and_then(|v| crate::cli::parse_size(&v).ok())
+    });
+    let budget = budget.unwrap_or(20 << 30);
+    if let Ok(Some(collected)) = crate::store::gc::keep_within(store, budget, grown)
+        && collected.roots_removed > 0
+    {
+        eprintln!(
+            "peerbuild: the store is over its budget; dropped {} least recently used trees ({} bytes freed)",
+            collected.roots_removed, collected.bytes_freed
+        );
+    }
 }
 
 fn helper_command() -> Result<HelperCommand> {

@@ -231,6 +231,7 @@ impl Run<'_> {
                 self.upload(workspace.path()).await;
             }
         }
+        self.node.store.unpin(&self.build.id.to_string());
         if let Some(sessions) = &mut self.sessions
             && let Err(err) = sessions.close().await
         {
@@ -301,9 +302,14 @@ impl Run<'_> {
         let target = workspace.to_owned();
         let owner = self.workspace_owner();
         let what = format!("source of {}", self.build.id);
+        let pin = self.build.id.to_string();
         let copy = tokio::task::spawn_blocking(move || {
             let imported =
                 crate::store::import::import_files(&store, &source.root, &source.files, &what)?;
+            if let Some(root) = imported.root {
+                // The source stays in the store while the build runs, whatever gc decides.
+                store.pin(&pin, &[root])?;
+            }
             let root = imported
                 .root
                 .ok_or_else(|| anyhow::anyhow!("the source produced no tree"))?;

@@ -82,6 +82,37 @@ pub fn tree_file_bytes(
 /// removes every object no root reaches.
 pub fn collect(store: &Store, max_stored_bytes: u64) -> Result<Collected> {
     let _lock = store.lock(true)?;
+    collect_locked(store, max_stored_bytes)
+}
+
+/// After a build: when the store has grown by a twentieth of its budget since the last check,
+/// collects down to the budget, unless another process is using the store (it is tried again
+/// after a later build). Returns what it collected, if it ran.
+pub fn keep_within(
+    store: &Store,
+    max_stored_bytes: u64,
+    grown_bytes: u64,
+) -> Result<Option<Collected>> {
+    let path = store.root().join("grown-since-gc");
+    let grown = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        .saturating_add(grown_bytes);
+    if grown < max_stored_bytes / 20 {
+        let _ = std::fs::write(&path, grown.to_string());
+        return Ok(None);
+    }
+    let Some(_lock) = store.try_lock_exclusive()? else {
+        let _ = std::fs::write(&path, grown.to_string());
+        return Ok(None);
+    };
+    let collected = collect_locked(store, max_stored_bytes)?;
+    let _ = std::fs::write(&path, "0");
+    Ok(Some(collected))
+}
+
+fn collect_locked(store: &Store, max_stored_bytes: u64) -> Result<Collected> {
     let objects = store.list_objects()?;
     let stored: HashMap<&str, u64> = objects.iter().map(|(n, _, s)| (n.as_str(), *s)).collect();
     let mut roots = store.list_roots()?;
@@ -98,11 +129,23 @@ pub fn collect(store: &Store, max_stored_bytes: u64) -> Result<Collected> {
         }
         per_root.push(names);
     }
+    // Pinned trees are never dropped: count them as roots that cannot be removed.
+    let pinned = store.pinned();
+    let mut pinned_names = Vec::new();
+    for tree in &pinned {
+        reachable(store, tree, &mut pinned_names);
+    }
+    for n in pinned_names {
+        *refcount.entry(n).or_default() += 1;
+    }
     let mut live: u64 = refcount.keys().filter_map(|n| stored.get(n.as_str())).sum();
     let mut collected = Collected::default();
     for ((root, _), names) in roots.iter().zip(&per_root) {
         if live <= max_stored_bytes {
             break;
+        }
+        if pinned.contains(root) {
+            continue;
         }
         for n in names {
             if let Some(count) = refcount.get_mut(n) {

@@ -89,13 +89,15 @@ pub struct Store {
     /// This process's folder for files being written.
     tmp: PathBuf,
     counter: AtomicU64,
+    /// Bytes this process has hashed into or read out of the store, for progress displays.
+    pub progress: AtomicU64,
 }
 
 impl Store {
     /// Opens (creating if needed) the store at `root`, removing temporary files that processes
     /// which no longer exist left behind.
     pub fn open(root: &Path) -> Result<Store> {
-        for dir in ["objects", "roots", "tmp", "statcache"] {
+        for dir in ["objects", "roots", "tmp", "statcache", "pins"] {
             let path = root.join(dir);
             fs::create_dir_all(&path).map_err(|e| StoreError::io(&path, e))?;
         }
@@ -110,6 +112,7 @@ impl Store {
             objects: root.join("objects"),
             tmp,
             counter: AtomicU64::new(0),
+            progress: AtomicU64::new(0),
         })
     }
 
@@ -138,6 +141,8 @@ impl Store {
 
     /// Stores bytes whose digest the caller computed.
     pub(crate) fn put_with_digest(&self, digest: Digest, bytes: &[u8]) -> Result<u64> {
+        self.progress
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         let path = self.object_path(&digest);
         if path.symlink_metadata().is_ok() {
             return Ok(0);
@@ -201,6 +206,8 @@ impl Store {
         if !digest.matches(&bytes) {
             return Err(corrupt("its bytes do not match the digest"));
         }
+        self.progress
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         Ok(bytes)
     }
 
@@ -237,6 +244,67 @@ impl Store {
         if let Ok(file) = fs::File::options().append(true).open(&path) {
             let _ = file.set_modified(std::time::SystemTime::now());
         }
+    }
+
+    /// Pins trees under `name` (a running build's id, or a digest the user pinned): gc never
+    /// removes them or anything they reach, whatever the budget.
+    pub fn pin(&self, name: &str, trees: &[Digest]) -> Result<()> {
+        let path = self.pin_path(name);
+        let text: String = trees.iter().map(|d| format!("{d}\n")).collect();
+        let temporary = self.temporary_path("pin");
+        fs::write(&temporary, text).map_err(|e| StoreError::io(&temporary, e))?;
+        fs::rename(&temporary, &path).map_err(|e| StoreError::io(&path, e))
+    }
+
+    /// Removes a pin; `false` when there was none.
+    pub fn unpin(&self, name: &str) -> bool {
+        fs::remove_file(self.pin_path(name)).is_ok()
+    }
+
+    fn pin_path(&self, name: &str) -> PathBuf {
+        let safe: String = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                    c
+                } else {
+                    '+'
+                }
+            })
+            .collect();
+        self.root.join("pins").join(safe)
+    }
+
+    /// Every pinned tree.
+    pub(crate) fn pinned(&self) -> Vec<Digest> {
+        let Ok(entries) = fs::read_dir(self.root.join("pins")) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| fs::read_to_string(e.path()).ok())
+            .flat_map(|text| {
+                text.lines()
+                    .filter_map(|l| l.parse::<Digest>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Takes the store exclusively if no one else holds it, for a collection that should not
+    /// wait for running builds.
+    pub fn try_lock_exclusive(&self) -> Result<Option<StoreLock>> {
+        let path = self.root.join("lock");
+        let file = fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| StoreError::io(&path, e))?;
+        // SAFETY: flock on a descriptor we hold open.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } < 0 {
+            return Ok(None);
+        }
+        Ok(Some(StoreLock { _file: file }))
     }
 
     /// Holds the store shared (imports, exports, builds) or exclusive (gc) until dropped.
