@@ -47,9 +47,19 @@ pub fn scan(root: &Path, exclude: &Path) -> Result<Source> {
     Ok(source)
 }
 
+/// Whether `root` is inside a git work tree, judged by a `.git` in it or a parent (cheaper
+/// than starting git for every plain folder).
+fn inside_git_checkout(root: &Path) -> bool {
+    root.ancestors()
+        .any(|dir| dir.join(".git").symlink_metadata().is_ok())
+}
+
 /// The files git lists for a checkout, or `None` where `root` is not inside one (or git is not
 /// installed).
 fn git_files(root: &Path) -> Option<Vec<PathBuf>> {
+    if !inside_git_checkout(root) {
+        return None;
+    }
     let output = Command::new("git")
         .args([
             "ls-files",

@@ -224,7 +224,11 @@ fn finish(
         }
     }
     let root_digest = store_tree(store, node, &jobs, &hashed, &mut imported)?;
-    store.sync()?;
+    // Only new objects need to be made durable; an import that found everything stored
+    // already (a rebuild of an unchanged source) skips the file-system-wide sync.
+    if imported.new_bytes > 0 {
+        store.sync()?;
+    }
     store.add_root(&root_digest, what)?;
     if statting == Statting::Cached {
         cache.save(&store.temporary_path("statcache"));

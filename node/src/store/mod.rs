@@ -190,9 +190,12 @@ impl Store {
             }
             Err(err) => return Err(StoreError::io(&path, err)),
         };
-        let corrupt = |detail: &str| StoreError::Corrupt {
-            digest: *digest,
-            detail: detail.to_owned(),
+        let corrupt = |detail: &str| {
+            self.quarantine(&path);
+            StoreError::Corrupt {
+                digest: *digest,
+                detail: detail.to_owned(),
+            }
         };
         let bytes = match stored.split_first() {
             Some((&KIND_RAW, rest)) => rest.to_vec(),
@@ -209,6 +212,17 @@ impl Store {
         self.progress
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         Ok(bytes)
+    }
+
+    /// Moves a corrupt object aside (into `corrupt/`, for inspection), so the store no longer
+    /// claims to hold it and the next import that has its bytes stores them again.
+    fn quarantine(&self, path: &Path) {
+        let dir = self.root.join("corrupt");
+        if fs::create_dir_all(&dir).is_ok()
+            && let Some(name) = path.file_name()
+        {
+            let _ = fs::rename(path, dir.join(name));
+        }
     }
 
     /// Makes everything written so far durable: one `syncfs` for the store's file system.

@@ -20,7 +20,15 @@ where
     T: Send,
     R: Send,
 {
-    let workers = workers.max(1);
+    // Never more threads than items: a build's small source must not pay for a pool.
+    let known = items.size_hint().1;
+    let workers = workers.min(known.unwrap_or(workers)).max(1);
+    if known.is_some_and(|n| n <= 1) {
+        for item in items {
+            consume(work(item))?;
+        }
+        return Ok(());
+    }
     let window = window.max(workers);
     // Tokens bound the items in flight: the producer takes one per item, the consumer gives it
     // back once the item's result is consumed.
@@ -102,6 +110,23 @@ mod tests {
         );
         assert!(outcome.is_ok());
         assert_eq!(seen, (0..200u64).map(|i| i * 2).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn one_item_runs_inline() {
+        let mut seen = Vec::new();
+        let outcome: Result<(), ()> = ordered(
+            std::iter::once(7),
+            8,
+            8,
+            |i| i + 1,
+            |r| {
+                seen.push(r);
+                Ok(())
+            },
+        );
+        assert!(outcome.is_ok());
+        assert_eq!(seen, vec![8]);
     }
 
     #[test]

@@ -334,3 +334,24 @@ fn pins_survive_gc_and_the_budget_check_waits_for_growth() {
     assert!(collected.objects_removed > 0);
     fs::remove_dir_all(&work).ok();
 }
+
+#[test]
+fn a_corrupt_object_is_set_aside_and_stored_again_by_the_next_import() {
+    let work = scratch("heal");
+    let source = work.join("source");
+    fs::create_dir(&source).expect("mkdir");
+    fs::write(source.join("f"), b"precious".repeat(100)).expect("write");
+    let store = Store::open(&work.join("store")).expect("opens");
+    let root = import::import_dir_once(&store, &source, "test")
+        .expect("imports")
+        .root
+        .expect("root");
+    let digest = protocol::Digest::of(&b"precious".repeat(100));
+    let path = store.object_path(&digest);
+    fs::write(&path, b"\0torn").expect("tear the object");
+    assert!(store.get(&digest).is_err(), "the torn object is caught");
+    assert!(!store.contains(&digest), "and no longer counted as held");
+    import::import_dir_once(&store, &source, "test").expect("imports again");
+    export::export(&store, &root, &work.join("out")).expect("the tree is whole again");
+    fs::remove_dir_all(&work).ok();
+}
