@@ -201,11 +201,14 @@ pub async fn run_members(
     let mut pending: Vec<Running<'_>> = Vec::new();
     let mut actions = graph.start();
     let mut batch_stop = limits.stop.clone();
+    // Once the batch is stopped (Ctrl-C, cancel, timeout), members that the graph starts
+    // afterwards are stopped from the outset.
+    let mut interrupted: Option<Interrupt> = None;
     loop {
         for action in std::mem::take(&mut actions) {
             match action {
                 Action::Start(member) => {
-                    let (sender, receiver) = watch::channel(None);
+                    let (sender, receiver) = watch::channel(interrupted);
                     stops.insert(member, sender);
                     let member_limits = Limits {
                         deadline: limits.deadline,
@@ -230,12 +233,12 @@ pub async fn run_members(
                     });
                 }
                 Action::Finished { .. } => {
-                    return finish(planned, &graph, results);
+                    return finish(planned, &graph, results, interrupted);
                 }
             }
         }
         if pending.is_empty() {
-            return finish(planned, &graph, results);
+            return finish(planned, &graph, results, interrupted);
         }
         let next = first_of(&mut pending);
         tokio::select! {
@@ -251,6 +254,7 @@ pub async fn run_members(
                 actions = graph.finished(member, outcome);
             }
             interrupt = crate::engine::stopped_signal(&mut batch_stop) => {
+                interrupted = Some(interrupt);
                 for stop in stops.values() {
                     let _ = stop.send(Some(interrupt));
                 }
@@ -281,6 +285,7 @@ fn finish(
     planned: &[PlannedMember],
     graph: &BatchGraph,
     results: Vec<Option<BuildResult>>,
+    interrupted: Option<Interrupt>,
 ) -> Vec<BuildResult> {
     results
         .into_iter()
@@ -292,6 +297,7 @@ fn finish(
                         "not started: depends on {}, which did not succeed",
                         planned[*dependency].identifier
                     ),
+                    _ if interrupted.is_some() => "not started: the batch was stopped".to_owned(),
                     _ => "not started: the batch stopped (fast-fail)".to_owned(),
                 };
                 BuildResult {

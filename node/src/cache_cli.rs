@@ -106,6 +106,12 @@ pub fn run(data_dir: Option<&Path>, command: CacheCommand) -> Result<u8> {
                 .with_context(|| format!("cannot export {digest} into {}", dir.display()));
             drop(progress);
             let exported = exported?;
+            if exported.skipped_symlinks > 0 {
+                eprintln!(
+                    "peerbuild: {} symlinks point outside the tree and were not restored",
+                    exported.skipped_symlinks
+                );
+            }
             if json {
                 println!(
                     "{}",

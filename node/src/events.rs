@@ -252,6 +252,11 @@ impl BuildResult {
         for artifact in &mut self.artifacts {
             artifact.name.iter_mut().for_each(m);
         }
+        for cache in &mut self.caches {
+            m(&mut cache.key);
+            cache.matched_key.iter_mut().for_each(m);
+            cache.reason.iter_mut().for_each(m);
+        }
         for member in &mut self.members {
             member.mask_with(mask);
         }

@@ -129,7 +129,10 @@ async fn run_async(data_dir: Option<&Path>, args: RunArgs) -> Result<u8> {
         &serde_json::to_vec_pretty(&record)?,
     )?;
     let _ = std::fs::remove_file(build_dir.join("pid"));
-    keep_store_within_budget(&store_for_gc, &args, grown_bytes(&record.event));
+    let grown = store_for_gc
+        .written
+        .load(std::sync::atomic::Ordering::Relaxed);
+    keep_store_within_budget(&store_for_gc, &args, grown);
     Ok(status.exit_code())
 }
 
@@ -617,22 +620,6 @@ fn lookup_users(names: &[String]) -> Result<HashMap<String, User>> {
         users.insert(name.clone(), user);
     }
     Ok(users)
-}
-
-/// The bytes a build added to the store, roughly: its artifacts and saved caches.
-fn grown_bytes(finished: &Event) -> u64 {
-    let Event::BuildFinished { result } = finished else {
-        return 0;
-    };
-    let own = |r: &BuildResult| {
-        r.artifacts.iter().map(|a| a.bytes).sum::<u64>()
-            + r.caches
-                .iter()
-                .filter(|c| c.action == "save")
-                .map(|c| c.bytes)
-                .sum::<u64>()
-    };
-    own(result) + result.members.iter().map(own).sum::<u64>()
 }
 
 /// Keeps the store within its budget after a build (`--store-max-size`, else

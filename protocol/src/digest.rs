@@ -80,7 +80,12 @@ impl FromStr for Digest {
             text: text.to_owned(),
         };
         let (hex, size) = text.trim().split_once('/').ok_or_else(error)?;
-        if hex.len() != 64 {
+        // Checked byte by byte first: slicing a string of multi-byte characters could panic,
+        // and `from_str_radix` alone would accept a `+`.
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(error());
+        }
+        if !size.bytes().all(|b| b.is_ascii_digit()) {
             return Err(error());
         }
         let mut hash = [0u8; 32];
@@ -105,6 +110,13 @@ mod tests {
         assert!(digest.matches(b"hello"));
         assert!(!digest.matches(b"hellO"));
         assert!("abc/5".parse::<Digest>().is_err());
+        assert!(format!("{}/1", "é".repeat(32)).parse::<Digest>().is_err());
+        assert!(
+            format!("+f{}/5", &digest.hex()[2..])
+                .parse::<Digest>()
+                .is_err()
+        );
+        assert!(format!("{}/+5", digest.hex()).parse::<Digest>().is_err());
         assert!(format!("{}/x", digest.hex()).parse::<Digest>().is_err());
     }
 }

@@ -114,9 +114,17 @@ impl Tree {
             }
         }
         check(&encoded.entries)?;
-        Ok(Tree {
+        let tree = Tree {
             entries: encoded.entries,
-        })
+        };
+        // postcard accepts trailing bytes and over-long integers; only the canonical bytes
+        // may name a tree, so one tree has exactly one digest.
+        if tree.encode() != bytes {
+            return Err(TreeError::NotCanonical {
+                name: "(the encoding itself)".into(),
+            });
+        }
+        Ok(tree)
     }
 }
 
@@ -196,6 +204,16 @@ mod tests {
             Tree::decode(&[TREE_FORMAT_VERSION, 5]),
             Err(TreeError::Malformed { .. })
         ));
+    }
+
+    #[test]
+    fn only_canonical_bytes_decode() {
+        let mut trailing = Tree::new(vec![file("a", b"")]).expect("valid").encode();
+        trailing.push(0);
+        assert!(
+            Tree::decode(&trailing).is_err(),
+            "trailing bytes are refused"
+        );
     }
 
     #[test]

@@ -11,6 +11,9 @@ use tokio::process::{Child, ChildStdin};
 
 use crate::{BoxFuture, Captured, CommandOutcome, OutputSink, SandboxError, Session, ShellMode};
 
+/// The most output taken from the pipe after a command's reply, before the reply is returned.
+const DRAIN_LIMIT_BYTES: usize = 1 << 20;
+
 /// The most captured output kept; the rest is read and dropped.
 const CAPTURE_LIMIT_BYTES: usize = 1 << 20;
 
@@ -111,12 +114,20 @@ impl ShellSession {
 
     /// Forwards output that is already in the pipe. Everything a command wrote before the shell
     /// replied is in the pipe by then, so this keeps a command's output ahead of its status.
+    ///
+    /// At most [`DRAIN_LIMIT_BYTES`] are taken: a background process that writes without pause
+    /// (`yes &`) keeps the pipe full, and an unbounded drain would never yield, so neither the
+    /// timeout nor Ctrl-C could act. What is left is read with the next command.
     fn drain_output(&mut self, sink: &mut dyn OutputSink) -> Result<(), SandboxError> {
         let mut buf = vec![0u8; 64 * 1024];
-        while self.output_open {
+        let mut drained = 0;
+        while self.output_open && drained < DRAIN_LIMIT_BYTES {
             match self.output.try_read(&mut buf) {
                 Ok(0) => self.output_open = false,
-                Ok(n) => sink.write(&buf[..n]),
+                Ok(n) => {
+                    drained += n;
+                    sink.write(&buf[..n]);
+                }
                 Err(err) if err.kind() == ErrorKind::WouldBlock => break,
                 Err(err) => return Err(SandboxError::Io(err)),
             }

@@ -204,7 +204,7 @@ pub fn save(
     let version = version(&cache.paths);
     let dir = cache_dir(store).join(&version);
     let name = format!("{}.json", &blake3::hash(key.as_bytes()).to_hex()[..32]);
-    if dir.join(&name).exists() {
+    if live_entry(store, &dir.join(&name)) {
         return Ok((Saved::AlreadyThere, Vec::new()));
     }
     let (relative, absolute, warnings) = select(workspace, &cache.paths);
@@ -242,16 +242,21 @@ pub fn save(
     };
     fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let json = serde_json::to_vec_pretty(&entry).map_err(|e| e.to_string())?;
-    // Created exclusively: of two builds saving one key at once, exactly one wins.
-    match fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(dir.join(&name))
-    {
-        Ok(mut file) => {
-            file.write_all(&json).map_err(|e| e.to_string())?;
-            Ok((Saved::Stored { files, bytes }, warnings))
-        }
+    let target = dir.join(&name);
+    // An entry left unreadable or without its tree (gc, a crash) is no entry: replace it.
+    if target.exists() && !live_entry(store, &target) {
+        let _ = fs::remove_file(&target);
+    }
+    // Written whole to a temporary file, then published with link(2), which never replaces:
+    // of two builds saving one key at once exactly one wins, and no reader sees half an entry.
+    let temporary = store.temporary_path("cache-entry");
+    fs::File::create(&temporary)
+        .and_then(|mut file| file.write_all(&json))
+        .map_err(|e| format!("{}: {e}", temporary.display()))?;
+    let published = fs::hard_link(&temporary, &target);
+    let _ = fs::remove_file(&temporary);
+    match published {
+        Ok(()) => Ok((Saved::Stored { files, bytes }, warnings)),
         Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
             Ok((Saved::AlreadyThere, warnings))
         }
@@ -259,14 +264,32 @@ pub fn save(
     }
 }
 
+/// Whether the entry file at `path` parses and its tree is in the store.
+fn live_entry(store: &Store, path: &Path) -> bool {
+    fs::read(path)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<Entry>(&bytes).ok())
+        .and_then(|entry| entry.tree.parse::<Digest>().ok())
+        .is_some_and(|tree| store.contains(&tree))
+}
+
+/// What a restore did.
+pub struct Restored {
+    pub files: u64,
+    pub bytes: u64,
+    /// Paths left as they were because the host holds something else there.
+    pub skipped: Vec<String>,
+}
+
 /// Restores an entry's files into place: `rel/` into the build directory, `abs/` at their
-/// absolute paths. Returns files and bytes restored.
+/// absolute paths, owned by `owner` (the build's user) when given.
 pub fn restore(
     store: &Store,
     entry: &Entry,
     workspace: &Path,
     scratch: &Path,
-) -> Result<(u64, u64), String> {
+    owner: Option<(u32, u32)>,
+) -> Result<Restored, String> {
     let digest: Digest = entry
         .tree
         .parse()
@@ -276,32 +299,53 @@ pub fn restore(
         fs::create_dir_all(parent).map_err(|e| e.to_string())?;
     }
     let exported = export::export(store, &digest, scratch).map_err(|e| e.to_string())?;
-    let result = merge(&scratch.join("rel"), workspace)
-        .and_then(|()| merge(&scratch.join("abs"), Path::new("/")));
+    let mut skipped = Vec::new();
+    let result = merge(&scratch.join("rel"), workspace, owner, &mut skipped)
+        .and_then(|()| merge(&scratch.join("abs"), Path::new("/"), owner, &mut skipped));
     let _ = fs::remove_dir_all(scratch);
     result.map_err(|e| e.to_string())?;
-    Ok((exported.files, exported.bytes))
+    Ok(Restored {
+        files: exported.files,
+        bytes: exported.bytes,
+        skipped,
+    })
 }
 
-/// Moves everything under `from` into `to`, creating folders and replacing files.
-fn merge(from: &Path, to: &Path) -> std::io::Result<()> {
+/// Moves everything under `from` into `to`: folders are merged (an existing symlink to a
+/// folder is followed, as a user's `~/.m2 -> /data/m2` must stay a link), files replace files.
+/// Nothing that is there is ever deleted to make room: where the host has a folder and the
+/// cache a file, or the other way round, the entry is skipped and reported.
+fn merge(
+    from: &Path,
+    to: &Path,
+    owner: Option<(u32, u32)>,
+    skipped: &mut Vec<String>,
+) -> std::io::Result<()> {
     let Ok(entries) = fs::read_dir(from) else {
         return Ok(());
     };
-    fs::create_dir_all(to)?;
+    if fs::metadata(to).is_err() {
+        fs::create_dir_all(to)?;
+        chown(to, owner)?;
+    }
     for entry in entries {
         let entry = entry?;
         let source = entry.path();
         let target = to.join(entry.file_name());
+        // `metadata` follows symlinks: a link to a folder counts as a folder.
+        let existing = fs::metadata(&target).ok();
         if entry.file_type()?.is_dir() {
-            if target.symlink_metadata().is_ok_and(|m| !m.is_dir()) {
-                fs::remove_file(&target)?;
+            match existing {
+                Some(meta) if !meta.is_dir() => {
+                    skipped.push(format!("{} (a file is there)", target.display()))
+                }
+                _ => merge(&source, &target, owner, skipped)?,
             }
-            merge(&source, &target)?;
             continue;
         }
-        if target.symlink_metadata().is_ok_and(|m| m.is_dir()) {
-            fs::remove_dir_all(&target)?;
+        if existing.is_some_and(|meta| meta.is_dir()) {
+            skipped.push(format!("{} (a folder is there)", target.display()));
+            continue;
         }
         if fs::rename(&source, &target).is_err() {
             // Another file system: copy instead.
@@ -312,8 +356,16 @@ fn merge(from: &Path, to: &Path) -> std::io::Result<()> {
                 fs::copy(&source, &target)?;
             }
         }
+        chown(&target, owner)?;
     }
     Ok(())
+}
+
+fn chown(path: &Path, owner: Option<(u32, u32)>) -> std::io::Result<()> {
+    match owner {
+        Some((uid, gid)) => std::os::unix::fs::lchown(path, Some(uid), Some(gid)),
+        None => Ok(()),
+    }
 }
 
 /// `codebuild-hash-files GLOB...`, as CodeBuild provides it: the SHA-256 of the matched files'

@@ -74,10 +74,14 @@ impl LineBuffer {
     pub fn push(&mut self, bytes: &[u8], masker: &Masker) -> Vec<String> {
         self.pending.extend_from_slice(bytes);
         let mut lines = Vec::new();
-        while let Some(newline) = self.pending.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = self.pending.drain(..=newline).collect();
-            lines.push(decode(&line[..line.len() - 1]));
+        // Scan once and drain once, so a read of many short lines costs linear time.
+        let mut start = 0;
+        while let Some(offset) = self.pending[start..].iter().position(|b| *b == b'\n') {
+            let end = start + offset;
+            lines.push(decode(&self.pending[start..end]));
+            start = end + 1;
         }
+        self.pending.drain(..start);
         if self.pending.len() > MAX_LINE_BYTES {
             let keep = masker.unsafe_tail(&self.pending);
             let cut = self.pending.len() - keep;

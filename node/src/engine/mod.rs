@@ -308,19 +308,26 @@ impl Run<'_> {
                 crate::store::import::import_files(&store, &source.root, &source.files, &what)?;
             if let Some(root) = imported.root {
                 // The source stays in the store while the build runs, whatever gc decides.
-                store.pin(&pin, &[root])?;
+                store.pin_while_running(&pin, &[root])?;
             }
             let root = imported
                 .root
                 .ok_or_else(|| anyhow::anyhow!("the source produced no tree"))?;
-            crate::store::export::export(&store, &root, &target)?;
+            let exported = crate::store::export::export(&store, &root, &target)?;
             if let Some((uid, gid)) = owner {
                 chown_tree(&target, uid, gid)?;
             }
-            anyhow::Ok((root, imported))
+            anyhow::Ok((root, imported, exported.skipped_symlinks))
         });
-        let outcome = match self.limits.guard(copy).await {
-            Ok(Ok(Ok((root, imported)))) => {
+        let mut copy = copy;
+        let outcome = match self.limits.guard(&mut copy).await {
+            Ok(Ok(Ok((root, imported, skipped_symlinks)))) => {
+                if skipped_symlinks > 0 {
+                    self.note(
+                        Level::Warning,
+                        format!("{skipped_symlinks} symlinks of the source point outside it and were left out of the workspace"),
+                    );
+                }
                 let detail = format!(
                     "{} files, {} bytes, tree {root}",
                     imported.files, imported.bytes
@@ -331,7 +338,12 @@ impl Run<'_> {
             }
             Ok(Ok(Err(err))) => (Status::Fault, format!("{err:#}")),
             Ok(Err(join)) => (Status::Fault, format!("the source copy stopped: {join}")),
-            Err(interrupt) => (interrupt.status(), "interrupted".to_owned()),
+            Err(interrupt) => {
+                // The copy cannot be cut short mid-file; wait for it, so the workspace and the
+                // source's pin are cleaned up after it and not raced by it.
+                let _ = copy.await;
+                (interrupt.status(), "interrupted".to_owned())
+            }
         };
         self.phase_finished(
             "DOWNLOAD_SOURCE",
@@ -418,7 +430,7 @@ impl Run<'_> {
         };
         if !phase.runtime_versions.is_empty()
             && let Err(step) = self
-                .check_runtimes(name, user.as_ref(), &phase.runtime_versions)
+                .check_runtimes(user.as_ref(), &phase.runtime_versions)
                 .await
         {
             return self.phase_ended(report_name, started, step);
@@ -550,7 +562,7 @@ impl Run<'_> {
                     }
                     self.note(
                         Level::Warning,
-                        format!("the build's shell exited with status {code}; later commands start in a new shell from CODEBUILD_SRC_DIR, without the directory and variables of this one"),
+                        format!("the build's shell exited with status {code} (an `exit`, a failure under `set -e`, or a shell syntax error); later commands start in a new shell from CODEBUILD_SRC_DIR, without the directory and variables of this one"),
                     );
                 }
                 if outcome.succeeded() {
@@ -565,14 +577,16 @@ impl Run<'_> {
         }
     }
 
-    /// Runs `command` in a subshell of the build's shell and returns its standard output.
-    async fn capture(
+    /// Like [`Run::capture`], with what the command printed to standard error (shown in the
+    /// log under `label`) returned too.
+    async fn capture_with_errors(
         &mut self,
         user: Option<&User>,
+        label: &'static str,
         command: &str,
-    ) -> Result<sandbox::Captured, Step> {
+    ) -> Result<(sandbox::Captured, String), Step> {
         let limits = self.limits.clone();
-        let mut output = PhaseOutput::new(&self.node.reporter, self.build.member.clone(), "");
+        let mut output = PhaseOutput::new(&self.node.reporter, self.build.member.clone(), label);
         let sessions = self
             .sessions
             .as_mut()
@@ -587,13 +601,21 @@ impl Run<'_> {
         match result {
             Err(interrupt) => Err(Step::Interrupted(interrupt)),
             Ok(Err(err)) => Err(Step::Fault(format!("the sandbox failed: {err}"))),
-            Ok(Ok(captured)) => Ok(captured),
+            Ok(Ok(captured)) => Ok((captured, output.text)),
         }
+    }
+
+    /// Runs `command` in a subshell of the build's shell and returns its standard output.
+    async fn capture(
+        &mut self,
+        user: Option<&User>,
+        command: &str,
+    ) -> Result<sandbox::Captured, Step> {
+        Ok(self.capture_with_errors(user, "", command).await?.0)
     }
 
     async fn check_runtimes(
         &mut self,
-        name: PhaseName,
         user: Option<&User>,
         wanted: &[(String, String)],
     ) -> Result<(), Step> {
@@ -621,7 +643,6 @@ impl Run<'_> {
                 None => self.note(Level::Warning, format!("runtime {runtime} {version}: not installed here; going on, as CodeBuild does on images without runtime support")),
             }
         }
-        let _ = name;
         Ok(())
     }
 
@@ -655,7 +676,24 @@ impl Run<'_> {
     async fn evaluate_key(&mut self, key: &str) -> Result<String, Step> {
         let user = self.top_user();
         let command = format!("cat <<__PEERBUILD_CACHE_KEY__\n{key}\n__PEERBUILD_CACHE_KEY__");
-        Ok(self.capture(user.as_ref(), &command).await?.stdout)
+        let (captured, errors) = self
+            .capture_with_errors(user.as_ref(), "cache key", &command)
+            .await?;
+        if !errors.trim().is_empty() {
+            // `$(...)` failures do not fail the expansion, so a key can silently lose its hash
+            // (`npm-` for ever); say so.
+            self.note(
+                Level::Warning,
+                format!("cache: evaluating the key `{key}` printed errors, so the key `{}` may not be what you meant", captured.stdout),
+            );
+        }
+        if self.node.reporter.mask(&captured.stdout) != captured.stdout {
+            // Keys are kept in the store and shown everywhere; a key holding a secret would leak it.
+            return Err(Step::Fault(format!(
+                "the cache key `{key}` contains a secret value; the cache is not used (keys are stored and shown in clear)"
+            )));
+        }
+        Ok(captured.stdout)
     }
 
     /// Restores the buildspec's cache before INSTALL (unless `action: save`).
@@ -681,11 +719,12 @@ impl Run<'_> {
         let workspace_path = workspace.path().to_owned();
         let scratch = workspace.scratch("cache-restore");
         let lookup_key = key.clone();
+        let owner = self.workspace_owner();
         let outcome = tokio::task::spawn_blocking(move || {
             match cache::lookup(&store, &cache, &lookup_key, &fallbacks) {
                 cache::Lookup::Hit { entry, .. } => {
-                    let restored = cache::restore(&store, &entry, &workspace_path, &scratch);
-                    restored.map(|(files, bytes)| (entry.key, files, bytes))
+                    let restored = cache::restore(&store, &entry, &workspace_path, &scratch, owner);
+                    restored.map(|restored| (entry.key, restored))
                 }
                 cache::Lookup::Miss { reason } => Err(reason),
             }
@@ -694,21 +733,33 @@ impl Run<'_> {
         .unwrap_or_else(|join| Err(join.to_string()));
         let duration_ms = started.elapsed().as_millis() as u64;
         let (record, message) = match outcome {
-            Ok((matched, files, bytes)) => (
-                CacheRecord {
-                    action: "restore".into(),
-                    key: key.clone(),
-                    matched_key: Some(matched.clone()),
-                    hit: true,
+            Ok((
+                matched,
+                cache::Restored {
                     files,
                     bytes,
-                    duration_ms,
-                    reason: None,
+                    skipped,
                 },
-                format!(
-                    "cache hit: restored {files} files ({bytes} bytes) from key `{matched}` in {duration_ms} ms"
-                ),
-            ),
+            )) => {
+                for path in skipped {
+                    self.note(Level::Warning, format!("cache: left {path} as it was"));
+                }
+                (
+                    CacheRecord {
+                        action: "restore".into(),
+                        key: key.clone(),
+                        matched_key: Some(matched.clone()),
+                        hit: true,
+                        files,
+                        bytes,
+                        duration_ms,
+                        reason: None,
+                    },
+                    format!(
+                        "cache hit: restored {files} files ({bytes} bytes) from key `{matched}` in {duration_ms} ms"
+                    ),
+                )
+            }
             Err(reason) => (
                 CacheRecord {
                     action: "restore".into(),
@@ -864,6 +915,7 @@ impl Run<'_> {
                 | Err(Step::Failed {
                     command: message, ..
                 }) => problems.push(message),
+                // `upload_set` reports failures only; `Step::Ok` never comes as an error.
                 Err(Step::Ok) => {}
             }
         }
@@ -905,9 +957,12 @@ impl Run<'_> {
         for warning in &selected.warnings {
             self.note(Level::Warning, format!("artifact {identifier}: {warning}"));
         }
+        // Named by position, never by the identifier, so nothing the buildspec writes can
+        // steer where the scratch copy goes or what is removed afterwards.
         let scratch = self.node.data.work().join(format!(
-            "artifact-{}-{identifier}",
-            self.build.id.to_string().replace([':', '/'], "-")
+            "artifact-{}-{}",
+            self.build.id.to_string().replace([':', '/'], "-"),
+            self.artifacts.len()
         ));
         let folder = dest.clone().unwrap_or_else(|| scratch.clone());
         let store = self.node.store.clone();
@@ -1013,7 +1068,8 @@ fn retry_pattern_matches(pattern: &str, output: &str) -> bool {
 
 fn append_tail(tail: &mut String, text: &str) {
     tail.push_str(text);
-    if tail.len() > TAIL_LIMIT_BYTES {
+    // Trimmed only once it is twice the limit, so appending line by line stays linear.
+    if tail.len() > 2 * TAIL_LIMIT_BYTES {
         let mut cut = tail.len() - TAIL_LIMIT_BYTES;
         while !tail.is_char_boundary(cut) {
             cut += 1;
@@ -1026,7 +1082,8 @@ fn first_line(text: &str) -> &str {
     text.lines().next().unwrap_or_default()
 }
 
-/// Double-quotes `text` for the shell so that `$VAR` in it expands and nothing else does.
+/// Double-quotes `text` for the shell: `$VAR` and `$(...)` in it expand, as in a runtime
+/// version such as `$MY_VERSION`; quotes and backslashes stay literal.
 fn double_quote(text: &str) -> String {
     let escaped: String = text
         .chars()

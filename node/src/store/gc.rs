@@ -2,12 +2,12 @@
 //! roots, then removes every object no remaining root reaches. It holds the store's lock
 //! exclusively, so it never removes what a running import, export or build uses.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use protocol::Digest;
 use protocol::tree::{EntryKind, Tree, decode_chunk_list};
 
-use super::{Result, Store};
+use super::{Result, Store, StoreError};
 
 /// What a collection did.
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
@@ -22,18 +22,28 @@ fn name(digest: &Digest) -> String {
     format!("{}-{}", digest.hex(), digest.size())
 }
 
-/// The objects a root reaches (by name); objects missing from the store are skipped.
-fn reachable(store: &Store, tree: &Digest, out: &mut Vec<String>) {
+/// The objects a tree reaches (by name), adding to `out`; trees already in `seen` are not
+/// read again. A missing object is skipped (there is nothing to keep), but any other failure to
+/// read a tree stops the collection: guessing would delete what a live tree still needs.
+fn reachable(
+    store: &Store,
+    tree: &Digest,
+    seen: &mut HashSet<Digest>,
+    out: &mut Vec<String>,
+) -> Result<()> {
+    if !seen.insert(*tree) {
+        return Ok(());
+    }
     out.push(name(tree));
-    let Ok(bytes) = store.get(tree) else {
-        return;
+    let bytes = match store.get(tree) {
+        Ok(bytes) => bytes,
+        Err(StoreError::Missing { .. } | StoreError::Corrupt { .. }) => return Ok(()),
+        Err(err) => return Err(err),
     };
-    let Ok(tree) = Tree::decode(&bytes) else {
-        return;
-    };
+    let tree = Tree::decode(&bytes)?;
     for entry in tree.entries() {
         match &entry.kind {
-            EntryKind::Dir { digest } => reachable(store, digest, out),
+            EntryKind::Dir { digest } => reachable(store, digest, seen, out)?,
             EntryKind::File {
                 digest,
                 chunks: None,
@@ -43,17 +53,16 @@ fn reachable(store: &Store, tree: &Digest, out: &mut Vec<String>) {
                 chunks: Some(list), ..
             } => {
                 out.push(name(list));
-                if let Some(chunks) = store
-                    .get(list)
-                    .ok()
-                    .and_then(|b| decode_chunk_list(&b).ok())
-                {
-                    out.extend(chunks.iter().map(name));
+                match store.get(list) {
+                    Ok(bytes) => out.extend(decode_chunk_list(&bytes)?.iter().map(name)),
+                    Err(StoreError::Missing { .. } | StoreError::Corrupt { .. }) => {}
+                    Err(err) => return Err(err),
                 }
             }
             EntryKind::Symlink { .. } => {}
         }
     }
+    Ok(())
 }
 
 /// The bytes of all files a tree holds (duplicates counted each time), memoized by tree.
@@ -121,7 +130,7 @@ fn collect_locked(store: &Store, max_stored_bytes: u64) -> Result<Collected> {
     let mut per_root = Vec::new();
     for (root, _) in &roots {
         let mut names = Vec::new();
-        reachable(store, root, &mut names);
+        reachable(store, root, &mut HashSet::new(), &mut names)?;
         names.sort();
         names.dedup();
         for n in &names {
@@ -133,7 +142,7 @@ fn collect_locked(store: &Store, max_stored_bytes: u64) -> Result<Collected> {
     let pinned = store.pinned();
     let mut pinned_names = Vec::new();
     for tree in &pinned {
-        reachable(store, tree, &mut pinned_names);
+        reachable(store, tree, &mut HashSet::new(), &mut pinned_names)?;
     }
     for n in pinned_names {
         *refcount.entry(n).or_default() += 1;
@@ -165,5 +174,28 @@ fn collect_locked(store: &Store, max_stored_bytes: u64) -> Result<Collected> {
         }
     }
     collected.stored_bytes_after = live;
+    remove_orphaned_cache_entries(store);
     Ok(collected)
+}
+
+/// Removes buildspec cache entries whose tree is gone, so a key whose tree was collected can be
+/// saved again instead of being "already there" for ever.
+fn remove_orphaned_cache_entries(store: &Store) {
+    let Ok(versions) = std::fs::read_dir(store.root().join("cache")) else {
+        return;
+    };
+    for version in versions.flatten() {
+        let Ok(entries) = std::fs::read_dir(version.path()) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let tree = std::fs::read(entry.path())
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+                .and_then(|json| json["tree"].as_str()?.parse::<Digest>().ok());
+            if !tree.is_some_and(|tree| store.contains(&tree)) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
 }

@@ -91,6 +91,8 @@ pub struct Store {
     counter: AtomicU64,
     /// Bytes this process has hashed into or read out of the store, for progress displays.
     pub progress: AtomicU64,
+    /// Bytes this process has newly written into the store, for the size budget.
+    pub written: AtomicU64,
 }
 
 impl Store {
@@ -103,6 +105,7 @@ impl Store {
         }
         check_format(root)?;
         clean_dead_temporaries(&root.join("tmp"));
+        clean_dead_pins(&root.join("pins"));
         let tmp = root
             .join("tmp")
             .join(format!("{}-{}", std::process::id(), nanos()));
@@ -113,6 +116,7 @@ impl Store {
             tmp,
             counter: AtomicU64::new(0),
             progress: AtomicU64::new(0),
+            written: AtomicU64::new(0),
         })
     }
 
@@ -144,7 +148,9 @@ impl Store {
         self.progress
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         let path = self.object_path(&digest);
-        if path.symlink_metadata().is_ok() {
+        // A valid object has at least its kind byte: an empty file is what a crash can leave
+        // behind a rename, and is written again.
+        if path.symlink_metadata().is_ok_and(|m| m.len() > 0) {
             return Ok(0);
         }
         let compressed = compress(bytes);
@@ -176,7 +182,9 @@ impl Store {
                 return Err(StoreError::io(&path, err));
             }
         }
-        Ok(payload.len() as u64 + 1)
+        let written = payload.len() as u64 + 1;
+        self.written.fetch_add(written, Ordering::Relaxed);
+        Ok(written)
     }
 
     /// Reads a blob, verified against its digest: a mismatch is an error naming the digest,
@@ -263,8 +271,19 @@ impl Store {
     /// Pins trees under `name` (a running build's id, or a digest the user pinned): gc never
     /// removes them or anything they reach, whatever the budget.
     pub fn pin(&self, name: &str, trees: &[Digest]) -> Result<()> {
+        self.write_pin(name, trees, None)
+    }
+
+    /// Pins trees for as long as this process lives: a pin whose process is gone (a killed
+    /// build) is swept when the store is next opened.
+    pub fn pin_while_running(&self, name: &str, trees: &[Digest]) -> Result<()> {
+        self.write_pin(name, trees, Some(std::process::id()))
+    }
+
+    fn write_pin(&self, name: &str, trees: &[Digest], pid: Option<u32>) -> Result<()> {
         let path = self.pin_path(name);
-        let text: String = trees.iter().map(|d| format!("{d}\n")).collect();
+        let owner = pid.map(|pid| format!("pid {pid}\n")).unwrap_or_default();
+        let text: String = owner + &trees.iter().map(|d| format!("{d}\n")).collect::<String>();
         let temporary = self.temporary_path("pin");
         fs::write(&temporary, text).map_err(|e| StoreError::io(&temporary, e))?;
         fs::rename(&temporary, &path).map_err(|e| StoreError::io(&path, e))
@@ -382,6 +401,26 @@ fn clean_dead_temporaries(tmp: &Path) {
     }
 }
 
+/// Removes pins held by processes that no longer exist.
+fn clean_dead_pins(pins: &Path) {
+    let Ok(entries) = fs::read_dir(pins) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Ok(text) = fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let owner: Option<u32> = text
+            .lines()
+            .next()
+            .and_then(|line| line.strip_prefix("pid "))
+            .and_then(|pid| pid.trim().parse().ok());
+        if owner.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
 fn nanos() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -486,7 +525,10 @@ impl Store {
     }
 
     pub(crate) fn remove_object(&self, name: &str) -> u64 {
-        let path = self.objects.join(&name[..2]).join(name);
+        let Some(shard) = name.get(..2) else {
+            return 0;
+        };
+        let path = self.objects.join(shard).join(name);
         let size = path.metadata().map(|m| m.len()).unwrap_or(0);
         match fs::remove_file(&path) {
             Ok(()) => size,

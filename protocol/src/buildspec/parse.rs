@@ -595,6 +595,18 @@ fn secondary_artifacts(item: &Item<'_>) -> Result<Vec<(String, ArtifactSet)>, Pa
                      `artifacts.secondary-artifacts`",
                 ));
             }
+            // The identifier names a folder of the output, so it must stay one plain name.
+            if key.text.is_empty()
+                || !key
+                    .text
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                return Err(block.fail_at_key(format!(
+                    "`{}` is not a valid artifact identifier; use letters, digits and `_`",
+                    key.text
+                )));
+            }
             Ok((key.text.clone(), artifact_set(&map)?))
         })
         .collect()

@@ -1777,3 +1777,13 @@ fn mutated_files_never_panic_and_errors_point_inside() {
         }
     }
 }
+
+#[test]
+fn secondary_artifact_identifiers_must_be_plain_names() {
+    check_err(
+        "version: 0.2\nphases:\n  build:\n    commands: [echo]\nartifacts:\n  secondary-artifacts:\n    ../escape:\n      files: [x]\n",
+        expect![[r#"
+            buildspec.yml:7:5: artifacts.secondary-artifacts.../escape: `../escape` is not a valid artifact identifier; use letters, digits and `_`
+        "#]],
+    );
+}

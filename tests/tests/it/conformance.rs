@@ -806,7 +806,7 @@ phases:
             exit 1
             $ export KEPT=no
             $ exit 3
-            note: the build's shell exited with status 3; later commands start in a new shell from CODEBUILD_SRC_DIR, without the directory and variables of this one
+            note: the build's shell exited with status 3 (an `exit`, a failure under `set -e`, or a shell syntax error); later commands start in a new shell from CODEBUILD_SRC_DIR, without the directory and variables of this one
             BUILD FAILED: Error while executing command: exit 3. Reason: exit status 3
             note: POST_BUILD runs although the build has failed, as in CodeBuild; CODEBUILD_BUILD_SUCCEEDING is 0
             $ echo "post_build in a new shell, KEPT=${KEPT:-lost}"

@@ -141,3 +141,33 @@ fn exit_statuses_follow_the_contract() {
     assert_eq!(ok.run(&["--sandbox", "docker"]).code, 3);
     assert_eq!(ok.run(&["--timeout", "ten"]).code, 2);
 }
+
+#[test]
+fn ctrl_c_stops_a_batch_including_members_not_yet_started() {
+    let marker = tests::marker("batchstop");
+    let project = Project::new(&[(
+        "buildspec.yml",
+        &format!(
+            "version: 0.2\nbatch:\n  build-fanout:\n    parallelism: 4\nphases:\n  build:\n    commands:\n      - sh -c 'sleep 300 && echo {marker}'\n"
+        ),
+    )]);
+    let mut child = project
+        .command()
+        .args(["run", "src", "--slots", "1", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("starts");
+    wait_for("the first member's sleep", Duration::from_secs(30), || {
+        !processes_with(&marker).is_empty()
+    });
+    let started = std::time::Instant::now();
+    // SAFETY: kill only sends a signal to our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().expect("ends");
+    assert_eq!(status.code(), Some(130));
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the waiting members did not run their 300 s sleeps"
+    );
+    assert_eq!(processes_with(&marker), Vec::<i32>::new());
+}
