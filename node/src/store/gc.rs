@@ -169,10 +169,22 @@ fn collect_locked(store: &Store, max_stored_bytes: u64) -> Result<Collected> {
     }
     for (object, _, _) in &objects {
         if refcount.get(object).copied().unwrap_or(0) == 0 {
-            collected.bytes_freed += store.remove_object(object);
-            collected.objects_removed += 1;
+            let freed = store.remove_object(object);
+            if freed > 0 {
+                collected.bytes_freed += freed;
+                collected.objects_removed += 1;
+            }
         }
     }
+    // Packed objects cannot be removed one by one: packs holding dead ones are rewritten.
+    let alive: HashSet<Digest> = refcount
+        .iter()
+        .filter(|(_, count)| **count > 0)
+        .filter_map(|(name, _)| name.replacen('-', "/", 1).parse().ok())
+        .collect();
+    let (removed, freed) = store.repack(&alive)?;
+    collected.objects_removed += removed;
+    collected.bytes_freed += freed;
     collected.stored_bytes_after = live;
     remove_orphaned_cache_entries(store);
     Ok(collected)

@@ -200,10 +200,11 @@ fn finish(
         }
     }
     imported.files_read = (small.len() + large.len()) as u64;
-    // Small files are bound by file-system calls more than by the CPU.
+    // Small files are read, hashed and compressed; with packs there are no per-file writes
+    // to wait on, so two threads a core are enough.
     ordered(
         small.iter().copied(),
-        workers() * 4,
+        workers() * 2,
         128,
         |index| (index, store_small(store, &jobs[index].path)),
         |(index, result)| {
@@ -225,10 +226,9 @@ fn finish(
     }
     let root_digest = store_tree(store, node, &jobs, &hashed, &mut imported)?;
     // Only new objects need to be made durable; an import that found everything stored
-    // already (a rebuild of an unchanged source) skips the file-system-wide sync.
-    if imported.new_bytes > 0 {
-        store.sync()?;
-    }
+    // already (a rebuild of an unchanged source) skips the file-system-wide sync. The open
+    // pack is published after the sync, and the root after that.
+    store.flush(imported.new_bytes)?;
     store.add_root(&root_digest, what)?;
     if statting == Statting::Cached {
         cache.save(&store.temporary_path("statcache"));

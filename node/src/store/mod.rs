@@ -19,6 +19,7 @@
 pub mod export;
 pub mod gc;
 pub mod import;
+mod pack;
 mod parallel;
 mod statcache;
 #[cfg(test)]
@@ -93,13 +94,14 @@ pub struct Store {
     pub progress: AtomicU64,
     /// Bytes this process has newly written into the store, for the size budget.
     pub written: AtomicU64,
+    packs: pack::Packs,
 }
 
 impl Store {
     /// Opens (creating if needed) the store at `root`, removing temporary files that processes
     /// which no longer exist left behind.
     pub fn open(root: &Path) -> Result<Store> {
-        for dir in ["objects", "roots", "tmp", "statcache", "pins"] {
+        for dir in ["objects", "roots", "tmp", "statcache", "pins", "packs"] {
             let path = root.join(dir);
             fs::create_dir_all(&path).map_err(|e| StoreError::io(&path, e))?;
         }
@@ -117,6 +119,7 @@ impl Store {
             counter: AtomicU64::new(0),
             progress: AtomicU64::new(0),
             written: AtomicU64::new(0),
+            packs: pack::Packs::new(root.join("packs")),
         })
     }
 
@@ -132,7 +135,12 @@ impl Store {
     }
 
     pub fn contains(&self, digest: &Digest) -> bool {
-        self.object_path(digest).symlink_metadata().is_ok()
+        // The pack index is in memory; ask it before the file system.
+        self.packs.contains(digest)
+            || self
+                .object_path(digest)
+                .symlink_metadata()
+                .is_ok_and(|m| m.len() > 0)
     }
 
     /// Stores `bytes`; returns their digest and how many bytes were newly written (0 when the
@@ -150,7 +158,7 @@ impl Store {
         let path = self.object_path(&digest);
         // A valid object has at least its kind byte: an empty file is what a crash can leave
         // behind a rename, and is written again.
-        if path.symlink_metadata().is_ok_and(|m| m.len() > 0) {
+        if self.contains(&digest) {
             return Ok(0);
         }
         let compressed = compress(bytes);
@@ -161,6 +169,14 @@ impl Store {
             }
             _ => (KIND_RAW, bytes),
         };
+        if payload.len() < pack::PACK_OBJECT_MAX_BYTES {
+            if !self.packs.append(&self.tmp, digest, kind, payload)? {
+                return Ok(0);
+            }
+            let written = payload.len() as u64 + 1;
+            self.written.fetch_add(written, Ordering::Relaxed);
+            return Ok(written);
+        }
         let temporary = self
             .tmp
             .join(self.counter.fetch_add(1, Ordering::Relaxed).to_string());
@@ -191,15 +207,43 @@ impl Store {
     /// never wrong bytes.
     pub fn get(&self, digest: &Digest) -> Result<Vec<u8>> {
         let path = self.object_path(digest);
-        let stored = match fs::read(&path) {
-            Ok(stored) => stored,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                return Err(StoreError::Missing { digest: *digest });
+        match fs::read(&path) {
+            Ok(stored) => self.verify(digest, &stored, || self.quarantine(&path)),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => self.get_packed(digest),
+            Err(err) => Err(StoreError::io(&path, err)),
+        }
+    }
+
+    /// Reads a packed blob: from the pack this process is writing, or a published pack (whose
+    /// index is read again once on a miss, as another process or gc may have written it).
+    fn get_packed(&self, digest: &Digest) -> Result<Vec<u8>> {
+        if let Some(stored) = self.packs.read_pending(digest) {
+            return self.verify(digest, &stored?, || {});
+        }
+        for attempt in 0..2 {
+            if attempt == 1 {
+                self.packs.load();
             }
-            Err(err) => return Err(StoreError::io(&path, err)),
-        };
+            let Some(location) = self.packs.locate(digest) else {
+                continue;
+            };
+            match self.packs.read(&location) {
+                Ok(stored) => {
+                    return self
+                        .verify(digest, &stored, || self.packs.drop_entry(digest, &location));
+                }
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(err) => return Err(StoreError::io(&self.root.join("packs"), err)),
+            }
+        }
+        Err(StoreError::Missing { digest: *digest })
+    }
+
+    /// Decodes stored bytes and checks them against the digest; on a mismatch `set_aside`
+    /// makes the store stop claiming the blob.
+    fn verify(&self, digest: &Digest, stored: &[u8], set_aside: impl Fn()) -> Result<Vec<u8>> {
         let corrupt = |detail: &str| {
-            self.quarantine(&path);
+            set_aside();
             StoreError::Corrupt {
                 digest: *digest,
                 detail: detail.to_owned(),
@@ -230,6 +274,19 @@ impl Store {
             && let Some(name) = path.file_name()
         {
             let _ = fs::rename(path, dir.join(name));
+        }
+    }
+
+    /// Makes everything written so far durable and visible: the open pack is sealed, the file
+    /// system synced once (when `new_bytes` is not zero), then the pack published.
+    pub fn flush(&self, new_bytes: u64) -> Result<()> {
+        let sealed = self.packs.seal(&self.tmp)?;
+        if new_bytes > 0 || sealed.is_some() {
+            self.sync()?;
+        }
+        match sealed {
+            Some(sealed) => self.packs.publish(sealed),
+            None => Ok(()),
         }
     }
 
@@ -363,6 +420,11 @@ impl Store {
 
 impl Drop for Store {
     fn drop(&mut self) {
+        // Objects put outside an import are published now; nothing refers to them yet, so
+        // this needs no sync of its own.
+        if let Ok(Some(sealed)) = self.packs.seal(&self.tmp) {
+            let _ = self.packs.publish(sealed);
+        }
         let _ = fs::remove_dir_all(&self.tmp);
     }
 }
@@ -488,7 +550,18 @@ impl Store {
 
     /// Every object: its digest text (`HASH-SIZE`), logical size, and stored size.
     pub(crate) fn list_objects(&self) -> Result<Vec<(String, u64, u64)>> {
-        let mut out = Vec::new();
+        let mut out: Vec<(String, u64, u64)> = self
+            .packs
+            .all()
+            .into_iter()
+            .map(|(d, len)| {
+                (
+                    format!("{}-{}", d.hex(), d.size()),
+                    d.size(),
+                    u64::from(len),
+                )
+            })
+            .collect();
         let shards = fs::read_dir(&self.objects).map_err(|e| StoreError::io(&self.objects, e))?;
         for shard in shards.flatten() {
             let Ok(entries) = fs::read_dir(shard.path()) else {
@@ -524,6 +597,41 @@ impl Store {
         Ok(roots)
     }
 
+    /// Flips the last stored byte of a blob, loose or packed, as a failing disk would.
+    #[cfg(test)]
+    pub(crate) fn damage(&self, digest: &Digest) {
+        let (path, offset) = match self.packs.locate(digest) {
+            Some(location) if !self.object_path(digest).exists() => (
+                self.root
+                    .join("packs")
+                    .join(format!("{}.pack", location.pack)),
+                Some(location.offset + u64::from(location.len) - 1),
+            ),
+            _ => (self.object_path(digest), None),
+        };
+        let mut bytes = fs::read(&path).expect("the blob's file is readable");
+        let at = offset.map_or(bytes.len() - 1, |o| o as usize);
+        bytes[at] ^= 0x40;
+        fs::write(&path, bytes).expect("the blob's file is writable");
+    }
+
+    /// The bytes a blob takes on disk.
+    #[cfg(test)]
+    pub(crate) fn stored_len(&self, digest: &Digest) -> u64 {
+        match self.packs.locate(digest) {
+            Some(location) => u64::from(location.len),
+            None => fs::metadata(self.object_path(digest))
+                .map(|m| m.len())
+                .unwrap_or(0),
+        }
+    }
+
+    /// Rewrites packs so that they hold only `live` objects; see [`pack::Packs::repack`].
+    pub(crate) fn repack(&self, live: &std::collections::HashSet<Digest>) -> Result<(u64, u64)> {
+        self.packs.repack(live, &self.tmp)
+    }
+
+    /// Removes a loose object (packed ones go through [`Store::repack`]).
     pub(crate) fn remove_object(&self, name: &str) -> u64 {
         let Some(shard) = name.get(..2) else {
             return 0;
@@ -574,7 +682,7 @@ mod unit_tests {
     fn blobs_round_trip_compressed_or_raw() {
         let (dir, store) = temp_store("roundtrip");
         let text = b"hello hello hello hello hello hello hello hello".repeat(100);
-        let random: Vec<u8> = (0..10_000u32)
+        let random: Vec<u8> = (0..200_000u32)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
             .collect();
         for bytes in [&text[..], &random[..], b""] {
@@ -583,29 +691,36 @@ mod unit_tests {
             assert_eq!(store.put(bytes).expect("puts again").1, 0, "stored once");
             assert_eq!(store.get(&digest).expect("gets"), bytes);
         }
-        let (digest, written) = store.put(&text).map(|(d, _)| (d, 0)).expect("puts");
-        let _ = written;
-        let stored = fs::metadata(store.object_path(&digest))
-            .expect("stat")
-            .len();
-        assert!(stored < text.len() as u64 / 4, "text is compressed");
+        let digest = Digest::of(&text);
+        assert!(
+            store.stored_len(&digest) < text.len() as u64 / 4,
+            "text is compressed"
+        );
+        drop(store);
+        // Reopened, the packed blobs are found through the published pack index.
+        let store = Store::open(&dir).expect("reopens");
+        assert_eq!(store.get(&digest).expect("gets"), text);
+        assert_eq!(store.get(&Digest::of(&random)).expect("gets"), random);
         fs::remove_dir_all(dir).ok();
     }
 
     #[test]
     fn a_flipped_byte_is_reported_with_the_digest() {
-        let (dir, store) = temp_store("flip");
-        let bytes = b"important build output".repeat(50);
-        let (digest, _) = store.put(&bytes).expect("puts");
-        let path = store.object_path(&digest);
-        let mut stored = fs::read(&path).expect("read");
-        let last = stored.len() - 1;
-        stored[last] ^= 0x40;
-        fs::write(&path, stored).expect("write");
-        let err = store.get(&digest).expect_err("corruption is detected");
-        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
-        assert!(err.to_string().contains(&digest.to_string()));
-        fs::remove_dir_all(dir).ok();
+        for size in [1_000usize, 200_000] {
+            let (dir, store) = temp_store("flip");
+            let bytes: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+            let (digest, _) = store.put(&bytes).expect("puts");
+            store.flush(1).expect("publishes");
+            store.damage(&digest);
+            let err = store.get(&digest).expect_err("corruption is detected");
+            assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+            assert!(err.to_string().contains(&digest.to_string()));
+            assert!(
+                !store.contains(&digest),
+                "a corrupt blob is no longer claimed"
+            );
+            fs::remove_dir_all(dir).ok();
+        }
     }
 
     #[test]

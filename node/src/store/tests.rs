@@ -212,11 +212,7 @@ fn a_failed_export_leaves_no_half_written_folder() {
         .expect("root");
     // Corrupt one file's object: the export must fail and leave nothing at the destination.
     let victim = protocol::Digest::of(&b"bbbb".repeat(1000));
-    let path = store.object_path(&victim);
-    let mut bytes = fs::read(&path).expect("read");
-    let last = bytes.len() - 1;
-    bytes[last] ^= 1;
-    fs::write(&path, bytes).expect("write");
+    store.damage(&victim);
     let out = work.join("out");
     let err = export::export(&store, &root, &out).expect_err("corruption is caught");
     assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
@@ -348,11 +344,60 @@ fn a_corrupt_object_is_set_aside_and_stored_again_by_the_next_import() {
         .root
         .expect("root");
     let digest = protocol::Digest::of(&b"precious".repeat(100));
-    let path = store.object_path(&digest);
-    fs::write(&path, b"\0torn").expect("tear the object");
+    store.damage(&digest);
     assert!(store.get(&digest).is_err(), "the torn object is caught");
     assert!(!store.contains(&digest), "and no longer counted as held");
     import::import_dir_once(&store, &source, "test").expect("imports again");
     export::export(&store, &root, &work.join("out")).expect("the tree is whole again");
+    fs::remove_dir_all(&work).ok();
+}
+
+#[test]
+fn gc_rewrites_packs_keeping_only_live_objects() {
+    let work = scratch("repack");
+    let store = Store::open(&work.join("store")).expect("opens");
+    let mut roots = Vec::new();
+    for tree in 0..3 {
+        let dir = work.join(format!("t{tree}"));
+        fs::create_dir(&dir).expect("mkdir");
+        for file in 0..50 {
+            // Every tree shares file 0; the rest are its own.
+            let text = if file == 0 {
+                "shared".to_owned()
+            } else {
+                format!("tree {tree} file {file}")
+            };
+            fs::write(dir.join(format!("f{file}")), text.repeat(20)).expect("write");
+        }
+        roots.push(
+            import::import_dir(&store, &dir, "test")
+                .expect("imports")
+                .root
+                .expect("root"),
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let before = store.stats().expect("stats");
+    let collected = super::gc::collect(&store, before.stored_bytes * 2 / 3).expect("collects");
+    assert!(
+        collected.roots_removed >= 1 && collected.objects_removed >= 49,
+        "{collected:?}"
+    );
+    let after = store.stats().expect("stats");
+    assert!(after.objects < before.objects);
+    for (i, root) in roots
+        .iter()
+        .enumerate()
+        .skip(collected.roots_removed as usize)
+    {
+        let out = work.join(format!("out{i}"));
+        export::export(&store, root, &out).expect("a kept tree is whole");
+        assert_eq!(listing(&work.join(format!("t{i}"))), listing(&out));
+    }
+    // A fresh process sees the same: the rewritten packs are published.
+    drop(store);
+    let store = Store::open(&work.join("store")).expect("reopens");
+    let last = roots[2];
+    export::export(&store, &last, &work.join("again")).expect("reads the new packs");
     fs::remove_dir_all(&work).ok();
 }
