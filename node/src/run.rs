@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use protocol::buildspec::{self, Buildspec};
-use sandbox::{HelperCommand, HostExecutor};
+use sandbox::{Executor, HelperCommand, HostExecutor, NamespaceConfig, NamespaceExecutor};
 use tokio::sync::watch;
 
 use crate::batch::{self, PlannedMember};
@@ -78,6 +78,7 @@ struct Prepared {
 
 async fn run_async(data_dir: Option<&Path>, args: RunArgs) -> Result<u8> {
     let prepared = prepare(data_dir, &args)?;
+    let executor = executor(args.sandbox.as_deref(), &prepared.data)?;
     let build_dir = prepared.data.build(&prepared.id.to_string());
     data_dir::create_private(&build_dir)?;
     data_dir::write_private(
@@ -88,7 +89,7 @@ async fn run_async(data_dir: Option<&Path>, args: RunArgs) -> Result<u8> {
     let store = Arc::new(crate::cache_cli::open_store(Some(prepared.data.root()))?);
     let store_for_gc = store.clone();
     let node = Node {
-        executor: Arc::new(HostExecutor::new(helper_command()?)),
+        executor,
         store,
         data: prepared.data.clone(),
         reporter: reporter.clone(),
@@ -516,7 +517,10 @@ fn prepare(data_dir: Option<&Path>, args: &RunArgs) -> Result<Prepared> {
         base_env.set("CODEBUILD_RESOLVED_SOURCE_VERSION", commit.clone());
         base_env.set("CODEBUILD_SOURCE_VERSION", commit.clone());
     }
-    base_env.set("PEERBUILD_SANDBOX", "host");
+    base_env.set(
+        "PEERBUILD_SANDBOX",
+        args.sandbox.as_deref().unwrap_or("host"),
+    );
     base_env.set("PEERBUILD_VERSION", env!("CARGO_PKG_VERSION"));
     Ok(Prepared {
         data,
@@ -535,8 +539,8 @@ fn prepare(data_dir: Option<&Path>, args: &RunArgs) -> Result<Prepared> {
 
 fn check_sandbox(args: &RunArgs) -> Result<()> {
     match args.sandbox.as_deref() {
-        None | Some("host") => {}
-        Some(kind @ ("namespace" | "docker" | "wasm")) => {
+        None | Some("host" | "namespace") => {}
+        Some(kind @ ("docker" | "wasm")) => {
             bail!(
                 "the {kind} sandbox is not available in this version of peerbuild; use --sandbox host"
             )
@@ -620,6 +624,58 @@ fn lookup_users(names: &[String]) -> Result<HashMap<String, User>> {
         users.insert(name.clone(), user);
     }
     Ok(users)
+}
+
+/// The executor `--sandbox` chose. `host` stays the default until the namespace sandbox gives
+/// builds outbound network access, which CodeBuild builds expect.
+fn executor(sandbox: Option<&str>, data: &DataDir) -> Result<Arc<dyn Executor>> {
+    let helper = helper_command()?;
+    if sandbox != Some("namespace") {
+        return Ok(Arc::new(HostExecutor::new(helper)));
+    }
+    let me = users::current();
+    let config = NamespaceConfig {
+        masked: vec![data.root().to_owned(), PathBuf::from(&me.home)],
+        memory_limit_bytes: Some(
+            namespace_limit("PEERBUILD_SANDBOX_MEMORY_LIMIT")?.unwrap_or_else(default_memory_limit),
+        ),
+        process_limit: Some(namespace_limit("PEERBUILD_SANDBOX_PROCESS_LIMIT")?.unwrap_or(4096)),
+    };
+    let executor = NamespaceExecutor::new(helper, config)?;
+    Ok(Arc::new(executor))
+}
+
+/// A limit from the environment, in bytes or a count, with an optional K, M or G suffix.
+/// (An interim knob until `peerbuild run` and the node's configuration have limit options.)
+fn namespace_limit(variable: &str) -> Result<Option<u64>> {
+    let Some(text) = std::env::var_os(variable).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    let text = text.to_string_lossy();
+    let (digits, scale) = match text.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&text[..i], 1 << 10),
+        Some((i, 'M' | 'm')) => (&text[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&text[..i], 1 << 30),
+        _ => (&text[..], 1),
+    };
+    match digits.parse::<u64>() {
+        Ok(n) if n > 0 => Ok(Some(n.saturating_mul(scale))),
+        _ => refuse(format!(
+            "{variable}={text}: expected a positive number, with K, M or G"
+        )),
+    }
+}
+
+/// Three quarters of the machine's memory: a build cannot starve the node and the machine.
+fn default_memory_limit() -> u64 {
+    // SAFETY: sysconf only reads system configuration.
+    let (pages, page_size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    (pages.max(0) as u64).saturating_mul(page_size.max(0) as u64) / 4 * 3
 }
 
 /// Keeps the store within its budget after a build (`--store-max-size`, else

@@ -6,11 +6,17 @@
 //! of the build (double-forked daemons included) are re-parented to it rather than to init; when
 //! the shell exits, or when the node asks with SIGTERM, it kills its children again and again
 //! until none are left, then exits with the shell's status.
+//!
+//! For the `namespace` backend (`--isolate namespace`), the helper builds the sandbox first (see
+//! `isolate.rs`) and its child is the sandbox's init rather than the shell: killing init kills
+//! every process in the sandbox's pid namespace.
 
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Command;
+
+use crate::isolate::{self, Isolation};
 
 /// The script the shell runs; see the file for the request protocol.
 pub const DRIVER: &str = include_str!("driver.sh");
@@ -21,12 +27,18 @@ pub const STATUS_FD: i32 = 3;
 /// Exit status when the helper could not start the shell.
 pub const EXIT_CANNOT_START: i32 = 127;
 
+/// How the helper's message starts when it could not build the sandbox.
+pub const START_FAILURE: &str = "peerbuild: cannot start the namespace sandbox: ";
+
 struct Options {
     shell: String,
     workdir: PathBuf,
     uid: Option<u32>,
     gid: Option<u32>,
     groups: Vec<u32>,
+    isolation: Option<Isolation>,
+    /// Print what the sandbox enforced on standard output (the executor's start-up probe).
+    report: bool,
 }
 
 /// Builds the helper's arguments for a session (the inverse of `parse_options`).
@@ -55,6 +67,26 @@ pub fn arguments(
     args
 }
 
+/// The arguments that make the helper start the session in a `namespace` sandbox.
+pub(crate) fn isolation_arguments(isolation: &Isolation) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec![
+        "--isolate".into(),
+        "namespace".into(),
+        "--base".into(),
+        isolation.base.as_os_str().to_owned(),
+    ];
+    for path in &isolation.masked {
+        args.extend(["--mask".into(), path.as_os_str().to_owned()]);
+    }
+    if let Some(bytes) = isolation.memory_limit_bytes {
+        args.extend(["--memory".into(), bytes.to_string().into()]);
+    }
+    if let Some(count) = isolation.process_limit {
+        args.extend(["--processes".into(), count.to_string().into()]);
+    }
+    args
+}
+
 fn parse_options(args: Vec<OsString>) -> Result<Options, String> {
     let mut options = Options {
         shell: String::new(),
@@ -62,6 +94,8 @@ fn parse_options(args: Vec<OsString>) -> Result<Options, String> {
         uid: None,
         gid: None,
         groups: Vec::new(),
+        isolation: None,
+        report: false,
     };
     let mut args = args.into_iter();
     while let Some(flag) = args.next() {
@@ -70,6 +104,8 @@ fn parse_options(args: Vec<OsString>) -> Result<Options, String> {
             .ok_or_else(|| format!("{} needs a value", flag.to_string_lossy()))?;
         let text = || value.to_string_lossy().into_owned();
         let number = |s: &str| s.parse::<u32>().map_err(|_| format!("not a number: {s}"));
+        let big = |s: &str| s.parse::<u64>().map_err(|_| format!("not a number: {s}"));
+        let isolation = &mut options.isolation;
         match flag.to_str() {
             Some("--shell") => options.shell = text(),
             Some("--workdir") => options.workdir = PathBuf::from(&value),
@@ -82,6 +118,26 @@ fn parse_options(args: Vec<OsString>) -> Result<Options, String> {
                     .map(number)
                     .collect::<Result<_, _>>()?
             }
+            Some("--isolate") if value == "namespace" => {
+                isolation.get_or_insert_with(Isolation::default);
+            }
+            Some("--isolate") => return Err(format!("unknown sandbox {}", text())),
+            Some("--base") => isolation.get_or_insert_with(Isolation::default).base = value.into(),
+            Some("--mask") => isolation
+                .get_or_insert_with(Isolation::default)
+                .masked
+                .push(value.into()),
+            Some("--memory") => {
+                isolation
+                    .get_or_insert_with(Isolation::default)
+                    .memory_limit_bytes = Some(big(&text())?)
+            }
+            Some("--processes") => {
+                isolation
+                    .get_or_insert_with(Isolation::default)
+                    .process_limit = Some(big(&text())?)
+            }
+            Some("--report") => options.report = value == "yes",
             _ => return Err(format!("unknown option {}", flag.to_string_lossy())),
         }
     }
@@ -103,6 +159,9 @@ pub fn main(args: Vec<OsString>) -> i32 {
     // SAFETY: prctl with these arguments only changes this process's attributes.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     let signals = block_signals();
+    if let Some(isolation) = &options.isolation {
+        return run_isolated(&options, isolation, &signals);
+    }
     let shell_pid = match spawn_shell(&options) {
         Ok(pid) => pid,
         Err(err) => {
@@ -115,6 +174,33 @@ pub fn main(args: Vec<OsString>) -> i32 {
     };
     release_session_pipes();
     supervise(shell_pid, &signals)
+}
+
+/// Runs the session in a `namespace` sandbox: the helper's child is the sandbox's init.
+fn run_isolated(options: &Options, isolation: &Isolation, signals: &libc::sigset_t) -> i32 {
+    let identity = isolate::Identity {
+        uid: options.uid,
+        gid: options.gid,
+        groups: options.groups.clone(),
+    };
+    let started = match isolate::start(isolation, &options.shell, &options.workdir, &identity) {
+        Ok(started) => started,
+        Err(message) => {
+            eprintln!("{START_FAILURE}{message}");
+            return EXIT_CANNOT_START;
+        }
+    };
+    if options.report {
+        println!(
+            "memory={} processes={}",
+            started.memory.name(),
+            started.processes.name()
+        );
+    }
+    release_session_pipes();
+    let status = supervise(started.init_pid, signals);
+    started.clean_up();
+    status
 }
 
 /// Blocks the signals the helper waits for, so they are taken synchronously by `sigtimedwait`
@@ -169,7 +255,7 @@ fn spawn_shell(options: &Options) -> std::io::Result<i32> {
 
 /// Points the helper's own copies of the session pipes at /dev/null, so that the node sees the
 /// pipes close once the shell and everything it started are gone.
-fn release_session_pipes() {
+pub(crate) fn release_session_pipes() {
     let path = c"/dev/null";
     // SAFETY: plain descriptor calls on descriptors this process owns.
     unsafe {
@@ -242,7 +328,7 @@ fn reap(shell_pid: i32, shell_status: &mut Option<i32>) -> Reaped {
     }
 }
 
-fn decode_status(status: i32) -> i32 {
+pub(crate) fn decode_status(status: i32) -> i32 {
     if libc::WIFEXITED(status) {
         libc::WEXITSTATUS(status)
     } else if libc::WIFSIGNALED(status) {
@@ -301,6 +387,22 @@ mod tests {
         assert_eq!(options.workdir, PathBuf::from("/w"));
         assert_eq!((options.uid, options.gid), (Some(1000), Some(100)));
         assert_eq!(options.groups, vec![100, 27]);
+    }
+
+    #[test]
+    fn isolation_arguments_round_trip() {
+        let isolation = Isolation {
+            base: PathBuf::from("/data/work/b/sandbox"),
+            masked: vec![PathBuf::from("/data"), PathBuf::from("/srv/keys")],
+            memory_limit_bytes: Some(1 << 30),
+            process_limit: Some(512),
+        };
+        let mut args = arguments("sh", std::path::Path::new("/w"), None);
+        args.extend(isolation_arguments(&isolation));
+        let options = parse_options(args).expect("parses");
+        assert_eq!(options.isolation, Some(isolation));
+        let err = parse_options(vec!["--isolate".into(), "docker".into()]).err();
+        assert_eq!(err.as_deref(), Some("unknown sandbox docker"));
     }
 
     #[test]

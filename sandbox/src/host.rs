@@ -43,54 +43,65 @@ impl Executor for HostExecutor {
     }
 
     fn start(&self, spec: &SessionSpec) -> Result<Box<dyn Session>, SandboxError> {
-        let spawn_error = |source| SandboxError::Spawn {
-            what: "sandbox helper",
-            source,
-        };
-        let (output_read, output_write) = pipe().map_err(spawn_error)?;
-        let (reply_read, reply_write) = pipe().map_err(spawn_error)?;
-        let output_for_stderr = output_write.try_clone().map_err(spawn_error)?;
-        let reply_fd = reply_write.as_raw_fd();
-
-        let mut command = Command::new(&self.helper.program);
-        command
-            .args(&self.helper.args)
-            .args(helper::arguments(
-                spec.shell.program(),
-                &spec.workdir,
-                spec.run_as.as_ref(),
-            ))
-            .env_clear()
-            .envs(spec.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::from(output_write))
-            .stderr(Stdio::from(output_for_stderr))
-            // Its own process group: a Ctrl-C at the terminal reaches peerbuild, which stops the
-            // build in order, and not the build's processes directly.
-            .process_group(0)
-            .kill_on_drop(false);
-        // SAFETY: runs between fork and exec; dup2 and prctl are async-signal-safe.
-        unsafe {
-            command.pre_exec(move || {
-                // dup2 clears close-on-exec on the copy, so the reply pipe reaches the helper as
-                // descriptor 3. `pipe()` never returns descriptor 3 itself (see there).
-                if libc::dup2(reply_fd, STATUS_FD) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // If the node dies, the helper is told and kills the build.
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0);
-                Ok(())
-            });
-        }
-        let child = command.spawn().map_err(spawn_error)?;
-        drop(reply_write);
-        Ok(Box::new(ShellSession::new(
-            child,
-            output_read,
-            reply_read,
-            spec.mode,
-        )?))
+        spawn_helper(&self.helper, Vec::new(), spec)
     }
+}
+
+/// Starts the helper for a session, with `extra` arguments after the session's own, and wraps
+/// it in a [`ShellSession`].
+pub(crate) fn spawn_helper(
+    helper: &HelperCommand,
+    extra: Vec<std::ffi::OsString>,
+    spec: &SessionSpec,
+) -> Result<Box<dyn Session>, SandboxError> {
+    let spawn_error = |source| SandboxError::Spawn {
+        what: "sandbox helper",
+        source,
+    };
+    let (output_read, output_write) = pipe().map_err(spawn_error)?;
+    let (reply_read, reply_write) = pipe().map_err(spawn_error)?;
+    let output_for_stderr = output_write.try_clone().map_err(spawn_error)?;
+    let reply_fd = reply_write.as_raw_fd();
+
+    let mut command = Command::new(&helper.program);
+    command
+        .args(&helper.args)
+        .args(helper::arguments(
+            spec.shell.program(),
+            &spec.workdir,
+            spec.run_as.as_ref(),
+        ))
+        .args(extra)
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::from(output_write))
+        .stderr(Stdio::from(output_for_stderr))
+        // Its own process group: a Ctrl-C at the terminal reaches peerbuild, which stops the
+        // build in order, and not the build's processes directly.
+        .process_group(0)
+        .kill_on_drop(false);
+    // SAFETY: runs between fork and exec; dup2 and prctl are async-signal-safe.
+    unsafe {
+        command.pre_exec(move || {
+            // dup2 clears close-on-exec on the copy, so the reply pipe reaches the helper as
+            // descriptor 3. `pipe()` never returns descriptor 3 itself (see there).
+            if libc::dup2(reply_fd, STATUS_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // If the node dies, the helper is told and kills the build.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0);
+            Ok(())
+        });
+    }
+    let child = command.spawn().map_err(spawn_error)?;
+    drop(reply_write);
+    Ok(Box::new(ShellSession::new(
+        child,
+        output_read,
+        reply_read,
+        spec.mode,
+    )?))
 }
 
 /// A close-on-exec pipe whose descriptors are above the three standard ones and descriptor 3,

@@ -8,16 +8,21 @@
 //! This crate knows nothing of peers, buildspecs or the network protocol: callers hand it a
 //! [`SessionSpec`] and read back [`CommandOutcome`]s.
 
+mod cgroups;
 pub mod helper;
 mod host;
+mod isolate;
+mod layers;
+mod namespace;
 mod shell;
 
 use std::ffi::OsString;
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
 pub use host::HostExecutor;
+pub use namespace::{NamespaceConfig, NamespaceExecutor};
 pub use shell::ShellSession;
 
 /// A boxed future, so that [`Session`] can be used as a trait object.
@@ -153,6 +158,17 @@ pub enum SandboxError {
     Protocol { detail: String },
     #[error("the session has ended; start a new one")]
     Ended,
+    #[error(
+        "some of the build's processes could not be killed within {seconds}s and may still run"
+    )]
+    Unkillable { seconds: u64 },
+    #[error("cannot give {path} to the build: {reason}")]
+    Adopt { path: PathBuf, reason: String },
+    #[error("the {backend} sandbox is not available on this machine: {reason}")]
+    Unavailable {
+        backend: &'static str,
+        reason: String,
+    },
 }
 
 /// A backend that can start sessions.
@@ -163,6 +179,12 @@ pub trait Executor: Send + Sync {
     fn capabilities(&self) -> Capabilities;
     /// Starts a shell session.
     fn start(&self, spec: &SessionSpec) -> Result<Box<dyn Session>, SandboxError>;
+    /// Makes files the node wrote into a workspace after its session started (a restored
+    /// cache) usable by the build as if the build had written them: `namespace` gives them to
+    /// the sandbox's ids on disk. Call it on the top folder written; `host` needs nothing.
+    fn adopt(&self, _path: &Path) -> Result<(), SandboxError> {
+        Ok(())
+    }
 }
 
 /// A running shell that takes commands one at a time.

@@ -11,6 +11,9 @@ use tokio::process::{Child, ChildStdin};
 
 use crate::{BoxFuture, Captured, CommandOutcome, OutputSink, SandboxError, Session, ShellMode};
 
+/// How long the end of a session waits for the helper to have killed everything.
+const TERMINATE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The most output taken from the pipe after a command's reply, before the reply is returned.
 const DRAIN_LIMIT_BYTES: usize = 1 << 20;
 
@@ -266,7 +269,23 @@ impl Session for ShellSession {
             self.requests = None;
             if self.helper.id().is_some() {
                 signal_helper(&self.helper, libc::SIGTERM);
-                self.helper.wait().await.map_err(SandboxError::Io)?;
+                // The helper kills the session's processes and exits at once, unless one cannot
+                // be killed (started through a set-user-id program): then give up waiting rather
+                // than hang the build's end, and say so.
+                let waited = tokio::time::timeout(TERMINATE_WAIT, self.helper.wait()).await;
+                match waited {
+                    Ok(status) => {
+                        status.map_err(SandboxError::Io)?;
+                    }
+                    Err(_) => {
+                        signal_helper(&self.helper, libc::SIGKILL);
+                        let _ = self.helper.wait().await;
+                        self.ended.get_or_insert(128 + libc::SIGKILL);
+                        return Err(SandboxError::Unkillable {
+                            seconds: TERMINATE_WAIT.as_secs(),
+                        });
+                    }
+                }
             }
             self.ended.get_or_insert(128 + libc::SIGTERM);
             Ok(())

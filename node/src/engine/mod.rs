@@ -696,9 +696,35 @@ impl Run<'_> {
         Ok(captured.stdout)
     }
 
+    /// The buildspec's cache as this sandbox can use it: outside `host`, paths outside the
+    /// workspace live in the sandbox's own file system, which the cache cannot reach yet, so
+    /// they are left out with a note.
+    fn usable_cache(&self) -> Option<protocol::buildspec::Cache> {
+        let mut cache = self.build.buildspec.cache.clone()?;
+        if self.node.executor.kind() != "host" {
+            let (outside, inside): (Vec<String>, Vec<String>) =
+                cache.paths.into_iter().partition(|p| p.starts_with('/'));
+            if !outside.is_empty() {
+                self.note(
+                    Level::Warning,
+                    format!(
+                        "cache: paths outside the workspace ({}) are not cached in the {} sandbox yet",
+                        outside.join(", "),
+                        self.node.executor.kind()
+                    ),
+                );
+            }
+            if inside.is_empty() {
+                return None;
+            }
+            cache.paths = inside;
+        }
+        Some(cache)
+    }
+
     /// Restores the buildspec's cache before INSTALL (unless `action: save`).
     async fn restore_cache(&mut self, workspace: &Workspace) {
-        let Some(cache) = self.build.buildspec.cache.clone() else {
+        let Some(cache) = self.usable_cache() else {
             return;
         };
         if cache.action == protocol::buildspec::CacheAction::Save {
@@ -743,6 +769,11 @@ impl Run<'_> {
             )) => {
                 for path in skipped {
                     self.note(Level::Warning, format!("cache: left {path} as it was"));
+                }
+                // The session has started: files written into its workspace now must be made
+                // the build's own (the namespace sandbox runs under other ids).
+                if let Err(err) = self.node.executor.adopt(workspace.path()) {
+                    self.note(Level::Warning, format!("cache: {err}"));
                 }
                 (
                     CacheRecord {
@@ -811,7 +842,7 @@ impl Run<'_> {
     /// Saves the cache after a successful build (unless `action: restore`); an existing entry
     /// for the key is never replaced.
     async fn save_cache(&mut self, workspace: &Workspace) {
-        let Some(cache) = self.build.buildspec.cache.clone() else {
+        let Some(cache) = self.usable_cache() else {
             return;
         };
         if cache.action == protocol::buildspec::CacheAction::Restore {

@@ -5,5 +5,6 @@ mod conformance;
 mod processes;
 mod records;
 mod refusals;
+mod sandbox_namespace;
 mod store;
 mod tidy;

@@ -1,0 +1,681 @@
+//! The helper's side of the `namespace` backend: builds the sandbox in the freshly executed,
+//! single-threaded helper process, never in the node.
+//!
+//! The helper runs as root on the host. It prepares everything that needs host privileges (the
+//! overlay's layers and masks, see `layers.rs`; the limits, see `cgroups.rs`; a user
+//! namespace), then forks the sandbox's init process (pid 1 of a new pid namespace), which:
+//! 1. joins the session's cgroups (or sets rlimits where no cgroup is delegated);
+//! 2. unshares the mount, network, IPC, UTS and cgroup namespaces, still as host root, so that
+//!    every mount it makes belongs to a mount namespace the build has no power over: the build
+//!    can never unmount a mask;
+//! 3. mounts the root: an overlay whose lower layer is the host's `/` through an idmapped mount
+//!    and whose upper layer is the session's `upper` folder (kept until the node removes it, so
+//!    caches outside the workspace can be collected), then a fresh `/proc`, `/sys`, `/dev` and a
+//!    private `/tmp` and `/run`, and the workspace read-write at its own path; home folders,
+//!    the host's own secrets and the node's are masked by opaque folders or whiteouts in the
+//!    upper layer, and password hashes are scrubbed;
+//! 4. pivots into that root, joins the user namespace the helper made (root inside is uid
+//!    [`HOST_ID_BASE`] on the host), checks that every namespace really is new, and starts the
+//!    shell. When the shell exits, init exits, and the kernel kills everything else in the pid
+//!    namespace.
+//!
+//! The uid map is `0 100000 65536`: ids 0..65535 inside are 100000..165535 on the host, a range
+//! no ordinary account uses (it is where Debian's `/etc/subuid` starts handing out ranges; a
+//! machine that gave it to a user should not run namespace builds until this is configurable).
+//! The same map is the idmap of the lower layer, so files the host's root owns look root-owned
+//! inside and `apt-get install` works in the overlay. The workspace is not idmapped: its files
+//! are chowned into the range on disk (see [`shift_tree`]), so nothing the build creates is ever
+//! owned by a privileged host user. Neither is the upper layer, whose files are owned by the
+//! range too.
+
+use std::ffi::CString;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::cgroups::{Applied, Cgroups};
+use crate::helper::DRIVER;
+use crate::layers::{
+    Layout, SCRUBBED, check_path, default_masks, is_given, mask_in_upper, scrub_in_upper,
+    shift_tree,
+};
+
+/// The host uid (and gid) that root inside the sandbox is.
+pub const HOST_ID_BASE: u32 = 100_000;
+/// How many ids the sandbox's user namespace maps.
+pub const ID_COUNT: u32 = 65_536;
+
+/// What the node asked of the sandbox (parsed from the helper's arguments).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Isolation {
+    /// The session's scratch folder: `upper/` and `work/` of the overlay, and mount points.
+    pub base: PathBuf,
+    /// Host paths the build must not see.
+    pub masked: Vec<PathBuf>,
+    pub memory_limit_bytes: Option<u64>,
+    pub process_limit: Option<u64>,
+}
+
+/// The sandbox as started: its init's host pid, and what to clean up once it is gone.
+pub struct Started {
+    pub init_pid: i32,
+    cgroups: Cgroups,
+    pub memory: Applied,
+    pub processes: Applied,
+}
+
+impl Started {
+    /// Removes the session's cgroups; every process in them is dead by now.
+    pub fn clean_up(&self) {
+        self.cgroups.remove();
+    }
+}
+
+/// Who runs the shell inside, in the sandbox's own ids.
+#[derive(Clone, Debug, Default)]
+pub struct Identity {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub groups: Vec<u32>,
+}
+
+/// Builds the sandbox and starts the shell in it; returns once the shell runs, or with the
+/// reason it could not.
+pub fn start(
+    isolation: &Isolation,
+    shell: &str,
+    workdir: &Path,
+    identity: &Identity,
+) -> Result<Started, String> {
+    check_path("the sandbox folder", &isolation.base)?;
+    check_path("the workspace", workdir)?;
+    // The first session gives the workspace to the sandbox; later ones find its root given and
+    // skip the walk (what the node adds meanwhile goes through `Executor::adopt`).
+    if !is_given(workdir) {
+        shift_tree(workdir)?;
+    }
+    let layout = Layout::create(&isolation.base)?;
+    for path in default_masks().iter().chain(&isolation.masked) {
+        mask_in_upper(&layout.upper, path)?;
+    }
+    for path in SCRUBBED {
+        scrub_in_upper(&layout.upper, Path::new(path))?;
+    }
+    let user_namespace = user_namespace()?;
+    let host_namespaces = namespace_ids()?;
+    let (report_read, report_write) = pipe()?;
+    // SAFETY: unshare only changes which pid namespace this process's next child is created in.
+    if unsafe { libc::unshare(libc::CLONE_NEWPID) } < 0 {
+        return Err(os_error("cannot create a pid namespace"));
+    }
+    let (cgroups, memory, processes) = Cgroups::create(isolation)?;
+    // SAFETY: the helper is single-threaded, so the child may do anything after fork.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        let error = os_error("cannot fork the sandbox's init");
+        cgroups.remove();
+        return Err(error);
+    }
+    if pid == 0 {
+        drop(report_read);
+        let plan = Plan {
+            layout: &layout,
+            workdir,
+            shell,
+            identity,
+            user_namespace: &user_namespace,
+            cgroups: &cgroups,
+            host_namespaces: &host_namespaces,
+        };
+        init_main(&plan, report_write);
+    }
+    drop(report_write);
+    let started = Started {
+        init_pid: pid,
+        cgroups,
+        memory,
+        processes,
+    };
+    let mut report = String::new();
+    let _ = fs::File::from(report_read).read_to_string(&mut report);
+    if report == "ok" {
+        return Ok(started);
+    }
+    // SAFETY: kill only sends a signal to our own child.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let mut status = 0;
+    // SAFETY: waitpid writes only to `status`.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    started.clean_up();
+    if report.is_empty() {
+        report = "the sandbox's init died while setting up".into();
+    }
+    Err(report)
+}
+
+/// Makes a user namespace with the sandbox's id map and returns a descriptor that keeps it
+/// alive. A child creates it, because only a process outside a namespace may write an id map
+/// wider than its own id.
+fn user_namespace() -> Result<OwnedFd, String> {
+    let (ready_read, ready_write) = pipe()?;
+    let (done_read, done_write) = pipe()?;
+    // SAFETY: the helper is single-threaded; the child only calls unshare, write, read, _exit.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(os_error("cannot fork"));
+    }
+    if pid == 0 {
+        drop(ready_read);
+        drop(done_write);
+        // SAFETY: async-signal-safe calls on descriptors this process owns, then _exit.
+        unsafe {
+            let ok = libc::unshare(libc::CLONE_NEWUSER) == 0;
+            let byte = [if ok { b'1' } else { b'0' }];
+            libc::write(ready_write.as_raw_fd(), byte.as_ptr().cast(), 1);
+            let mut buf = [0u8; 1];
+            libc::read(done_read.as_raw_fd(), buf.as_mut_ptr().cast(), 1);
+            libc::_exit(0);
+        }
+    }
+    drop(ready_write);
+    drop(done_read);
+    let result = (|| {
+        let mut byte = [0u8; 1];
+        fs::File::from(ready_read)
+            .read_exact(&mut byte)
+            .map_err(|e| format!("cannot create a user namespace: {e}"))?;
+        if byte[0] != b'1' {
+            return Err(
+                "cannot create a user namespace (does this kernel allow them? see /proc/sys/user/max_user_namespaces)"
+                    .to_owned(),
+            );
+        }
+        let map = format!("0 {HOST_ID_BASE} {ID_COUNT}\n");
+        for file in ["uid_map", "gid_map"] {
+            fs::write(format!("/proc/{pid}/{file}"), &map)
+                .map_err(|e| format!("cannot write the sandbox's {file}: {e}"))?;
+        }
+        let ns = fs::File::open(format!("/proc/{pid}/ns/user"))
+            .map_err(|e| format!("cannot open the sandbox's user namespace: {e}"))?;
+        Ok(OwnedFd::from(ns))
+    })();
+    drop(done_write);
+    let mut status = 0;
+    // SAFETY: waitpid writes only to `status`; the child exits once `done` closes.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    result
+}
+
+/// The inode numbers of this process's namespaces, to check that the sandbox's are new.
+type NamespaceIds = Vec<(&'static str, u64)>;
+
+const NAMESPACES: [&str; 6] = ["user", "mnt", "pid", "net", "ipc", "uts"];
+
+fn namespace_ids() -> Result<NamespaceIds, String> {
+    NAMESPACES
+        .iter()
+        .map(|ns| {
+            let meta = fs::metadata(format!("/proc/self/ns/{ns}"))
+                .map_err(|e| format!("cannot read the {ns} namespace: {e}"))?;
+            Ok((*ns, meta.ino()))
+        })
+        .collect()
+}
+
+/// Everything init needs, prepared by the helper before the fork.
+struct Plan<'a> {
+    layout: &'a Layout,
+    workdir: &'a Path,
+    shell: &'a str,
+    identity: &'a Identity,
+    user_namespace: &'a OwnedFd,
+    cgroups: &'a Cgroups,
+    host_namespaces: &'a NamespaceIds,
+}
+
+/// The sandbox's init: sets the sandbox up, starts the shell, reaps orphans, and exits with the
+/// shell's status, which kills whatever is left in the pid namespace.
+fn init_main(plan: &Plan, report: OwnedFd) -> ! {
+    let mut report = fs::File::from(report);
+    let shell_pid = match set_up(plan).and_then(|()| spawn_shell(plan)) {
+        Ok(pid) => pid,
+        Err(message) => {
+            let _ = report.write_all(message.as_bytes());
+            // SAFETY: _exit ends the process without running the parent's exit handlers.
+            unsafe { libc::_exit(crate::helper::EXIT_CANNOT_START) };
+        }
+    };
+    let _ = report.write_all(b"ok");
+    drop(report);
+    crate::helper::release_session_pipes();
+    let code = reap_until(shell_pid);
+    // SAFETY: as above.
+    unsafe { libc::_exit(code) }
+}
+
+fn set_up(plan: &Plan) -> Result<(), String> {
+    plan.cgroups.join()?;
+    plan.cgroups.apply_rlimits()?;
+    // SAFETY: unshare changes only this process's namespaces.
+    let unshared = unsafe {
+        libc::unshare(
+            libc::CLONE_NEWNS
+                | libc::CLONE_NEWNET
+                | libc::CLONE_NEWIPC
+                | libc::CLONE_NEWUTS
+                | libc::CLONE_NEWCGROUP,
+        )
+    };
+    if unshared < 0 {
+        return Err(os_error("cannot create the sandbox's namespaces"));
+    }
+    // Nothing mounted from here on may propagate back to the host.
+    mount(
+        None,
+        Path::new("/"),
+        None,
+        libc::MS_REC | libc::MS_PRIVATE,
+        None,
+    )?;
+    let hostname = b"peerbuild";
+    // SAFETY: sethostname reads `hostname.len()` bytes.
+    if unsafe { libc::sethostname(hostname.as_ptr().cast(), hostname.len()) } < 0 {
+        return Err(os_error("cannot set the sandbox's host name"));
+    }
+    loopback_up()?;
+    let workspace = clone_mount(plan.workdir, None)?;
+    build_root(plan)?;
+    enter_root(&plan.layout.root)?;
+    // The workspace goes last, so that it shows through whatever mask or tmpfs covers its
+    // parents (it usually lives in the node's data directory), and after the pivot, so that a
+    // link the build left in the upper layer resolves inside the sandbox, never on the host.
+    fs::create_dir_all(plan.workdir)
+        .map_err(|e| format!("cannot create {}: {e}", plan.workdir.display()))?;
+    attach(&workspace, plan.workdir)?;
+    std::env::set_current_dir(plan.workdir)
+        .map_err(|e| format!("cannot enter the workspace {}: {e}", plan.workdir.display()))?;
+    enter_user_namespace(plan.user_namespace)?;
+    // If the helper dies (even by SIGKILL), init dies, and with it the whole sandbox. Set
+    // here because changing credentials clears it.
+    // SAFETY: prctl with these arguments only changes this process's attributes.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+    verify(plan.host_namespaces)
+}
+
+fn build_root(plan: &Plan) -> Result<(), String> {
+    let layout = plan.layout;
+    let lower = clone_mount(Path::new("/"), Some(plan.user_namespace))?;
+    attach(&lower, &layout.lower)?;
+    // Overlay options are comma-separated and layers colon-separated, so the layers are named
+    // relative to the sandbox folder: its own path may hold any character.
+    std::env::set_current_dir(&layout.base)
+        .map_err(|e| format!("cannot enter {}: {e}", layout.base.display()))?;
+    mount(
+        Some("overlay"),
+        &layout.root,
+        Some("overlay"),
+        0,
+        Some("lowerdir=./lower,upperdir=./upper,workdir=./work"),
+    )?;
+    let root = &layout.root;
+    let inside = |path: &str| root.join(path);
+    let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    mount(Some("proc"), &inside("proc"), Some("proc"), flags, None)?;
+    mount(
+        Some("sysfs"),
+        &inside("sys"),
+        Some("sysfs"),
+        flags | libc::MS_RDONLY,
+        None,
+    )?;
+    mount_dev(&inside("dev"))?;
+    mount(
+        Some("tmpfs"),
+        &inside("tmp"),
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=1777"),
+    )?;
+    // The host's runtime state (daemon sockets among it) stays out; unix sockets of the lower
+    // layer cannot be connected to through an overlay anyway, and this makes it explicit.
+    mount(
+        Some("tmpfs"),
+        &inside("run"),
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some(&format!("mode=755,uid={HOST_ID_BASE},gid={HOST_ID_BASE}")),
+    )?;
+    let lock = inside("run/lock");
+    fs::create_dir(&lock).map_err(|e| format!("cannot create /run/lock: {e}"))?;
+    fs::set_permissions(&lock, fs::Permissions::from_mode(0o1777))
+        .map_err(|e| format!("cannot chmod /run/lock: {e}"))?;
+    Ok(())
+}
+
+/// A fresh `/dev` with only the harmless devices, a private devpts and `/dev/shm`.
+fn mount_dev(dev: &Path) -> Result<(), String> {
+    mount(
+        Some("tmpfs"),
+        dev,
+        Some("tmpfs"),
+        libc::MS_NOSUID,
+        Some("mode=755"),
+    )?;
+    for name in ["null", "zero", "full", "random", "urandom", "tty"] {
+        let target = dev.join(name);
+        fs::File::create(&target)
+            .map_err(|e| format!("cannot create {}: {e}", target.display()))?;
+        mount(
+            Some(&format!("/dev/{name}")),
+            &target,
+            None,
+            libc::MS_BIND,
+            None,
+        )?;
+    }
+    for dir in ["pts", "shm"] {
+        fs::create_dir(dev.join(dir)).map_err(|e| format!("cannot create /dev/{dir}: {e}"))?;
+    }
+    mount(
+        Some("devpts"),
+        &dev.join("pts"),
+        Some("devpts"),
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )?;
+    mount(
+        Some("tmpfs"),
+        &dev.join("shm"),
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=1777"),
+    )?;
+    let links = [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ];
+    for (name, target) in links {
+        std::os::unix::fs::symlink(target, dev.join(name))
+            .map_err(|e| format!("cannot create /dev/{name}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Brings the new network namespace's loopback up: builds may serve and test on localhost.
+fn loopback_up() -> Result<(), String> {
+    // SAFETY: a plain socket used only for the interface ioctls below.
+    let socket = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if socket < 0 {
+        return Err(os_error("cannot open a socket"));
+    }
+    // SAFETY: `socket` was just created and is owned by nobody else.
+    let socket = unsafe { OwnedFd::from_raw_fd(socket) };
+    // SAFETY: ifreq is plain data; the name fits with its NUL; the ioctls read and write it.
+    unsafe {
+        let mut request: libc::ifreq = std::mem::zeroed();
+        for (i, b) in b"lo\0".iter().enumerate() {
+            request.ifr_name[i] = *b as libc::c_char;
+        }
+        if libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) < 0 {
+            return Err(os_error("cannot read the loopback's flags"));
+        }
+        request.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &request) < 0 {
+            return Err(os_error("cannot bring the loopback up"));
+        }
+    }
+    Ok(())
+}
+
+/// `struct mount_attr` of `mount_setattr(2)`.
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+
+/// A detached copy of the mount at `path` (not its submounts), without set-uid or device
+/// files, showing host ids through the sandbox's id map when `idmap` is given.
+fn clone_mount(path: &Path, idmap: Option<&OwnedFd>) -> Result<OwnedFd, String> {
+    let c = c_path(path)?;
+    // SAFETY: open_tree reads the path and returns a new descriptor.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(os_error(&format!(
+            "cannot clone the mount {}",
+            path.display()
+        )));
+    }
+    // SAFETY: `fd` is a fresh descriptor owned by nobody else.
+    let tree = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | idmap.map_or(0, |_| MOUNT_ATTR_IDMAP),
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: idmap.map_or(0, |fd| fd.as_raw_fd() as u64),
+    };
+    // SAFETY: mount_setattr reads `attr` (its size is passed) and the empty path.
+    let done = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if done < 0 {
+        return Err(os_error(&format!(
+            "cannot map the ids of {} (idmapped mounts need Linux 5.12 and a file system that supports them)",
+            path.display()
+        )));
+    }
+    Ok(tree)
+}
+
+fn attach(tree: &OwnedFd, target: &Path) -> Result<(), String> {
+    let c = c_path(target)?;
+    // SAFETY: move_mount reads the paths; the tree descriptor stays ours.
+    let done = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if done < 0 {
+        return Err(os_error(&format!("cannot mount at {}", target.display())));
+    }
+    Ok(())
+}
+
+fn mount(
+    source: Option<&str>,
+    target: &Path,
+    kind: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> Result<(), String> {
+    let c = |s: Option<&str>| s.map(CString::new).transpose();
+    let (source_c, kind_c, data_c) = match (c(source), c(kind), c(data)) {
+        (Ok(a), Ok(b), Ok(d)) => (a, b, d),
+        _ => return Err("a mount argument holds a NUL byte".into()),
+    };
+    let target_c = c_path(target)?;
+    let ptr = |s: &Option<CString>| s.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+    // SAFETY: every pointer is null or a NUL-terminated string that outlives the call.
+    let done = unsafe {
+        libc::mount(
+            ptr(&source_c),
+            target_c.as_ptr(),
+            ptr(&kind_c),
+            flags,
+            ptr(&data_c).cast(),
+        )
+    };
+    if done < 0 {
+        return Err(os_error(&format!(
+            "cannot mount {} on {}",
+            kind.or(source).unwrap_or("a mount"),
+            target.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Makes `root` the root of this mount namespace and detaches the host's root beneath it, so
+/// nothing of the host's tree stays reachable.
+fn enter_root(root: &Path) -> Result<(), String> {
+    std::env::set_current_dir(root).map_err(|e| format!("cannot enter {}: {e}", root.display()))?;
+    // SAFETY: pivot_root(".", ".") stacks the old root on the new one; both strings are static.
+    if unsafe { libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) } < 0 {
+        return Err(os_error("cannot switch to the sandbox's root"));
+    }
+    // SAFETY: detaches the old root, now mounted on top of ".".
+    if unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) } < 0 {
+        return Err(os_error("cannot detach the host's root"));
+    }
+    std::env::set_current_dir("/").map_err(|e| format!("cannot enter /: {e}"))
+}
+
+/// Joins the sandbox's user namespace as root inside (uid [`HOST_ID_BASE`] on the host).
+fn enter_user_namespace(user_namespace: &OwnedFd) -> Result<(), String> {
+    // SAFETY: this process is single-threaded and shares no file-system attributes, as setns
+    // into a user namespace requires; the id calls only change this process's credentials.
+    unsafe {
+        if libc::setns(user_namespace.as_raw_fd(), libc::CLONE_NEWUSER) < 0 {
+            return Err(os_error("cannot enter the sandbox's user namespace"));
+        }
+        if libc::setgroups(0, std::ptr::null()) < 0
+            || libc::setresgid(0, 0, 0) < 0
+            || libc::setresuid(0, 0, 0) < 0
+        {
+            return Err(os_error("cannot become root in the sandbox"));
+        }
+    }
+    Ok(())
+}
+
+/// Fails unless every namespace differs from the host's and root inside is unprivileged
+/// outside: a set-up step that silently did nothing must not run a build.
+fn verify(host: &NamespaceIds) -> Result<(), String> {
+    let now = namespace_ids()?;
+    for ((name, before), (_, after)) in host.iter().zip(&now) {
+        if before == after {
+            return Err(format!(
+                "the sandbox still shares the host's {name} namespace"
+            ));
+        }
+    }
+    let map = fs::read_to_string("/proc/self/uid_map").unwrap_or_default();
+    let fields: Vec<&str> = map.split_whitespace().collect();
+    let expected = [
+        "0".to_owned(),
+        HOST_ID_BASE.to_string(),
+        ID_COUNT.to_string(),
+    ];
+    if fields != expected || std::process::id() != 1 {
+        return Err(format!(
+            "the sandbox's identity is wrong: pid {}, uid map {:?}",
+            std::process::id(),
+            map.trim()
+        ));
+    }
+    Ok(())
+}
+
+/// Starts the shell with the driver, in a new session, as the requested user inside.
+fn spawn_shell(plan: &Plan) -> Result<i32, String> {
+    let mut command = Command::new(plan.shell);
+    command
+        .arg("-c")
+        .arg(DRIVER)
+        .arg("peerbuild")
+        .current_dir(plan.workdir);
+    let identity = plan.identity.clone();
+    // SAFETY: the closure runs between fork and exec and calls only async-signal-safe functions
+    // on data prepared before the fork.
+    unsafe {
+        command.pre_exec(move || {
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let (Some(uid), Some(gid)) = (identity.uid, identity.gid)
+                && (libc::setgroups(identity.groups.len(), identity.groups.as_ptr()) < 0
+                    || libc::setresgid(gid, gid, gid) < 0
+                    || libc::setresuid(uid, uid, uid) < 0)
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command
+        .spawn()
+        .map_err(|e| format!("cannot start the build's shell `{}`: {e}", plan.shell))?;
+    Ok(child.id() as i32)
+}
+
+/// Reaps every process re-parented to init until the shell exits; returns its status.
+fn reap_until(shell_pid: i32) -> i32 {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid writes only to `status`.
+        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if pid == shell_pid {
+            return crate::helper::decode_status(status);
+        }
+        if pid < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return 128 + libc::SIGKILL;
+        }
+    }
+}
+
+pub(crate) fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(os_error("cannot create a pipe"));
+    }
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+pub(crate) fn c_path(path: &Path) -> Result<CString, String> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| format!("the path {} holds a NUL byte", path.display()))
+}
+
+pub(crate) fn os_error(what: &str) -> String {
+    format!("{what}: {}", std::io::Error::last_os_error())
+}

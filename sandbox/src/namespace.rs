@@ -1,0 +1,231 @@
+//! The `namespace` backend: each session runs in new user, mount, pid, network, IPC, UTS and
+//! cgroup namespaces, built by the helper process (see `isolate.rs` for what the sandbox looks
+//! like and why it is built that way).
+//!
+//! Root inside is uid 100000 on the host. The root folder is the host's under a writable
+//! overlay whose upper folder lives next to the workspace ([`NamespaceExecutor::overlay_upper`])
+//! and goes when the node removes the workspace's folder; `/root`, `/home` and the paths the node
+//! names are masked; the workspace is read-write at its own path; `/tmp` is private; the network
+//! is loopback only (outbound access is not provided yet).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::helper::{self, EXIT_CANNOT_START, START_FAILURE};
+use crate::host::spawn_helper;
+use crate::isolate::Isolation;
+use crate::{
+    Capabilities, Enforcement, Executor, HelperCommand, SandboxError, Session, SessionSpec,
+};
+
+/// What the node asks of every `namespace` session.
+#[derive(Clone, Debug, Default)]
+pub struct NamespaceConfig {
+    /// Host paths a build must not see, such as the node's data directory and secret stores.
+    /// `/root` and `/home` are always masked.
+    pub masked: Vec<PathBuf>,
+    /// The most memory a session's processes may use together.
+    pub memory_limit_bytes: Option<u64>,
+    /// The most processes (and threads) a session may have at once.
+    pub process_limit: Option<u64>,
+}
+
+/// Runs sessions in namespace sandboxes through the helper process.
+#[derive(Clone, Debug)]
+pub struct NamespaceExecutor {
+    helper: HelperCommand,
+    config: NamespaceConfig,
+    capabilities: Capabilities,
+}
+
+impl NamespaceExecutor {
+    /// Checks that this machine can build the sandbox by building one (the helper runs
+    /// `/bin/true` in it), and learns which limits it enforces. Blocks while the probe runs,
+    /// a few milliseconds.
+    pub fn new(helper: HelperCommand, config: NamespaceConfig) -> Result<Self, SandboxError> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(SandboxError::Unavailable {
+                backend: "namespace",
+                reason: "it needs peerbuild to run as root, to map the build's root to an \
+                         unprivileged host uid and to mount the host's root under an overlay"
+                    .into(),
+            });
+        }
+        let probe = probe(&helper, &config)?;
+        let limit = |how: &str| match how {
+            "cgroup-v1" | "cgroup-v2" => Enforcement::Enforced,
+            "rlimit" => Enforcement::BestEffort,
+            _ => Enforcement::None,
+        };
+        let capabilities = Capabilities {
+            filesystem: Enforcement::Enforced,
+            // Isolated: the session has its own network namespace with only a loopback.
+            network: Enforcement::Enforced,
+            processes: Enforcement::Enforced,
+            memory: limit(&probe.memory),
+            cpu: Enforcement::None,
+            process_count: limit(&probe.processes),
+            process_tree_kill: Enforcement::Enforced,
+        };
+        Ok(NamespaceExecutor {
+            helper,
+            config,
+            capabilities,
+        })
+    }
+
+    /// The overlay's upper folder of the sessions whose workspace is `workdir`: everything a
+    /// build wrote outside its workspace (`/root/.m2`, `/usr/local`), as a tree whose files are
+    /// owned by uid 100000 + the owner inside. It outlives the sessions, so that caches can be
+    /// collected from it; it lives in the workspace's parent folder and goes with it. `None`
+    /// when `workdir` has no parent.
+    pub fn overlay_upper(workdir: &Path) -> Option<PathBuf> {
+        Some(sandbox_folder(workdir)?.join("upper"))
+    }
+}
+
+/// What the helper is asked to build for a session in `workdir`.
+fn isolation(config: &NamespaceConfig, workdir: &Path) -> Result<Isolation, SandboxError> {
+    let base = sandbox_folder(workdir).ok_or_else(|| SandboxError::Unavailable {
+        backend: "namespace",
+        reason: format!("the workspace {} has no parent folder", workdir.display()),
+    })?;
+    Ok(Isolation {
+        base,
+        masked: config.masked.clone(),
+        memory_limit_bytes: config.memory_limit_bytes,
+        process_limit: config.process_limit,
+    })
+}
+
+/// The folder that holds a session's overlay layers and mount points.
+fn sandbox_folder(workdir: &Path) -> Option<PathBuf> {
+    Some(workdir.parent()?.join("sandbox"))
+}
+
+impl Executor for NamespaceExecutor {
+    fn kind(&self) -> &'static str {
+        "namespace"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.capabilities
+    }
+
+    fn start(&self, spec: &SessionSpec) -> Result<Box<dyn Session>, SandboxError> {
+        let isolation = isolation(&self.config, &spec.workdir)?;
+        spawn_helper(&self.helper, helper::isolation_arguments(&isolation), spec)
+    }
+
+    fn adopt(&self, path: &Path) -> Result<(), SandboxError> {
+        crate::layers::shift_tree(path).map_err(|reason| SandboxError::Adopt {
+            path: path.to_owned(),
+            reason,
+        })
+    }
+}
+
+/// How the probe's sandbox applied each limit.
+struct Probe {
+    memory: String,
+    processes: String,
+}
+
+fn probe(helper: &HelperCommand, config: &NamespaceConfig) -> Result<Probe, SandboxError> {
+    let unavailable = |reason: String| SandboxError::Unavailable {
+        backend: "namespace",
+        reason,
+    };
+    let folder = private_temporary_folder()
+        .map_err(|e| unavailable(format!("cannot create a folder for the probe: {e}")))?;
+    let workdir = folder.join("src");
+    std::fs::create_dir_all(&workdir)
+        .map_err(|e| unavailable(format!("cannot create {}: {e}", workdir.display())))?;
+    let isolation = isolation(config, &workdir)?;
+    let output = Command::new(&helper.program)
+        .args(&helper.args)
+        .args(helper::arguments("/bin/true", &workdir, None))
+        .args(helper::isolation_arguments(&isolation))
+        .args(["--report", "yes"])
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output();
+    let _ = std::fs::remove_dir_all(&folder);
+    let output = output.map_err(|e| unavailable(format!("cannot run the sandbox helper: {e}")))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let reason = match output.status.code() {
+            Some(EXIT_CANNOT_START) => stderr.trim().trim_start_matches(START_FAILURE).to_owned(),
+            _ => format!("the probe failed ({}): {}", output.status, stderr.trim()),
+        };
+        return Err(unavailable(reason));
+    }
+    parse_probe(&stdout).ok_or_else(|| {
+        unavailable(format!(
+            "the probe's report is not understood: {:?}",
+            stdout.trim()
+        ))
+    })
+}
+
+/// A new folder in the temporary directory with an unpredictable name (`mkdtemp`), so that no
+/// other user can plant a link where the probe, running as root, will write.
+fn private_temporary_folder() -> std::io::Result<PathBuf> {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let template = std::env::temp_dir().join("peerbuild-probe-XXXXXX");
+    let mut bytes = template.as_os_str().as_bytes().to_vec();
+    bytes.push(0);
+    // SAFETY: mkdtemp rewrites the NUL-terminated template in place.
+    if unsafe { libc::mkdtemp(bytes.as_mut_ptr().cast()) }.is_null() {
+        return Err(std::io::Error::last_os_error());
+    }
+    bytes.pop();
+    Ok(PathBuf::from(std::ffi::OsString::from_vec(bytes)))
+}
+
+fn parse_probe(report: &str) -> Option<Probe> {
+    let line = report.lines().next()?;
+    let mut memory = None;
+    let mut processes = None;
+    for field in line.split_whitespace() {
+        match field.split_once('=')? {
+            ("memory", how) => memory = Some(how.to_owned()),
+            ("processes", how) => processes = Some(how.to_owned()),
+            _ => {}
+        }
+    }
+    Some(Probe {
+        memory: memory?,
+        processes: processes?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_reports_parse() {
+        let probe = parse_probe("memory=cgroup-v1 processes=rlimit\n").expect("parses");
+        assert_eq!(
+            (probe.memory.as_str(), probe.processes.as_str()),
+            ("cgroup-v1", "rlimit")
+        );
+        assert!(parse_probe("").is_none());
+        assert!(parse_probe("memory=none").is_none());
+    }
+
+    #[test]
+    fn the_upper_folder_sits_next_to_the_workspace() {
+        assert_eq!(
+            NamespaceExecutor::overlay_upper(Path::new("/data/work/b1/src")),
+            Some(PathBuf::from("/data/work/b1/sandbox/upper"))
+        );
+        assert_eq!(NamespaceExecutor::overlay_upper(Path::new("/")), None);
+    }
+}

@@ -1,0 +1,604 @@
+//! The `namespace` sandbox, end to end: escape probes (each its own buildspec, run through
+//! `peerbuild run --sandbox namespace`) that must find nothing of the host, limits that must
+//! hold, and the ordinary CodeBuild behaviours that must still hold inside.
+//!
+//! Where this machine cannot build the sandbox, each test prints why and returns early, except
+//! under `CI=true`, where that is a failure.
+
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use expect_test::expect;
+use tests::{Project, Run, TempDir, processes_with};
+
+/// Whether this machine builds namespace sandboxes, checked once with a trivial build.
+fn available() -> bool {
+    static AVAILABLE: OnceLock<Result<(), String>> = OnceLock::new();
+    let verdict = AVAILABLE.get_or_init(|| {
+        let project = Project::new(&[(
+            "buildspec.yml",
+            "version: 0.2\nphases:\n  build:\n    commands: ['true']\n",
+        )]);
+        let run = project.run(&["--sandbox", "namespace"]);
+        match run.code {
+            0 => Ok(()),
+            _ => Err(format!("exit {}: {}", run.code, run.stderr.trim())),
+        }
+    });
+    match verdict {
+        Ok(()) => true,
+        Err(reason) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("the namespace sandbox must work under CI: {reason}")
+        }
+        Err(reason) => {
+            eprintln!("skipped: the namespace sandbox is not available here: {reason}");
+            false
+        }
+    }
+}
+
+/// A project whose buildspec runs `commands` in its build phase.
+fn build_of(commands: &[&str]) -> Project {
+    let mut spec = String::from("version: 0.2\nphases:\n  build:\n    commands:\n");
+    for command in commands {
+        spec.push_str(&format!("      - {}\n", yaml_string(command)));
+    }
+    Project::new(&[("buildspec.yml", &spec)])
+}
+
+fn yaml_string(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+fn run_namespaced(project: &Project, extra: &[&str]) -> Run {
+    let mut args = vec!["--sandbox", "namespace"];
+    args.extend_from_slice(extra);
+    project.run(&args)
+}
+
+/// The build's output lines, joined.
+fn output(run: &Run) -> String {
+    run.events
+        .iter()
+        .filter(|e| e["event"] == "log")
+        .filter_map(|e| e["line"].as_str())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A file removed when dropped.
+struct Canary(std::path::PathBuf);
+
+impl Canary {
+    fn plant(path: std::path::PathBuf, secret: &str) -> Canary {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(&path, secret).expect("write the canary");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        Canary(path)
+    }
+}
+
+impl Drop for Canary {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn ordinary_behaviours_hold_inside() {
+    if !available() {
+        return;
+    }
+    let project = Project::new(&[(
+        "buildspec.yml",
+        r#"
+version: 0.2
+phases:
+  install:
+    commands:
+      - test "$PWD" = "$CODEBUILD_SRC_DIR" && echo starts in the workspace
+      - mkdir -p sub && cd sub
+      - export GREETING=hello
+  build:
+    commands:
+      - basename "$PWD"
+      - echo "$GREETING"
+      - echo made inside > "$CODEBUILD_SRC_DIR/out.txt"
+      - id -u
+      - sh -c 'exit 3'
+  post_build:
+    commands:
+      - echo "succeeding=$CODEBUILD_BUILD_SUCCEEDING"
+artifacts:
+  files: [out.txt]
+"#,
+    )]);
+    let artifacts = TempDir::new("ns-artifacts");
+    let folder = artifacts.path().join("out");
+    let run = run_namespaced(&project, &["--artifacts", &folder.display().to_string()]);
+    expect![[r#"
+        exit 1
+        $ test "$PWD" = "$CODEBUILD_SRC_DIR" && echo starts in the workspace
+        | starts in the workspace
+        $ mkdir -p sub && cd sub
+        $ export GREETING=hello
+        INSTALL SUCCEEDED
+        $ basename "$PWD"
+        | sub
+        $ echo "$GREETING"
+        | hello
+        $ echo made inside > "$CODEBUILD_SRC_DIR/out.txt"
+        $ id -u
+        | 0
+        $ sh -c 'exit 3'
+        BUILD FAILED: Error while executing command: sh -c 'exit 3'. Reason: exit status 3
+        note: POST_BUILD runs although the build has failed, as in CodeBuild; CODEBUILD_BUILD_SUCCEEDING is 0
+        $ echo "succeeding=$CODEBUILD_BUILD_SUCCEEDING"
+        | succeeding=0
+        POST_BUILD SUCCEEDED
+        UPLOAD_ARTIFACTS SUCCEEDED
+        result FAILED: BUILD: command `sh -c 'exit 3'` exited with status 3
+        artifact primary: 1 files"#]]
+    .assert_eq(&run.transcript());
+    let copied = std::fs::read_to_string(folder.join("out.txt")).expect("the artifact");
+    assert_eq!(copied, "made inside\n");
+}
+
+#[test]
+fn home_folders_and_the_data_directory_are_masked() {
+    if !available() {
+        return;
+    }
+    let secret = tests::marker("canary");
+    // A data directory outside /tmp (which is private inside anyway), so the mask itself is
+    // what hides it.
+    let data = Folder::new(format!("/var/tmp/{secret}-data").into());
+    let contents = format!("{secret}-contents");
+    let _root = Canary::plant(format!("/root/{secret}").into(), &contents);
+    let _data = Canary::plant(data.0.join("canary"), &contents);
+    let project = build_of(&[
+        &format!("cat /root/{secret} || echo no root canary"),
+        &format!("cat {}/canary || echo no data canary", data.0.display()),
+        &format!("ls -a {} /root /home", data.0.display()),
+        &format!(
+            "grep -rsF \"$(printf %s {secret} -contents)\" /root /home /var/tmp; echo searched"
+        ),
+    ]);
+    let output = project
+        .command()
+        .env("PEERBUILD_DATA_DIR", &data.0)
+        .args(["run", "src", "--json", "--sandbox", "namespace"])
+        .output()
+        .expect("peerbuild runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("no root canary"), "{stdout}");
+    assert!(stdout.contains("no data canary"), "{stdout}");
+    assert!(stdout.contains("searched"), "{stdout}");
+    assert!(
+        !stdout.contains(&contents),
+        "the build read a canary: {stdout}"
+    );
+}
+
+/// A folder removed when dropped.
+struct Folder(std::path::PathBuf);
+
+impl Folder {
+    fn new(path: std::path::PathBuf) -> Folder {
+        std::fs::create_dir_all(&path).expect("mkdir");
+        Folder(path)
+    }
+}
+
+impl Drop for Folder {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn other_processes_environments_are_out_of_reach() {
+    if !available() {
+        return;
+    }
+    let secret = tests::marker("environ");
+    let project = build_of(&[
+        "cat /proc/1/environ | tr \"\\0\" \"\\n\"; echo read init",
+        "for f in /proc/[0-9]*/environ; do tr \"\\0\" \"\\n\" < $f; done; echo read all",
+        "env",
+    ]);
+    let output = project
+        .command()
+        .env("PEERBUILD_PROBE_SECRET", &secret)
+        .args(["run", "src", "--json", "--sandbox", "namespace"])
+        .output()
+        .expect("peerbuild runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("read all"), "{stdout}");
+    assert!(
+        !stdout.contains(&secret),
+        "the build saw the node's environment: {stdout}"
+    );
+}
+
+#[test]
+fn host_processes_cannot_be_signalled() {
+    if !available() {
+        return;
+    }
+    let mut victim = Command::new("sleep")
+        .arg("300")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("sleep starts");
+    let pid = victim.id();
+    let project = build_of(&[&format!("kill -9 {pid} || echo kill refused")]);
+    let run = run_namespaced(&project, &[]);
+    let survived = victim.try_wait().expect("wait").is_none();
+    let _ = victim.kill();
+    let _ = victim.wait();
+    assert!(
+        survived,
+        "the build killed a host process: {}",
+        output(&run)
+    );
+    assert!(output(&run).contains("kill refused"), "{}", output(&run));
+}
+
+#[test]
+fn the_hosts_loopback_is_out_of_reach() {
+    if !available() {
+        return;
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+    listener.set_nonblocking(true).expect("non-blocking");
+    let port = listener.local_addr().expect("address").port();
+    let project = build_of(&[&format!(
+        "bash -c \"echo hello > /dev/tcp/127.0.0.1/{port}\" && echo connected || echo refused"
+    )]);
+    let run = run_namespaced(&project, &[]);
+    let out = output(&run);
+    assert!(
+        out.contains("refused") && !out.contains("connected"),
+        "{out}"
+    );
+    assert!(
+        listener.accept().is_err(),
+        "the build reached the host's loopback"
+    );
+}
+
+#[test]
+fn writes_outside_the_workspace_stay_in_the_sandbox() {
+    if !available() {
+        return;
+    }
+    let name = tests::marker("probe");
+    let target = format!("/etc/peerbuild-probe-{name}");
+    let project = Project::new(&[(
+        "buildspec.yml",
+        &format!(
+            "version: 0.2\nphases:\n  install:\n    commands:\n      - echo inside > {target}\n      - mkdir -p /root/.m2 && echo cached > /root/.m2/settings\n  build:\n    commands:\n      - cat {target} /root/.m2/settings\n"
+        ),
+    )]);
+    let run = run_namespaced(&project, &[]);
+    assert_eq!(run.code, 0, "{}", run.stdout);
+    assert_eq!(output(&run), "inside\ncached");
+    assert!(
+        !std::path::Path::new(&target).exists(),
+        "the build wrote {target} on the host"
+    );
+    assert!(!std::path::Path::new("/root/.m2/settings").exists() || host_m2_existed());
+}
+
+/// Whether the machine's own root already had Maven settings (the probe above must not be
+/// blamed for them).
+fn host_m2_existed() -> bool {
+    std::fs::read_to_string("/root/.m2/settings").is_ok_and(|s| s != "cached\n")
+}
+
+#[test]
+fn nothing_started_inside_outlives_the_build() {
+    if !available() {
+        return;
+    }
+    let marker = tests::marker("ns-daemon");
+    let project = build_of(&[
+        &format!("(setsid sh -c \"sleep 300 && echo {marker}\" &)"),
+        &format!("nohup sh -c \"sleep 300 && echo {marker}\" >/dev/null 2>&1 &"),
+        "echo started",
+    ]);
+    let run = run_namespaced(&project, &[]);
+    assert_eq!(run.code, 0, "{}", run.stdout);
+    assert_eq!(processes_with(&marker), Vec::<i32>::new());
+}
+
+#[test]
+fn a_fork_bomb_meets_the_process_limit() {
+    if !available() {
+        return;
+    }
+    let marker = tests::marker("bomb");
+    // First prove the limit is in force with a bounded loop (harmless without a limit), and
+    // only then let the bomb go.
+    let project = Project::new(&[
+        ("fork_probe.py", FORK_PROBE),
+        (
+            "buildspec.yml",
+            &format!(
+                r#"version: 0.2
+phases:
+  install:
+    commands:
+      - LIMITED=$(python3 fork_probe.py)
+      - echo "limited=$LIMITED"
+  build:
+    commands:
+      - 'if [ "$LIMITED" = yes ]; then bash -c ": {marker}; f() {{ f | f & }}; f" 2>/dev/null; fi'
+      - echo the shell still answers
+"#
+            ),
+        ),
+    ]);
+    let started = std::time::Instant::now();
+    let output = project
+        .command()
+        .env("PEERBUILD_SANDBOX_PROCESS_LIMIT", "64")
+        .args([
+            "run",
+            "src",
+            "--json",
+            "--sandbox",
+            "namespace",
+            "--timeout",
+            "30s",
+        ])
+        .output()
+        .expect("peerbuild runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stdout.contains("limited=yes"),
+        "the limit is not in force ({}): {stdout}{stderr}",
+        output.status
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+    assert_eq!(processes_with(&marker), Vec::<i32>::new());
+}
+
+/// Forks sleeping children until refused or 200 exist; prints `yes` when refused early.
+const FORK_PROBE: &str = "\
+import os, time
+n = 0
+try:
+    while n < 200:
+        if os.fork() == 0:
+            os.close(1)
+            time.sleep(2)
+            os._exit(0)
+        n += 1
+except OSError:
+    pass
+print('yes' if n < 200 else 'no')
+";
+
+#[test]
+fn memory_past_the_limit_is_refused() {
+    if !available() {
+        return;
+    }
+    // Allocates up to 512 MiB in 16 MiB steps: harmless without a limit, killed with one.
+    let project = Project::new(&[
+        ("grow.py", GROW),
+        (
+            "buildspec.yml",
+            "version: 0.2\nphases:\n  build:\n    commands:\n      - python3 grow.py > steps.txt; echo status=$?\n      - echo steps=$(wc -l < steps.txt)\n",
+        ),
+    ]);
+    let output = project
+        .command()
+        .env("PEERBUILD_SANDBOX_MEMORY_LIMIT", "128M")
+        .args([
+            "run",
+            "src",
+            "--json",
+            "--sandbox",
+            "namespace",
+            "--timeout",
+            "60s",
+        ])
+        .output()
+        .expect("peerbuild runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stdout.contains("status=137"),
+        "not killed: {stdout}{stderr}"
+    );
+    let steps: u32 = stdout
+        .rsplit("steps=")
+        .next()
+        .and_then(|rest| rest.split('"').next())
+        .and_then(|n| n.trim().parse().ok())
+        .expect("a step count");
+    assert!(
+        steps < 8,
+        "allocated {steps} x 16 MiB under a 128 MiB limit"
+    );
+}
+
+const GROW: &str = "\
+blocks = []
+for i in range(32):
+    blocks.append(bytearray(16 << 20))
+    print(i + 1, flush=True)
+";
+
+#[test]
+fn the_node_environment_stays_out() {
+    if !available() {
+        return;
+    }
+    let secret = tests::marker("env");
+    let project = build_of(&["env | sort"]);
+    let output = project
+        .command()
+        .env("PEERBUILD_PROBE_MARKER", &secret)
+        .args(["run", "src", "--json", "--sandbox", "namespace"])
+        .output()
+        .expect("peerbuild runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("CODEBUILD_SRC_DIR="), "{stdout}");
+    assert!(!stdout.contains(&secret), "{stdout}");
+}
+
+#[test]
+fn password_hashes_are_scrubbed() {
+    if !available() {
+        return;
+    }
+    let project = build_of(&[
+        "cut -d: -f2 /etc/shadow | sort -u",
+        "useradd builder && id -u builder",
+    ]);
+    let run = run_namespaced(&project, &[]);
+    assert_eq!(run.code, 0, "{}", run.stdout);
+    let out = output(&run);
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("*"), "{out}");
+    assert!(
+        lines.next().is_some_and(|uid| uid.parse::<u32>().is_ok()),
+        "{out}"
+    );
+}
+
+#[test]
+fn host_unix_sockets_are_out_of_reach() {
+    if !available() {
+        return;
+    }
+    let path = std::path::PathBuf::from(format!("/var/tmp/{}.sock", tests::marker("socket")));
+    let listener = std::os::unix::net::UnixListener::bind(&path).expect("listen");
+    listener.set_nonblocking(true).expect("non-blocking");
+    let _socket = Canary(path.clone());
+    let project = build_of(&[&format!(
+        "python3 -c \"import socket; socket.socket(socket.AF_UNIX).connect(\x27{}\x27)\" 2>/dev/null && echo connected || echo refused",
+        path.display()
+    )]);
+    let run = run_namespaced(&project, &[]);
+    let out = output(&run);
+    assert!(
+        out.contains("refused") && !out.contains("connected"),
+        "{out}"
+    );
+    assert!(
+        listener.accept().is_err(),
+        "the build reached a host socket"
+    );
+}
+
+#[test]
+fn a_sandbox_that_cannot_start_never_falls_back_to_the_host() {
+    if !available() {
+        return;
+    }
+    // One process allowed: init itself, so the shell cannot start.
+    let project = build_of(&["echo ran anyway"]);
+    let output = project
+        .command()
+        .env("PEERBUILD_SANDBOX_PROCESS_LIMIT", "1")
+        .args(["run", "src", "--json", "--sandbox", "namespace"])
+        .output()
+        .expect("peerbuild runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stdout}{stderr}");
+    assert!(!stdout.contains("ran anyway"), "{stdout}");
+    assert!(
+        stderr.contains("cannot start the build's shell"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn files_the_build_creates_belong_to_an_unprivileged_host_user() {
+    use std::os::unix::fs::MetadataExt;
+    if !available() {
+        return;
+    }
+    let project = build_of(&[
+        "cp /bin/true set-uid && chmod 4755 set-uid && ls -n set-uid",
+        "sleep 20",
+    ]);
+    let mut child = project
+        .command()
+        .args(["run", "src", "--json", "--sandbox", "namespace"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("peerbuild starts");
+    let find = || {
+        let work = project.data().join("work");
+        std::fs::read_dir(work)
+            .ok()?
+            .flatten()
+            .map(|holder| holder.path().join("src/set-uid"))
+            .find(|path| path.exists())
+    };
+    tests::wait_for(
+        "the build's set-uid file",
+        std::time::Duration::from_secs(30),
+        || find().is_some(),
+    );
+    let meta = find().and_then(|path| std::fs::symlink_metadata(path).ok());
+    // SAFETY: kill only sends a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let _ = child.wait();
+    let meta = meta.expect("the file's attributes");
+    assert!(meta.uid() >= 100_000, "owned by host uid {}", meta.uid());
+}
+
+#[test]
+fn a_timeout_kills_everything_inside() {
+    if !available() {
+        return;
+    }
+    let marker = tests::marker("ns-timeout");
+    let project = build_of(&[
+        &format!("(setsid sh -c \"sleep 300 && echo {marker}\" &)"),
+        &format!("sh -c \"sleep 300 && echo {marker}\""),
+    ]);
+    let run = run_namespaced(&project, &["--timeout", "2s"]);
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    assert_eq!(run.result()["status"], "TIMED_OUT");
+    assert_eq!(processes_with(&marker), Vec::<i32>::new());
+}
+
+#[test]
+fn links_left_in_the_overlay_never_lead_the_next_session_out() {
+    if !available() {
+        return;
+    }
+    // The build replaces /etc by a link to a host folder, then ends its shell, so that the
+    // next phase's session is prepared (as root, on the host) over that upper layer.
+    let target = Folder::new(format!("/var/tmp/{}", tests::marker("links")).into());
+    let project = Project::new(&[(
+        "buildspec.yml",
+        &format!(
+            "version: 0.2\nphases:\n  build:\n    commands:\n      - rm -rf /etc 2>/dev/null; ln -s {} /etc && echo linked\n      - exit 1\n  post_build:\n    commands:\n      - echo after\n",
+            target.0.display()
+        ),
+    )]);
+    let run = run_namespaced(&project, &[]);
+    assert!(output(&run).contains("linked"), "{}", run.stdout);
+    let written: Vec<_> = std::fs::read_dir(&target.0)
+        .expect("list")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        written.is_empty(),
+        "the helper wrote {written:?} through the build's link"
+    );
+}
