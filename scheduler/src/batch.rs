@@ -207,7 +207,7 @@ impl BatchGraph {
     }
 }
 
-fn check_graph(members: &[Member]) -> Result<(), GraphError> {
+pub(crate) fn check_graph(members: &[Member]) -> Result<(), GraphError> {
     for (member, m) in members.iter().enumerate() {
         if let Some(&dependency) = m.depends_on.iter().find(|d| **d >= members.len()) {
             return Err(GraphError::UnknownDependency { member, dependency });
