@@ -2,7 +2,7 @@
 //! bit, digest or link target). The same folder always encodes to the same bytes on any machine,
 //! so a tree's digest names a whole snapshot and equal subtrees are stored once.
 //!
-//! Encoding: postcard of [`Encoded`], whose first field is [`TREE_FORMAT_VERSION`]. Decoding
+//! Encoding: postcard of the format version ([`TREE_FORMAT_VERSION`]) and the entries. Decoding
 //! refuses anything a canonical encoder would not produce (unsorted or duplicate names, names
 //! with `/` or NUL, `.` and `..`), so a peer cannot smuggle a path out of a tree.
 
