@@ -52,27 +52,38 @@ fn main() {
     .expect("write buildspec");
     let data = root.join("data");
     let peerbuild = env!("CARGO_BIN_EXE_peerbuild");
-    let run = |source: &Path| {
+    let run = |source: &Path, sandbox: &str| {
         let mut command = Command::new(peerbuild);
         command
             .arg("run")
             .arg(source)
+            .args(["--sandbox", sandbox])
             .env("PEERBUILD_DATA_DIR", &data);
         command
     };
+    // The namespace sandbox needs root and a kernel that allows it; measure it where it runs.
+    let namespace = run(&source, "namespace")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
     let bash = || {
         let mut command = Command::new("bash");
         command.args(["-c", "echo hi"]);
         command
     };
     for _ in 0..5 {
-        time(&mut run(&source));
+        time(&mut run(&source, "host"));
         time(&mut bash());
     }
-    let (mut peerbuild_samples, mut bash_samples) = (Vec::new(), Vec::new());
+    let (mut peerbuild_samples, mut bash_samples, mut namespace_samples) =
+        (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
-        peerbuild_samples.push(time(&mut run(&source)));
+        peerbuild_samples.push(time(&mut run(&source, "host")));
         bash_samples.push(time(&mut bash()));
+        if namespace {
+            namespace_samples.push(time(&mut run(&source, "namespace")));
+        }
     }
     println!(
         "trivial build (`echo hi`), {} cores",
@@ -84,5 +95,14 @@ fn main() {
         "overhead of peerbuild over bash: {:.2} ms (goal: under 50 ms)",
         peerbuild_median - bash_median
     );
+    if namespace {
+        let namespace_median = report("peerbuild run --sandbox namespace", namespace_samples);
+        println!(
+            "namespace sandbox over host: {:.2} ms (includes its start-up probe)",
+            namespace_median - peerbuild_median
+        );
+    } else {
+        println!("peerbuild run --sandbox namespace: not available here (needs root)");
+    }
     let _ = std::fs::remove_dir_all(&root);
 }

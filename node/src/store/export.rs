@@ -36,7 +36,7 @@ struct FileJob {
 
 /// Exports the tree `root` into `dest`, which must not exist or be an empty folder.
 pub fn export(store: &Store, root: &Digest, dest: &Path) -> Result<Exported> {
-    let _lock = store.lock(false)?;
+    let _lock = store.lock_shared()?;
     if let Ok(mut entries) = fs::read_dir(dest)
         && entries.next().is_some()
     {

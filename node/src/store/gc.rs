@@ -90,7 +90,7 @@ pub fn tree_file_bytes(
 /// Drops least recently used roots until what the rest reach fits in `max_stored_bytes`, then
 /// removes every object no root reaches.
 pub fn collect(store: &Store, max_stored_bytes: u64) -> Result<Collected> {
-    let _lock = store.lock(true)?;
+    let _lock = store.lock_exclusive()?;
     collect_locked(store, max_stored_bytes)
 }
 

@@ -177,7 +177,7 @@ fn finish(
     what: &str,
     statting: Statting,
 ) -> Result<Imported> {
-    let _lock = store.lock(false)?;
+    let _lock = store.lock_shared()?;
     let started_ns = now_ns();
     let mut cache = match statting {
         Statting::Cached => StatCache::load(&store.statcache_dir(), root),

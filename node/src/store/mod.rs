@@ -384,12 +384,7 @@ impl Store {
     /// Takes the store exclusively if no one else holds it, for a collection that should not
     /// wait for running builds.
     pub fn try_lock_exclusive(&self) -> Result<Option<StoreLock>> {
-        let path = self.root.join("lock");
-        let file = fs::File::options()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| StoreError::io(&path, e))?;
+        let file = self.lock_file()?;
         // SAFETY: flock on a descriptor we hold open.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } < 0 {
             return Ok(None);
@@ -397,24 +392,35 @@ impl Store {
         Ok(Some(StoreLock { _file: file }))
     }
 
-    /// Holds the store shared (imports, exports, builds) or exclusive (gc) until dropped.
-    pub fn lock(&self, exclusive: bool) -> Result<StoreLock> {
+    /// Holds the store shared (imports, exports, builds) until dropped.
+    pub fn lock_shared(&self) -> Result<StoreLock> {
+        self.lock_with(libc::LOCK_SH)
+    }
+
+    /// Holds the store exclusively (gc) until dropped, waiting for shared holders.
+    pub fn lock_exclusive(&self) -> Result<StoreLock> {
+        self.lock_with(libc::LOCK_EX)
+    }
+
+    fn lock_with(&self, mode: libc::c_int) -> Result<StoreLock> {
+        let file = self.lock_file()?;
+        // SAFETY: flock on a descriptor we hold open.
+        if unsafe { libc::flock(file.as_raw_fd(), mode) } < 0 {
+            return Err(StoreError::io(
+                &self.root.join("lock"),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(StoreLock { _file: file })
+    }
+
+    fn lock_file(&self) -> Result<fs::File> {
         let path = self.root.join("lock");
-        let file = fs::File::options()
+        fs::File::options()
             .create(true)
             .append(true)
             .open(&path)
-            .map_err(|e| StoreError::io(&path, e))?;
-        let mode = if exclusive {
-            libc::LOCK_EX
-        } else {
-            libc::LOCK_SH
-        };
-        // SAFETY: flock on a descriptor we hold open.
-        if unsafe { libc::flock(file.as_raw_fd(), mode) } < 0 {
-            return Err(StoreError::io(&path, std::io::Error::last_os_error()));
-        }
-        Ok(StoreLock { _file: file })
+            .map_err(|e| StoreError::io(&path, e))
     }
 }
 
