@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use protocol::buildspec::{self, Buildspec};
+use protocol::buildspec::{self, Buildspec, SandboxKind};
 use sandbox::{Executor, HelperCommand, HostExecutor, NamespaceConfig, NamespaceExecutor};
 use tokio::sync::watch;
 
@@ -74,11 +74,16 @@ struct Prepared {
     /// `--artifacts`, if given.
     artifacts_root: Option<PathBuf>,
     start_time_ms: u64,
+    /// The sandbox the build runs in: `--sandbox`, else the buildspec's `peerbuild.sandbox`,
+    /// else `host`.
+    sandbox: SandboxKind,
+    /// Remarks to show once the build is announced.
+    warnings: Vec<String>,
 }
 
 async fn run_async(data_dir: Option<&Path>, args: RunArgs) -> Result<u8> {
     let prepared = prepare(data_dir, &args)?;
-    let executor = executor(args.sandbox.as_deref(), &prepared.data)?;
+    let executor = executor(prepared.sandbox, &prepared.data)?;
     let build_dir = prepared.data.build(&prepared.id.to_string());
     data_dir::create_private(&build_dir)?;
     data_dir::write_private(
@@ -194,6 +199,13 @@ async fn run_prepared(
         batch: matches!(work, Work::Batch { .. }),
         start_time_ms: prepared.start_time_ms,
     });
+    for warning in &prepared.warnings {
+        node.reporter.emit(Event::Note {
+            member: None,
+            level: Level::Warning,
+            message: warning.clone(),
+        });
+    }
     for skipped in &prepared.source.skipped {
         node.reporter.emit(Event::Note {
             member: None,
@@ -471,7 +483,8 @@ fn prepare(data_dir: Option<&Path>, args: &RunArgs) -> Result<Prepared> {
         .clone()
         .unwrap_or_else(|| dir.join("buildspec.yml"));
     let buildspec = load_buildspec(&buildspec_path, &buildspec_path)?;
-    check_sandbox(args)?;
+    let (sandbox, warnings) = choose_sandbox(args, &buildspec)?;
+    check_requirements(args)?;
     let submitted = submitted_variables(args)?;
     let secrets = match &args.secrets {
         Some(path) => SecretsFile::load(path).map_err(|e| Refused(format!("{e:#}")))?,
@@ -517,10 +530,7 @@ fn prepare(data_dir: Option<&Path>, args: &RunArgs) -> Result<Prepared> {
         base_env.set("CODEBUILD_RESOLVED_SOURCE_VERSION", commit.clone());
         base_env.set("CODEBUILD_SOURCE_VERSION", commit.clone());
     }
-    base_env.set(
-        "PEERBUILD_SANDBOX",
-        args.sandbox.as_deref().unwrap_or("host"),
-    );
+    base_env.set("PEERBUILD_SANDBOX", sandbox.key());
     base_env.set("PEERBUILD_VERSION", env!("CARGO_PKG_VERSION"));
     Ok(Prepared {
         data,
@@ -534,28 +544,62 @@ fn prepare(data_dir: Option<&Path>, args: &RunArgs) -> Result<Prepared> {
         users,
         artifacts_root,
         start_time_ms,
+        sandbox,
+        warnings,
     })
 }
 
-fn check_sandbox(args: &RunArgs) -> Result<()> {
-    match args.sandbox.as_deref() {
-        None | Some("host" | "namespace") => {}
-        Some(kind @ ("docker" | "wasm")) => {
-            bail!(
-                "the {kind} sandbox is not available in this version of peerbuild; use --sandbox host"
-            )
-        }
+/// The sandbox for this run: `--sandbox`, else the buildspec's `peerbuild.sandbox`, else
+/// `host`; and remarks about settings this version does not act on.
+fn choose_sandbox(args: &RunArgs, buildspec: &Buildspec) -> Result<(SandboxKind, Vec<String>)> {
+    let from_flag = match args.sandbox.as_deref() {
+        None => None,
+        Some("host") => Some(SandboxKind::Host),
+        Some("namespace") => Some(SandboxKind::Namespace),
+        Some("docker") => Some(SandboxKind::Docker),
+        Some("wasm") => Some(SandboxKind::Wasm),
         Some(other) => {
             return refuse(format!(
                 "unknown sandbox `{other}`; expected namespace, docker, wasm or host"
             ));
         }
+    };
+    let sandbox = from_flag
+        .or(buildspec.peerbuild.sandbox)
+        .unwrap_or(SandboxKind::Host);
+    if matches!(sandbox, SandboxKind::Docker | SandboxKind::Wasm) {
+        bail!(
+            "the {} sandbox is not available in this version of peerbuild; use host or namespace",
+            sandbox.key()
+        );
     }
     if let Some(image) = &args.image {
         return refuse(format!(
-            "--image {image} needs a sandbox that runs images (docker); the host sandbox runs on this machine"
+            "--image {image} needs a sandbox that runs images (docker); the {} sandbox uses this machine's files",
+            sandbox.key()
         ));
     }
+    let mut warnings = Vec::new();
+    if let Some(image) = &buildspec.peerbuild.image {
+        warnings.push(format!(
+            "peerbuild.image `{image}` is not used: the {} sandbox uses this machine's files",
+            sandbox.key()
+        ));
+    }
+    let overridden = buildspec.peerbuild.phases.iter().any(|(_, phase)| {
+        phase.sandbox.is_some_and(|kind| kind != sandbox) || phase.image.is_some()
+    });
+    if overridden {
+        warnings.push(format!(
+            "per-phase sandbox settings under peerbuild.phases are not acted on yet; every phase runs in the {} sandbox",
+            sandbox.key()
+        ));
+    }
+    Ok((sandbox, warnings))
+}
+
+/// Refuses `--require` labels this machine, the only peer, lacks.
+fn check_requirements(args: &RunArgs) -> Result<()> {
     let labels = local_labels();
     for requirement in &args.require {
         let Some((label, value)) = requirement.split_once('=') else {
@@ -628,9 +672,9 @@ fn lookup_users(names: &[String]) -> Result<HashMap<String, User>> {
 
 /// The executor `--sandbox` chose. `host` stays the default until the namespace sandbox gives
 /// builds outbound network access, which CodeBuild builds expect.
-fn executor(sandbox: Option<&str>, data: &DataDir) -> Result<Arc<dyn Executor>> {
+fn executor(sandbox: SandboxKind, data: &DataDir) -> Result<Arc<dyn Executor>> {
     let helper = helper_command()?;
-    if sandbox != Some("namespace") {
+    if sandbox != SandboxKind::Namespace {
         return Ok(Arc::new(HostExecutor::new(helper)));
     }
     let me = users::current();

@@ -271,11 +271,20 @@ pub(crate) fn release_session_pipes() {
     }
 }
 
+/// How long the helper keeps trying to kill what is left before it gives up: a process started
+/// through a set-user-id program cannot be signalled, and must not keep the helper alive for ever.
+const KILL_GIVE_UP: std::time::Duration = std::time::Duration::from_secs(30);
+
 fn supervise(shell_pid: i32, signals: &libc::sigset_t) -> i32 {
     let mut shell_status = None;
     let mut killing = false;
+    let mut killing_since: Option<std::time::Instant> = None;
     loop {
         if killing {
+            let since = *killing_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() > KILL_GIVE_UP {
+                break;
+            }
             kill_children(shell_pid);
         }
         if let Reaped::NoChildrenLeft = reap(shell_pid, &mut shell_status) {

@@ -602,3 +602,29 @@ fn links_left_in_the_overlay_never_lead_the_next_session_out() {
         "the helper wrote {written:?} through the build's link"
     );
 }
+
+#[test]
+fn the_buildspec_chooses_the_sandbox_and_the_command_line_overrides_it() {
+    if !available() {
+        return;
+    }
+    let project = Project::new(&[(
+        "buildspec.yml",
+        "version: 0.2\npeerbuild:\n  sandbox: namespace\nphases:\n  build:\n    commands:\n      - echo \"sandbox=$PEERBUILD_SANDBOX\"\n      - awk '{print \"uid map \" $2}' /proc/self/uid_map\n",
+    )]);
+    let inside = project.run(&[]);
+    assert_eq!(inside.code, 0, "{}", inside.stdout);
+    assert!(
+        inside.stdout.contains("sandbox=namespace"),
+        "{}",
+        inside.stdout
+    );
+    assert!(
+        inside.stdout.contains("uid map 100000"),
+        "root inside maps to 100000: {}",
+        inside.stdout
+    );
+    let host = project.run(&["--sandbox", "host"]);
+    assert!(host.stdout.contains("sandbox=host"), "{}", host.stdout);
+    assert!(host.stdout.contains("uid map 0"), "{}", host.stdout);
+}
