@@ -220,15 +220,30 @@ fn block_signals() -> libc::sigset_t {
 }
 
 fn spawn_shell(options: &Options) -> std::io::Result<i32> {
-    let mut command = Command::new(&options.shell);
+    let identity = crate::isolate::Identity {
+        uid: options.uid,
+        gid: options.gid,
+        groups: options.groups.clone(),
+    };
+    spawn_driver_shell(&options.shell, &options.workdir, &identity)
+}
+
+/// Starts the shell running the driver, in a new session, as `identity` (for every backend
+/// that runs a shell: on the host, or inside the namespace sandbox).
+pub(crate) fn spawn_driver_shell(
+    shell: &str,
+    workdir: &std::path::Path,
+    identity: &crate::isolate::Identity,
+) -> std::io::Result<i32> {
+    let mut command = Command::new(shell);
     command
         .arg("-c")
         .arg(DRIVER)
         .arg("peerbuild")
-        .current_dir(&options.workdir);
-    let (uid, gid, groups) = (options.uid, options.gid, options.groups.clone());
+        .current_dir(workdir);
+    let identity = identity.clone();
     // SAFETY: the closure runs between fork and exec and calls only async-signal-safe functions
-    // (sigprocmask, setsid, setgroups, setgid, setuid) on data prepared before the fork.
+    // (sigprocmask, setsid, setgroups, setresgid, setresuid) on data prepared before the fork.
     unsafe {
         command.pre_exec(move || {
             let mut empty: libc::sigset_t = std::mem::zeroed();
@@ -239,10 +254,10 @@ fn spawn_shell(options: &Options) -> std::io::Result<i32> {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            if let (Some(uid), Some(gid)) = (uid, gid)
-                && (libc::setgroups(groups.len(), groups.as_ptr()) < 0
-                    || libc::setgid(gid) < 0
-                    || libc::setuid(uid) < 0)
+            if let (Some(uid), Some(gid)) = (identity.uid, identity.gid)
+                && (libc::setgroups(identity.groups.len(), identity.groups.as_ptr()) < 0
+                    || libc::setresgid(gid, gid, gid) < 0
+                    || libc::setresuid(uid, uid, uid) < 0)
             {
                 return Err(std::io::Error::last_os_error());
             }

@@ -34,12 +34,9 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use crate::cgroups::{Applied, Cgroups};
-use crate::helper::DRIVER;
 use crate::layers::{
     Layout, SCRUBBED, check_path, default_masks, is_given, mask_in_upper, scrub_in_upper,
     shift_tree,
@@ -613,37 +610,8 @@ fn verify(host: &NamespaceIds) -> Result<(), String> {
 
 /// Starts the shell with the driver, in a new session, as the requested user inside.
 fn spawn_shell(plan: &Plan) -> Result<i32, String> {
-    let mut command = Command::new(plan.shell);
-    command
-        .arg("-c")
-        .arg(DRIVER)
-        .arg("peerbuild")
-        .current_dir(plan.workdir);
-    let identity = plan.identity.clone();
-    // SAFETY: the closure runs between fork and exec and calls only async-signal-safe functions
-    // on data prepared before the fork.
-    unsafe {
-        command.pre_exec(move || {
-            let mut empty: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut empty);
-            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if let (Some(uid), Some(gid)) = (identity.uid, identity.gid)
-                && (libc::setgroups(identity.groups.len(), identity.groups.as_ptr()) < 0
-                    || libc::setresgid(gid, gid, gid) < 0
-                    || libc::setresuid(uid, uid, uid) < 0)
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = command
-        .spawn()
-        .map_err(|e| format!("cannot start the build's shell `{}`: {e}", plan.shell))?;
-    Ok(child.id() as i32)
+    crate::helper::spawn_driver_shell(plan.shell, plan.workdir, plan.identity)
+        .map_err(|e| format!("cannot start the build's shell `{}`: {e}", plan.shell))
 }
 
 /// Reaps every process re-parented to init until the shell exits; returns its status.
