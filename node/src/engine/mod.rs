@@ -26,7 +26,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use protocol::buildspec::{ArtifactSet, Buildspec, OnFailure, Phase, PhaseName};
+use protocol::buildspec::{
+    ArtifactSet, Buildspec, Cache, CacheAction, OnFailure, Phase, PhaseName,
+};
 use sandbox::{Executor, OutputSink, SessionSpec, ShellKind, ShellMode};
 use tokio::sync::watch;
 
@@ -217,15 +219,21 @@ impl Run<'_> {
             return;
         };
         if self.download_source(workspace.path()).await {
-            self.restore_cache(&workspace).await;
+            let cache = self.usable_cache();
+            if let Some(cache) = cache.as_ref().filter(|c| c.action != CacheAction::Save) {
+                self.restore_cache(&workspace, cache).await;
+            }
             if self.end.is_none() {
                 self.build_phases().await;
             }
             if self.end.is_none() {
                 self.export_variables().await;
             }
-            if self.end.is_none() && !self.failed {
-                self.save_cache(&workspace).await;
+            if self.end.is_none()
+                && !self.failed
+                && let Some(cache) = cache.as_ref().filter(|c| c.action != CacheAction::Restore)
+            {
+                self.save_cache(&workspace, cache).await;
             }
             if self.end.is_none() && self.has_uploads() {
                 self.upload(workspace.path()).await;
@@ -699,7 +707,7 @@ impl Run<'_> {
     /// The buildspec's cache as this sandbox can use it: outside `host`, paths outside the
     /// workspace live in the sandbox's own file system, which the cache cannot reach yet, so
     /// they are left out with a note.
-    fn usable_cache(&self) -> Option<protocol::buildspec::Cache> {
+    fn usable_cache(&self) -> Option<Cache> {
         let mut cache = self.build.buildspec.cache.clone()?;
         if self.node.executor.kind() != "host" {
             let (outside, inside): (Vec<String>, Vec<String>) =
@@ -722,16 +730,10 @@ impl Run<'_> {
         Some(cache)
     }
 
-    /// Restores the buildspec's cache before INSTALL (unless `action: save`).
-    async fn restore_cache(&mut self, workspace: &Workspace) {
-        let Some(cache) = self.usable_cache() else {
-            return;
-        };
-        if cache.action == protocol::buildspec::CacheAction::Save {
-            return;
-        }
+    /// Restores the buildspec's cache before INSTALL.
+    async fn restore_cache(&mut self, workspace: &Workspace, cache: &Cache) {
         let started = Instant::now();
-        let Some(key) = self.cache_key(&cache).await else {
+        let Some(key) = self.cache_key(cache).await else {
             return;
         };
         let mut fallbacks = Vec::new();
@@ -741,6 +743,7 @@ impl Run<'_> {
                 Err(step) => return self.cache_interrupted(step),
             }
         }
+        let cache = cache.clone();
         let store = self.node.store.clone();
         let workspace_path = workspace.path().to_owned();
         let scratch = workspace.scratch("cache-restore");
@@ -810,7 +813,7 @@ impl Run<'_> {
     }
 
     /// The cache's key, evaluated; `None` (with a note) when the buildspec gives none.
-    async fn cache_key(&mut self, cache: &protocol::buildspec::Cache) -> Option<String> {
+    async fn cache_key(&mut self, cache: &Cache) -> Option<String> {
         let Some(key) = &cache.key else {
             self.note(Level::Warning, "cache: the buildspec gives no `key`, so nothing is restored or saved (fallback-keys need a key)");
             return None;
@@ -839,19 +842,14 @@ impl Run<'_> {
         }
     }
 
-    /// Saves the cache after a successful build (unless `action: restore`); an existing entry
-    /// for the key is never replaced.
-    async fn save_cache(&mut self, workspace: &Workspace) {
-        let Some(cache) = self.usable_cache() else {
-            return;
-        };
-        if cache.action == protocol::buildspec::CacheAction::Restore {
-            return;
-        }
+    /// Saves the cache after a successful build; an existing entry for the key is never
+    /// replaced.
+    async fn save_cache(&mut self, workspace: &Workspace, cache: &Cache) {
         let started = Instant::now();
-        let Some(key) = self.cache_key(&cache).await else {
+        let Some(key) = self.cache_key(cache).await else {
             return;
         };
+        let cache = cache.clone();
         let store = self.node.store.clone();
         let workspace_path = workspace.path().to_owned();
         let scratch = workspace.scratch("cache-save");
