@@ -9,6 +9,7 @@
 //! [`SessionSpec`] and read back [`CommandOutcome`]s.
 
 mod cgroups;
+mod docker;
 pub mod helper;
 mod host;
 mod isolate;
@@ -21,6 +22,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
+pub use docker::{DockerConfig, DockerExecutor};
 pub use host::HostExecutor;
 pub use namespace::{NamespaceConfig, NamespaceExecutor};
 pub use shell::ShellSession;
@@ -81,6 +83,10 @@ pub struct SessionSpec {
     pub env: Vec<(String, String)>,
     /// `None` runs as the caller's own user.
     pub run_as: Option<RunAs>,
+    /// The build asks for CodeBuild's `privileged-mode`. Only `docker` acts on it, and only
+    /// when its owner allows it ([`DockerConfig::allow_privileged`]); otherwise it refuses the
+    /// session. `host` is unconfined anyway; `namespace` never grants it.
+    pub privileged: bool,
 }
 
 /// How a command ended.
@@ -164,6 +170,17 @@ pub enum SandboxError {
     Unkillable { seconds: u64 },
     #[error("cannot give {path} to the build: {reason}")]
     Adopt { path: PathBuf, reason: String },
+    #[error(
+        "image {image} is not on this machine; no registry can be reached: build or import it (docker import)"
+    )]
+    MissingImage { image: String },
+    #[error("the build asks for privileged-mode, which this node does not allow")]
+    PrivilegedRefused,
+    #[error("the Docker engine refused to {action}: {reason}")]
+    Docker {
+        action: &'static str,
+        reason: String,
+    },
     #[error("the {backend} sandbox is not available on this machine: {reason}")]
     Unavailable {
         backend: &'static str,
@@ -178,7 +195,10 @@ pub trait Executor: Send + Sync {
     /// What this backend enforces on this machine.
     fn capabilities(&self) -> Capabilities;
     /// Starts a shell session.
-    fn start(&self, spec: &SessionSpec) -> Result<Box<dyn Session>, SandboxError>;
+    fn start<'a>(
+        &'a self,
+        spec: &'a SessionSpec,
+    ) -> BoxFuture<'a, Result<Box<dyn Session>, SandboxError>>;
     /// Makes files the node wrote into a workspace after its session started (a restored
     /// cache) usable by the build as if the build had written them: `namespace` gives them to
     /// the sandbox's ids on disk. Call it on the top folder written; `host` needs nothing.
