@@ -1,9 +1,10 @@
 //! Executors that run a build's commands, one trait for every sandbox backend.
 //!
 //! A build runs as a [`Session`]: one long-lived shell that receives commands one at a time, so
-//! that CodeBuild's 0.2 rule (one shell for the whole build) holds. Every backend starts the shell
-//! through a freshly executed helper process (see [`helper`]) that becomes a child subreaper: when
-//! the session ends, every process the build started is killed, double-forked ones too.
+//! that CodeBuild's 0.2 rule (one shell for the whole build) holds. `host` and `namespace` start
+//! the shell through a freshly executed helper process (see [`helper`]) that becomes a child
+//! subreaper: when the session ends, every process the build started is killed, double-forked
+//! ones too. `docker` starts it in a container of its own, removed when the session ends.
 //!
 //! This crate knows nothing of peers, buildspecs or the network protocol: callers hand it a
 //! [`SessionSpec`] and read back [`CommandOutcome`]s.
