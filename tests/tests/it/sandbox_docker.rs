@@ -591,3 +591,41 @@ fn an_unreachable_engine_is_a_fault_with_its_reason() {
     );
     assert!(!String::from_utf8_lossy(&output.stdout).contains("\"line\":\"ran\""));
 }
+
+#[test]
+fn containers_left_by_a_node_that_died_are_removed_by_the_next() {
+    use std::io::BufRead;
+    if !available() {
+        return;
+    }
+    let project = build_of(&["echo container=$(hostname)", "sleep 300"]);
+    let mut node = project
+        .command()
+        .args([
+            "run",
+            "src",
+            "--json",
+            "--sandbox",
+            "docker",
+            "--image",
+            IMAGE,
+        ])
+        .args(["--timeout", "60s"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("peerbuild starts");
+    let stdout = node.stdout.take().expect("piped");
+    let line = std::io::BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .find(|line| line.contains("\"line\":\"container="))
+        .expect("the build names its container");
+    let container = container_of(&line);
+    // SIGKILL: the node gets no chance to remove the container.
+    node.kill().expect("kill");
+    node.wait().expect("wait");
+    // (Another test's node may already have removed it: the sweep runs at every start.)
+    let next = run_docker(&build_of(&["true"]), &[]);
+    assert_eq!(next.code, 0, "{}", next.stdout);
+    assert_gone(&container);
+}
