@@ -166,11 +166,13 @@ pub struct RunArgs {
     /// Copy the artifacts into this folder (must be empty or absent).
     #[arg(long, value_name = "OUT_DIR")]
     pub artifacts: Option<PathBuf>,
-    /// The sandbox: host (the default for now) or namespace (Linux namespaces; no outbound
-    /// network yet). docker and wasm are coming.
+    /// The sandbox: host (the default for now), namespace (Linux namespaces; no outbound
+    /// network yet) or docker (a container of --image through the Docker engine; no network
+    /// yet). wasm is coming.
     #[arg(long, value_name = "KIND")]
     pub sandbox: Option<String>,
-    /// The image to run in (for sandboxes that use images).
+    /// The image the docker sandbox runs (it must be on this machine: build or `docker import`
+    /// it); overrides the buildspec's peerbuild.image. Only with --sandbox docker.
     #[arg(long, value_name = "NAME")]
     pub image: Option<String>,
     /// Run only on a peer with this label. Repeatable.
@@ -182,7 +184,8 @@ pub struct RunArgs {
     /// Batch members run at once (default: the number of cores).
     #[arg(long, value_name = "N")]
     pub slots: Option<usize>,
-    /// Allow batch members with privileged-mode.
+    /// Allow batch members with privileged-mode (in the docker sandbox they get a privileged
+    /// container).
     #[arg(long)]
     pub allow_privileged: bool,
     /// The store's size budget; least recently used trees are dropped past it (default:

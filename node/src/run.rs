@@ -10,7 +10,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use protocol::buildspec::{self, Buildspec, SandboxKind};
-use sandbox::{Executor, HelperCommand, HostExecutor, NamespaceConfig, NamespaceExecutor};
+use sandbox::{
+    DockerConfig, DockerExecutor, Executor, HelperCommand, HostExecutor, NamespaceConfig,
+    NamespaceExecutor, SandboxError,
+};
 use tokio::sync::watch;
 
 use crate::batch::{self, PlannedMember};
@@ -77,13 +80,15 @@ struct Prepared {
     /// The sandbox the build runs in: `--sandbox`, else the buildspec's `peerbuild.sandbox`,
     /// else `host`.
     sandbox: SandboxKind,
+    /// The image the `docker` sandbox runs (`--image`, else the buildspec's `peerbuild.image`).
+    image: Option<String>,
     /// Remarks to show once the build is announced.
     warnings: Vec<String>,
 }
 
 async fn run_async(data_dir: Option<&Path>, args: RunArgs) -> Result<u8> {
     let prepared = prepare(data_dir, &args)?;
-    let executor = executor(prepared.sandbox, &prepared.data)?;
+    let executor = executor(&prepared, args.allow_privileged).await?;
     let build_dir = prepared.data.build(&prepared.id.to_string());
     data_dir::create_private(&build_dir)?;
     data_dir::write_private(
@@ -242,13 +247,19 @@ async fn run_batch(
             });
         }
         if let Some(image) = &member.env.image {
-            node.reporter.emit(Event::Note {
-                member: Some(member.identifier.clone()),
-                level: Level::Warning,
-                message: format!(
+            let message = match &prepared.image {
+                Some(build_image) => format!(
+                    "image `{image}` is not used: every member runs in the build's image `{build_image}`"
+                ),
+                None => format!(
                     "image `{image}` is not used: the {} sandbox runs on this machine",
                     node.executor.kind()
                 ),
+            };
+            node.reporter.emit(Event::Note {
+                member: Some(member.identifier.clone()),
+                level: Level::Warning,
+                message,
             });
         }
     }
@@ -429,6 +440,7 @@ fn single_build(
         artifacts,
         start_time_ms: prepared.start_time_ms,
         secrets: resolved.mask,
+        privileged: member.is_some_and(|m| m.env.privileged_mode),
     })
 }
 
@@ -483,7 +495,11 @@ fn prepare(data_dir: Option<&Path>, args: &RunArgs) -> Result<Prepared> {
         .clone()
         .unwrap_or_else(|| dir.join("buildspec.yml"));
     let buildspec = load_buildspec(&buildspec_path, &buildspec_path)?;
-    let (sandbox, warnings) = choose_sandbox(args, &buildspec)?;
+    let Chosen {
+        sandbox,
+        image,
+        warnings,
+    } = choose_sandbox(args, &buildspec)?;
     check_requirements(args)?;
     let submitted = submitted_variables(args)?;
     let secrets = match &args.secrets {
@@ -519,7 +535,7 @@ fn prepare(data_dir: Option<&Path>, args: &RunArgs) -> Result<Prepared> {
     base_env.set("CODEBUILD_INITIATOR", format!("peerbuild/{}", me.name));
     base_env.set(
         "CODEBUILD_BUILD_IMAGE",
-        args.image.clone().unwrap_or_else(|| "host".into()),
+        image.clone().unwrap_or_else(|| "host".into()),
     );
     let start_time_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -545,13 +561,23 @@ fn prepare(data_dir: Option<&Path>, args: &RunArgs) -> Result<Prepared> {
         artifacts_root,
         start_time_ms,
         sandbox,
+        image,
         warnings,
     })
 }
 
+/// What [`choose_sandbox`] decided.
+struct Chosen {
+    sandbox: SandboxKind,
+    /// Set exactly when the sandbox is `docker`.
+    image: Option<String>,
+    warnings: Vec<String>,
+}
+
 /// The sandbox for this run: `--sandbox`, else the buildspec's `peerbuild.sandbox`, else
-/// `host`; and remarks about settings this version does not act on.
-fn choose_sandbox(args: &RunArgs, buildspec: &Buildspec) -> Result<(SandboxKind, Vec<String>)> {
+/// `host`; its image (`docker` needs one, and only `docker` takes one); and remarks about
+/// settings this version does not act on.
+fn choose_sandbox(args: &RunArgs, buildspec: &Buildspec) -> Result<Chosen> {
     let from_flag = match args.sandbox.as_deref() {
         None => None,
         Some("host") => Some(SandboxKind::Host),
@@ -567,25 +593,40 @@ fn choose_sandbox(args: &RunArgs, buildspec: &Buildspec) -> Result<(SandboxKind,
     let sandbox = from_flag
         .or(buildspec.peerbuild.sandbox)
         .unwrap_or(SandboxKind::Host);
-    if matches!(sandbox, SandboxKind::Docker | SandboxKind::Wasm) {
+    if sandbox == SandboxKind::Wasm {
         bail!(
-            "the {} sandbox is not available in this version of peerbuild; use host or namespace",
-            sandbox.key()
+            "the wasm sandbox is not available in this version of peerbuild; use host, namespace or docker"
         );
     }
-    if let Some(image) = &args.image {
-        return refuse(format!(
-            "--image {image} needs a sandbox that runs images (docker); the {} sandbox uses this machine's files",
-            sandbox.key()
-        ));
-    }
     let mut warnings = Vec::new();
-    if let Some(image) = &buildspec.peerbuild.image {
-        warnings.push(format!(
-            "peerbuild.image `{image}` is not used: the {} sandbox uses this machine's files",
-            sandbox.key()
-        ));
-    }
+    let image = if sandbox == SandboxKind::Docker {
+        match args
+            .image
+            .clone()
+            .or_else(|| buildspec.peerbuild.image.clone())
+        {
+            Some(image) if !image.trim().is_empty() => Some(image),
+            _ => {
+                return refuse(
+                    "the docker sandbox needs an image: pass --image NAME or set peerbuild.image in the buildspec",
+                );
+            }
+        }
+    } else {
+        if let Some(image) = &args.image {
+            return refuse(format!(
+                "--image {image} needs the docker sandbox (--sandbox docker); the {} sandbox uses this machine's files",
+                sandbox.key()
+            ));
+        }
+        if let Some(image) = &buildspec.peerbuild.image {
+            warnings.push(format!(
+                "peerbuild.image `{image}` is not used: the {} sandbox uses this machine's files",
+                sandbox.key()
+            ));
+        }
+        None
+    };
     let overridden = buildspec.peerbuild.phases.iter().any(|(_, phase)| {
         phase.sandbox.is_some_and(|kind| kind != sandbox) || phase.image.is_some()
     });
@@ -595,7 +636,11 @@ fn choose_sandbox(args: &RunArgs, buildspec: &Buildspec) -> Result<(SandboxKind,
             sandbox.key()
         ));
     }
-    Ok((sandbox, warnings))
+    Ok(Chosen {
+        sandbox,
+        image,
+        warnings,
+    })
 }
 
 /// Refuses `--require` labels this machine, the only peer, lacks.
@@ -672,21 +717,40 @@ fn lookup_users(names: &[String]) -> Result<HashMap<String, User>> {
 
 /// The executor `--sandbox` chose. `host` stays the default until the namespace sandbox gives
 /// builds outbound network access, which CodeBuild builds expect.
-fn executor(sandbox: SandboxKind, data: &DataDir) -> Result<Arc<dyn Executor>> {
+async fn executor(prepared: &Prepared, allow_privileged: bool) -> Result<Arc<dyn Executor>> {
     let helper = helper_command()?;
-    if sandbox != SandboxKind::Namespace {
-        return Ok(Arc::new(HostExecutor::new(helper)));
+    let memory_limit_bytes = Some(
+        namespace_limit("PEERBUILD_SANDBOX_MEMORY_LIMIT")?.unwrap_or_else(default_memory_limit),
+    );
+    let process_limit = Some(namespace_limit("PEERBUILD_SANDBOX_PROCESS_LIMIT")?.unwrap_or(4096));
+    match prepared.sandbox {
+        SandboxKind::Namespace => {
+            let me = users::current();
+            let config = NamespaceConfig {
+                masked: vec![prepared.data.root().to_owned(), PathBuf::from(&me.home)],
+                memory_limit_bytes,
+                process_limit,
+            };
+            Ok(Arc::new(NamespaceExecutor::new(helper, config)?))
+        }
+        SandboxKind::Docker => {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+            let config = DockerConfig {
+                image: prepared.image.clone().unwrap_or_default(),
+                allow_privileged,
+                memory_limit_bytes,
+                process_limit,
+                cpu_limit_millis: Some(cpus * 1000),
+            };
+            match DockerExecutor::new(config).await {
+                Ok(executor) => Ok(Arc::new(executor)),
+                // The user named an image this machine lacks: a refusal, nothing has run.
+                Err(err @ SandboxError::MissingImage { .. }) => refuse(err.to_string()),
+                Err(err) => Err(err.into()),
+            }
+        }
+        SandboxKind::Host | SandboxKind::Wasm => Ok(Arc::new(HostExecutor::new(helper))),
     }
-    let me = users::current();
-    let config = NamespaceConfig {
-        masked: vec![data.root().to_owned(), PathBuf::from(&me.home)],
-        memory_limit_bytes: Some(
-            namespace_limit("PEERBUILD_SANDBOX_MEMORY_LIMIT")?.unwrap_or_else(default_memory_limit),
-        ),
-        process_limit: Some(namespace_limit("PEERBUILD_SANDBOX_PROCESS_LIMIT")?.unwrap_or(4096)),
-    };
-    let executor = NamespaceExecutor::new(helper, config)?;
-    Ok(Arc::new(executor))
 }
 
 /// A limit from the environment, in bytes or a count, with an optional K, M or G suffix.

@@ -10,7 +10,8 @@ use tokio::process::Command;
 use crate::helper::{self, STATUS_FD};
 use crate::shell::ShellSession;
 use crate::{
-    Capabilities, Enforcement, Executor, HelperCommand, SandboxError, Session, SessionSpec,
+    BoxFuture, Capabilities, Enforcement, Executor, HelperCommand, SandboxError, Session,
+    SessionSpec,
 };
 
 /// Runs sessions on the host through the helper process.
@@ -42,8 +43,11 @@ impl Executor for HostExecutor {
         }
     }
 
-    fn start(&self, spec: &SessionSpec) -> Result<Box<dyn Session>, SandboxError> {
-        spawn_helper(&self.helper, Vec::new(), spec)
+    fn start<'a>(
+        &'a self,
+        spec: &'a SessionSpec,
+    ) -> BoxFuture<'a, Result<Box<dyn Session>, SandboxError>> {
+        Box::pin(async move { spawn_helper(&self.helper, Vec::new(), spec) })
     }
 }
 

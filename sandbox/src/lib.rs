@@ -1,14 +1,16 @@
 //! Executors that run a build's commands, one trait for every sandbox backend.
 //!
 //! A build runs as a [`Session`]: one long-lived shell that receives commands one at a time, so
-//! that CodeBuild's 0.2 rule (one shell for the whole build) holds. Every backend starts the shell
-//! through a freshly executed helper process (see [`helper`]) that becomes a child subreaper: when
-//! the session ends, every process the build started is killed, double-forked ones too.
+//! that CodeBuild's 0.2 rule (one shell for the whole build) holds. `host` and `namespace` start
+//! the shell through a freshly executed helper process (see [`helper`]) that becomes a child
+//! subreaper: when the session ends, every process the build started is killed, double-forked
+//! ones too. `docker` starts it in a container of its own, removed when the session ends.
 //!
 //! This crate knows nothing of peers, buildspecs or the network protocol: callers hand it a
 //! [`SessionSpec`] and read back [`CommandOutcome`]s.
 
 mod cgroups;
+mod docker;
 pub mod helper;
 mod host;
 mod isolate;
@@ -21,6 +23,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
+pub use docker::{DockerConfig, DockerExecutor};
 pub use host::HostExecutor;
 pub use namespace::{NamespaceConfig, NamespaceExecutor};
 pub use shell::ShellSession;
@@ -81,6 +84,10 @@ pub struct SessionSpec {
     pub env: Vec<(String, String)>,
     /// `None` runs as the caller's own user.
     pub run_as: Option<RunAs>,
+    /// The build asks for CodeBuild's `privileged-mode`. Only `docker` acts on it, and only
+    /// when its owner allows it ([`DockerConfig::allow_privileged`]); otherwise it refuses the
+    /// session. `host` is unconfined anyway; `namespace` never grants it.
+    pub privileged: bool,
 }
 
 /// How a command ended.
@@ -164,6 +171,17 @@ pub enum SandboxError {
     Unkillable { seconds: u64 },
     #[error("cannot give {path} to the build: {reason}")]
     Adopt { path: PathBuf, reason: String },
+    #[error(
+        "image {image} is not on this machine; no registry can be reached: build or import it (docker import)"
+    )]
+    MissingImage { image: String },
+    #[error("the build asks for privileged-mode, which this node does not allow")]
+    PrivilegedRefused,
+    #[error("the Docker engine refused to {action}: {reason}")]
+    Docker {
+        action: &'static str,
+        reason: String,
+    },
     #[error("the {backend} sandbox is not available on this machine: {reason}")]
     Unavailable {
         backend: &'static str,
@@ -178,7 +196,10 @@ pub trait Executor: Send + Sync {
     /// What this backend enforces on this machine.
     fn capabilities(&self) -> Capabilities;
     /// Starts a shell session.
-    fn start(&self, spec: &SessionSpec) -> Result<Box<dyn Session>, SandboxError>;
+    fn start<'a>(
+        &'a self,
+        spec: &'a SessionSpec,
+    ) -> BoxFuture<'a, Result<Box<dyn Session>, SandboxError>>;
     /// Makes files the node wrote into a workspace after its session started (a restored
     /// cache) usable by the build as if the build had written them: `namespace` gives them to
     /// the sandbox's ids on disk. Call it on the top folder written; `host` needs nothing.

@@ -15,7 +15,8 @@ use crate::helper::{self, EXIT_CANNOT_START, START_FAILURE};
 use crate::host::spawn_helper;
 use crate::isolate::Isolation;
 use crate::{
-    Capabilities, Enforcement, Executor, HelperCommand, SandboxError, Session, SessionSpec,
+    BoxFuture, Capabilities, Enforcement, Executor, HelperCommand, SandboxError, Session,
+    SessionSpec,
 };
 
 /// What the node asks of every `namespace` session.
@@ -113,9 +114,14 @@ impl Executor for NamespaceExecutor {
         self.capabilities
     }
 
-    fn start(&self, spec: &SessionSpec) -> Result<Box<dyn Session>, SandboxError> {
-        let isolation = isolation(&self.config, &spec.workdir)?;
-        spawn_helper(&self.helper, helper::isolation_arguments(&isolation), spec)
+    fn start<'a>(
+        &'a self,
+        spec: &'a SessionSpec,
+    ) -> BoxFuture<'a, Result<Box<dyn Session>, SandboxError>> {
+        Box::pin(async move {
+            let isolation = isolation(&self.config, &spec.workdir)?;
+            spawn_helper(&self.helper, helper::isolation_arguments(&isolation), spec)
+        })
     }
 
     fn adopt(&self, path: &Path) -> Result<(), SandboxError> {

@@ -1,13 +1,16 @@
 //! A session with the build's shell, spoken over three pipes: requests on the shell's standard
 //! input, output (standard output and standard error together) on one pipe, and replies on
-//! descriptor 3 (see `driver.sh`).
+//! descriptor 3 (see `driver.sh`). The pipes are anonymous for `host` and `namespace` and named
+//! (FIFOs in a folder bound into the container) for `docker`; what started the shell and how it
+//! is stopped is a [`ShellProcess`].
 
 use std::io::ErrorKind;
 use std::os::fd::OwnedFd;
+use std::pin::Pin;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::pipe;
-use tokio::process::{Child, ChildStdin};
+use tokio::process::Child;
 
 use crate::{BoxFuture, Captured, CommandOutcome, OutputSink, SandboxError, Session, ShellMode};
 
@@ -20,10 +23,24 @@ const DRAIN_LIMIT_BYTES: usize = 1 << 20;
 /// The most captured output kept; the rest is read and dropped.
 const CAPTURE_LIMIT_BYTES: usize = 1 << 20;
 
-/// A running shell started by a helper process.
+/// What runs the shell: it reports how the shell ended and kills what the session started.
+pub(crate) trait ShellProcess: Send {
+    /// The shell has closed its reply pipe, so it has exited: makes sure every process of the
+    /// session is gone (so that the output pipe closes) and returns the shell's exit status.
+    fn exited(&mut self) -> BoxFuture<'_, Result<i32, SandboxError>>;
+    /// Kills every process of the session and waits until they are gone.
+    fn terminate(&mut self) -> BoxFuture<'_, Result<(), SandboxError>>;
+    /// The session was dropped while running: starts killing it without waiting.
+    fn abandon(&mut self);
+}
+
+/// Where requests are written.
+pub(crate) type Requests = Pin<Box<dyn AsyncWrite + Send>>;
+
+/// A running shell and the pipes to it.
 pub struct ShellSession {
-    helper: Child,
-    requests: Option<ChildStdin>,
+    process: Box<dyn ShellProcess>,
+    requests: Option<Requests>,
     output: pipe::Receiver,
     output_open: bool,
     replies: pipe::Receiver,
@@ -55,9 +72,9 @@ impl ShellSession {
         replies: OwnedFd,
         mode: ShellMode,
     ) -> Result<Self, SandboxError> {
-        let requests = helper.stdin.take();
+        let requests = helper.stdin.take().map(|stdin| Box::pin(stdin) as Requests);
         Ok(ShellSession {
-            helper,
+            process: Box::new(HelperProcess { helper }),
             requests,
             output: pipe::Receiver::from_owned_fd(output).map_err(SandboxError::Io)?,
             output_open: true,
@@ -65,6 +82,25 @@ impl ShellSession {
             mode,
             ended: None,
         })
+    }
+
+    /// Wraps a shell started some other way, whose three pipes are already open.
+    pub(crate) fn with_process(
+        process: Box<dyn ShellProcess>,
+        requests: Requests,
+        output: pipe::Receiver,
+        replies: pipe::Receiver,
+        mode: ShellMode,
+    ) -> Self {
+        ShellSession {
+            process,
+            requests: Some(requests),
+            output,
+            output_open: true,
+            replies,
+            mode,
+            ended: None,
+        }
     }
 
     async fn exchange(
@@ -138,10 +174,12 @@ impl ShellSession {
         Ok(())
     }
 
-    /// The reply pipe closed: the shell exited. The helper then kills what is left and exits
-    /// with the shell's status; the rest of the output is read until its pipe closes.
+    /// The reply pipe closed: the shell exited. The process side then kills what is left and
+    /// reports the shell's status; the rest of the output is read until its pipe closes.
     async fn shell_exited(&mut self, sink: &mut dyn OutputSink) -> Result<Answer, SandboxError> {
         self.requests = None;
+        let code = self.process.exited().await?;
+        self.ended = Some(code);
         let mut buf = vec![0u8; 64 * 1024];
         while self.output_open {
             match self.output.read(&mut buf).await.map_err(SandboxError::Io)? {
@@ -149,10 +187,49 @@ impl ShellSession {
                 n => sink.write(&buf[..n]),
             }
         }
-        let status = self.helper.wait().await.map_err(SandboxError::Io)?;
-        let code = exit_code(status);
-        self.ended = Some(code);
         Ok(Answer::ShellExited(code))
+    }
+}
+
+/// A shell started by the helper process (`host` and `namespace`).
+struct HelperProcess {
+    helper: Child,
+}
+
+impl ShellProcess for HelperProcess {
+    fn exited(&mut self) -> BoxFuture<'_, Result<i32, SandboxError>> {
+        // The helper reaps the shell, kills what is left, and exits with the shell's status.
+        Box::pin(async move {
+            let status = self.helper.wait().await.map_err(SandboxError::Io)?;
+            Ok(exit_code(status))
+        })
+    }
+
+    fn terminate(&mut self) -> BoxFuture<'_, Result<(), SandboxError>> {
+        Box::pin(async move {
+            if self.helper.id().is_none() {
+                return Ok(());
+            }
+            signal_helper(&self.helper, libc::SIGTERM);
+            // The helper kills the session's processes and exits at once, unless one cannot be
+            // killed (started through a set-user-id program): then give up waiting rather than
+            // hang the build's end, and say so.
+            match tokio::time::timeout(TERMINATE_WAIT, self.helper.wait()).await {
+                Ok(status) => status.map(drop).map_err(SandboxError::Io),
+                Err(_) => {
+                    signal_helper(&self.helper, libc::SIGKILL);
+                    let _ = self.helper.wait().await;
+                    Err(SandboxError::Unkillable {
+                        seconds: TERMINATE_WAIT.as_secs(),
+                    })
+                }
+            }
+        })
+    }
+
+    /// The helper kills everything on SIGTERM, whether or not anyone waits for it.
+    fn abandon(&mut self) {
+        signal_helper(&self.helper, libc::SIGTERM);
     }
 }
 
@@ -267,28 +344,9 @@ impl Session for ShellSession {
     fn terminate(&mut self) -> BoxFuture<'_, Result<(), SandboxError>> {
         Box::pin(async move {
             self.requests = None;
-            if self.helper.id().is_some() {
-                signal_helper(&self.helper, libc::SIGTERM);
-                // The helper kills the session's processes and exits at once, unless one cannot
-                // be killed (started through a set-user-id program): then give up waiting rather
-                // than hang the build's end, and say so.
-                let waited = tokio::time::timeout(TERMINATE_WAIT, self.helper.wait()).await;
-                match waited {
-                    Ok(status) => {
-                        status.map_err(SandboxError::Io)?;
-                    }
-                    Err(_) => {
-                        signal_helper(&self.helper, libc::SIGKILL);
-                        let _ = self.helper.wait().await;
-                        self.ended.get_or_insert(128 + libc::SIGKILL);
-                        return Err(SandboxError::Unkillable {
-                            seconds: TERMINATE_WAIT.as_secs(),
-                        });
-                    }
-                }
-            }
+            let terminated = self.process.terminate().await;
             self.ended.get_or_insert(128 + libc::SIGTERM);
-            Ok(())
+            terminated
         })
     }
 }
@@ -302,11 +360,10 @@ fn signal_helper(helper: &Child, signal: i32) {
 }
 
 impl Drop for ShellSession {
-    /// A session dropped without `terminate` still ends: the helper kills everything on SIGTERM,
-    /// whether or not anyone waits for it.
+    /// A session dropped without `terminate` still ends.
     fn drop(&mut self) {
         if self.ended.is_none() {
-            signal_helper(&self.helper, libc::SIGTERM);
+            self.process.abandon();
         }
     }
 }

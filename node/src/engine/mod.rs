@@ -89,6 +89,8 @@ pub struct Build {
     pub start_time_ms: u64,
     /// Secret values to mask in everything the build shows.
     pub secrets: Vec<String>,
+    /// The batch member asks for CodeBuild's `privileged-mode` (already allowed by the owner).
+    pub privileged: bool,
 }
 
 /// What every build on this node shares.
@@ -276,6 +278,7 @@ impl Run<'_> {
                     workdir: workspace.path().to_owned(),
                     env: env.into_vec(),
                     run_as: None,
+                    privileged: self.build.privileged,
                 };
                 self.sessions = Some(Sessions::new(
                     self.node.executor.clone(),

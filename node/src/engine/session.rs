@@ -155,7 +155,7 @@ impl Sessions {
                 groups: user.groups.clone(),
             });
         }
-        let mut session = self.executor.start(&spec)?;
+        let mut session = self.executor.start(&spec).await?;
         if let Some(state) = carried {
             // The carried variables include the previous user's identity; the new user's wins.
             let script = format!(

@@ -5,6 +5,7 @@ mod conformance;
 mod processes;
 mod records;
 mod refusals;
+mod sandbox_docker;
 mod sandbox_namespace;
 mod store;
 mod tidy;

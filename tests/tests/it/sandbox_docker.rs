@@ -1,0 +1,631 @@
+//! The `docker` sandbox, end to end through `peerbuild run --sandbox docker --image ...`: the
+//! ordinary CodeBuild behaviours inside a container, the container gone afterwards, and escape
+//! probes that must find nothing of the host.
+//!
+//! No registry can be reached, so the tests build their own image from local files: the static
+//! busybox (Debian's `busybox-static`) and its applet links, imported with `docker import` as
+//! [`IMAGE`] (once; an existing image is kept). Where there is no Docker engine or no static
+//! busybox, each test prints why and returns early, except under `CI=true`, where that is a
+//! failure.
+
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use expect_test::expect;
+use tests::{Project, Run, TempDir};
+
+/// The test image: busybox only, so `/bin/sh` is busybox's ash and there is no bash.
+const IMAGE: &str = "peerbuild-test-busybox:1";
+
+/// Where Debian's `busybox-static` installs the binary.
+const BUSYBOX: &str = "/bin/busybox";
+
+/// Whether the engine answers and the test image exists (importing it if needed), checked once.
+fn available() -> bool {
+    static AVAILABLE: OnceLock<Result<(), String>> = OnceLock::new();
+    match AVAILABLE.get_or_init(prepare_image) {
+        Ok(()) => true,
+        Err(reason) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("the docker sandbox must be testable under CI: {reason}")
+        }
+        Err(reason) => {
+            eprintln!("skipped: the docker sandbox cannot be tested here: {reason}");
+            false
+        }
+    }
+}
+
+fn docker(args: &[&str]) -> Result<String, String> {
+    let output = Command::new("docker")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run docker: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "docker {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Imports [`IMAGE`] from a root folder holding the static busybox and its applet links.
+fn prepare_image() -> Result<(), String> {
+    docker(&["version", "--format", "{{.Server.Version}}"])?;
+    if docker(&["image", "inspect", IMAGE]).is_ok() {
+        return Ok(());
+    }
+    if !std::path::Path::new(BUSYBOX).exists() {
+        return Err(format!(
+            "{BUSYBOX} is missing: apt-get install busybox-static"
+        ));
+    }
+    let root = TempDir::new("docker-image");
+    let bin = root.path().join("bin");
+    for folder in ["bin", "tmp", "etc", "root"] {
+        std::fs::create_dir_all(root.path().join(folder)).map_err(|e| e.to_string())?;
+    }
+    std::fs::copy(BUSYBOX, bin.join("busybox")).map_err(|e| e.to_string())?;
+    let applets = Command::new(BUSYBOX)
+        .arg("--list")
+        .output()
+        .map_err(|e| e.to_string())?;
+    for applet in String::from_utf8_lossy(&applets.stdout).lines() {
+        if applet != "busybox" {
+            std::os::unix::fs::symlink("busybox", bin.join(applet)).map_err(|e| e.to_string())?;
+        }
+    }
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = root.path().join("tmp");
+        std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o1777))
+            .map_err(|e| e.to_string())?;
+    }
+    std::fs::write(
+        root.path().join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\n",
+    )
+    .map_err(|e| e.to_string())?;
+    std::fs::write(root.path().join("etc/group"), "root:x:0:\n").map_err(|e| e.to_string())?;
+    let mut tar = Command::new("tar")
+        .arg("-C")
+        .arg(root.path())
+        .args(["-c", "."])
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run tar: {e}"))?;
+    let archive = tar.stdout.take().ok_or("no tar output")?;
+    let imported = Command::new("docker")
+        .args(["import", "-", IMAGE])
+        .stdin(Stdio::from(archive))
+        .output()
+        .map_err(|e| format!("cannot run docker import: {e}"))?;
+    let _ = tar.wait();
+    if !imported.status.success() {
+        return Err(format!(
+            "docker import failed: {}",
+            String::from_utf8_lossy(&imported.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+/// A project whose buildspec runs `commands` in its build phase, in `/bin/sh`.
+fn build_of(commands: &[&str]) -> Project {
+    let mut spec =
+        String::from("version: 0.2\nenv:\n  shell: sh\nphases:\n  build:\n    commands:\n");
+    for command in commands {
+        spec.push_str(&format!("      - '{}'\n", command.replace('\'', "''")));
+    }
+    Project::new(&[("buildspec.yml", &spec)])
+}
+
+fn run_docker(project: &Project, extra: &[&str]) -> Run {
+    let mut args = vec!["--sandbox", "docker", "--image", IMAGE];
+    args.extend_from_slice(extra);
+    project.run(&args)
+}
+
+/// `peerbuild run src --json --sandbox docker --image IMAGE ARGS` with extra environment.
+fn run_docker_with_env(project: &Project, env: &[(&str, &str)], extra: &[&str]) -> String {
+    let mut command = project.command();
+    command.args([
+        "run",
+        "src",
+        "--json",
+        "--sandbox",
+        "docker",
+        "--image",
+        IMAGE,
+    ]);
+    command.args(extra);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let output = command.output().expect("peerbuild runs");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// The build's output lines, joined.
+fn output(run: &Run) -> String {
+    run.events
+        .iter()
+        .filter(|e| e["event"] == "log")
+        .filter_map(|e| e["line"].as_str())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The ids of every container on this machine, running or not.
+fn containers() -> Vec<String> {
+    docker(&["ps", "-a", "-q", "--no-trunc"])
+        .expect("docker ps")
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The container id a build printed with `echo container=$(hostname)` (a container's host
+/// name is the start of its id).
+fn container_of(text: &str) -> String {
+    text.split("container=")
+        .skip(1)
+        .filter_map(|rest| rest.split(|c: char| !c.is_ascii_hexdigit()).next())
+        .find(|id| id.len() >= 12)
+        .unwrap_or_else(|| panic!("no container id in: {text}"))
+        .to_owned()
+}
+
+fn assert_gone(container: &str) {
+    let left: Vec<String> = containers()
+        .into_iter()
+        .filter(|id| id.starts_with(container))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "the build's container is still there: {left:?}"
+    );
+}
+
+#[test]
+fn ordinary_behaviours_hold_inside() {
+    if !available() {
+        return;
+    }
+    let project = Project::new(&[(
+        "buildspec.yml",
+        r#"
+version: 0.2
+phases:
+  install:
+    commands:
+      - test "$PWD" = "$CODEBUILD_SRC_DIR" && echo starts in the workspace
+      - mkdir -p sub && cd sub
+      - export GREETING=hello
+  build:
+    commands:
+      - basename "$PWD"
+      - echo "$GREETING"
+      - echo made inside > "$CODEBUILD_SRC_DIR/out.txt"
+      - id -u
+      - sh -c 'exit 3'
+  post_build:
+    commands:
+      - echo "succeeding=$CODEBUILD_BUILD_SUCCEEDING"
+      - echo "sandbox=$PEERBUILD_SANDBOX image=$CODEBUILD_BUILD_IMAGE"
+artifacts:
+  files: [out.txt]
+"#,
+    )]);
+    let artifacts = TempDir::new("docker-artifacts");
+    let folder = artifacts.path().join("out");
+    let run = run_docker(&project, &["--artifacts", &folder.display().to_string()]);
+    // The buildspec asks for bash (the default); the image has none, so the shell is /bin/sh
+    // and the log says so once.
+    expect![[r#"
+        exit 1
+        $ test "$PWD" = "$CODEBUILD_SRC_DIR" && echo starts in the workspace
+        | peerbuild: the image has no bash; the build's shell is /bin/sh
+        | starts in the workspace
+        $ mkdir -p sub && cd sub
+        $ export GREETING=hello
+        INSTALL SUCCEEDED
+        $ basename "$PWD"
+        | sub
+        $ echo "$GREETING"
+        | hello
+        $ echo made inside > "$CODEBUILD_SRC_DIR/out.txt"
+        $ id -u
+        | 0
+        $ sh -c 'exit 3'
+        BUILD FAILED: Error while executing command: sh -c 'exit 3'. Reason: exit status 3
+        note: POST_BUILD runs although the build has failed, as in CodeBuild; CODEBUILD_BUILD_SUCCEEDING is 0
+        $ echo "succeeding=$CODEBUILD_BUILD_SUCCEEDING"
+        | succeeding=0
+        $ echo "sandbox=$PEERBUILD_SANDBOX image=$CODEBUILD_BUILD_IMAGE"
+        | sandbox=docker image=peerbuild-test-busybox:1
+        POST_BUILD SUCCEEDED
+        UPLOAD_ARTIFACTS SUCCEEDED
+        result FAILED: BUILD: command `sh -c 'exit 3'` exited with status 3
+        artifact primary: 1 files"#]]
+    .assert_eq(&run.transcript());
+    let copied = std::fs::read_to_string(folder.join("out.txt")).expect("the artifact");
+    assert_eq!(copied, "made inside\n");
+}
+
+#[test]
+fn output_comes_before_its_commands_status() {
+    if !available() {
+        return;
+    }
+    // Much output, then at once the status: every line must be shown with its command, ahead
+    // of the next command.
+    let project = build_of(&[
+        "i=0; while [ $i -lt 3000 ]; do echo line$i; i=$((i+1)); done; echo to stderr >&2",
+        "echo after",
+    ]);
+    let run = run_docker(&project, &[]);
+    assert_eq!(run.code, 0, "{}", run.stdout);
+    let transcript = run.transcript();
+    let lines: Vec<&str> = transcript.lines().collect();
+    let position = |wanted: &str| {
+        lines
+            .iter()
+            .position(|l| *l == wanted)
+            .unwrap_or_else(|| panic!("no `{wanted}` in {transcript}"))
+    };
+    let last = position("| line2999");
+    assert!(position("| line0") < last);
+    assert!(last < position("| to stderr"));
+    assert!(position("| to stderr") < position("$ echo after"));
+    assert_eq!(
+        lines.iter().filter(|l| l.starts_with("| line")).count(),
+        3000
+    );
+}
+
+#[test]
+fn the_container_is_gone_after_the_build() {
+    if !available() {
+        return;
+    }
+    let project = build_of(&[
+        "echo container=$(hostname)",
+        "(sleep 300 &) ; sleep 300 > /dev/null 2>&1 &",
+        "echo left running",
+    ]);
+    let run = run_docker(&project, &[]);
+    assert_eq!(run.code, 0, "{}", run.stdout);
+    assert_gone(&container_of(&output(&run)));
+}
+
+#[test]
+fn a_timeout_removes_the_container() {
+    if !available() {
+        return;
+    }
+    let project = build_of(&["echo container=$(hostname)", "sleep 300"]);
+    let started = std::time::Instant::now();
+    let run = run_docker(&project, &["--timeout", "2s"]);
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    assert_eq!(run.result()["status"], "TIMED_OUT");
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+    assert_gone(&container_of(&output(&run)));
+}
+
+#[test]
+fn a_shell_that_exits_is_replaced() {
+    if !available() {
+        return;
+    }
+    let project = Project::new(&[(
+        "buildspec.yml",
+        "version: 0.2\nenv:\n  shell: sh\nphases:\n  build:\n    commands:\n      - echo container=$(hostname)\n      - exit 4\n  post_build:\n    commands:\n      - echo still here > after.txt; cat after.txt\n",
+    )]);
+    let run = run_docker(&project, &[]);
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    assert!(output(&run).contains("still here"), "{}", run.stdout);
+    assert_gone(&container_of(&output(&run)));
+}
+
+#[test]
+fn there_is_no_network() {
+    if !available() {
+        return;
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+    listener.set_nonblocking(true).expect("non-blocking");
+    let port = listener.local_addr().expect("address").port();
+    let project = build_of(&[
+        &format!("echo hello | nc -w 2 127.0.0.1 {port} && echo connected || echo refused"),
+        "ls /sys/class/net | tr \"\\n\" \" \"; echo",
+    ]);
+    let run = run_docker(&project, &[]);
+    let out = output(&run);
+    assert!(
+        out.contains("refused") && !out.contains("connected"),
+        "{out}"
+    );
+    assert!(out.lines().any(|l| l.trim() == "lo"), "interfaces: {out}");
+    assert!(
+        listener.accept().is_err(),
+        "the build reached the host's loopback"
+    );
+}
+
+#[test]
+fn the_docker_socket_is_out_of_reach() {
+    if !available() {
+        return;
+    }
+    let project = build_of(&[
+        "for s in /var/run/docker.sock /run/docker.sock; do test -e $s && echo found $s; done; echo looked",
+        "grep -c docker.sock /proc/mounts || true",
+    ]);
+    let run = run_docker(&project, &[]);
+    let out = output(&run);
+    assert!(out.contains("looked") && !out.contains("found"), "{out}");
+    assert!(out.lines().any(|l| l.trim() == "0"), "{out}");
+}
+
+#[test]
+fn no_capabilities_and_no_new_privileges() {
+    if !available() {
+        return;
+    }
+    let project = build_of(&["grep -E \"^(CapEff|CapBnd|NoNewPrivs)\" /proc/self/status"]);
+    let run = run_docker(&project, &[]);
+    expect![[r#"
+        CapEff:	0000000000000000
+        CapBnd:	0000000000000000
+        NoNewPrivs:	1"#]]
+    .assert_eq(&output(&run));
+}
+
+#[test]
+fn the_hosts_environment_and_files_stay_out() {
+    if !available() {
+        return;
+    }
+    let secret = tests::marker("docker-secret");
+    let name = tests::marker("docker-canary");
+    let canary = std::path::PathBuf::from(format!("/root/{name}"));
+    let planted = std::fs::write(&canary, &secret).is_ok();
+    if planted {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&canary, std::fs::Permissions::from_mode(0o600));
+    }
+    let project = build_of(&[
+        "env | sort",
+        &format!("cat /root/{name} || echo no root canary"),
+        "cat /etc/passwd",
+    ]);
+    let out = run_docker_with_env(&project, &[("PEERBUILD_PROBE_MARKER", &secret)], &[]);
+    if planted {
+        let _ = std::fs::remove_file(&canary);
+    }
+    assert!(out.contains("CODEBUILD_SRC_DIR="), "{out}");
+    assert!(out.contains("no root canary"), "{out}");
+    assert!(
+        !out.contains(&secret),
+        "the build saw the host's secret: {out}"
+    );
+}
+
+#[test]
+fn a_fork_bomb_meets_the_process_limit() {
+    if !available() {
+        return;
+    }
+    // First prove the limit is in force with a bounded loop (harmless without a limit), and
+    // only then let the bomb go.
+    let project = build_of(&[
+        "echo container=$(hostname)",
+        "sh -c \"i=0; while [ \\$i -lt 200 ]; do sleep 5 & i=\\$((i+1)); done; echo all 200 forked\" 2>/dev/null; echo probe done",
+        "sh -c \"f() { f | f & }; f\" 2>/dev/null; echo the shell still answers",
+    ]);
+    let started = std::time::Instant::now();
+    let out = run_docker_with_env(
+        &project,
+        &[("PEERBUILD_SANDBOX_PROCESS_LIMIT", "64")],
+        &["--timeout", "30s"],
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "{out}"
+    );
+    assert!(out.contains("\"line\":\"probe done\""), "{out}");
+    assert!(
+        !out.contains("\"line\":\"all 200 forked\""),
+        "no limit: {out}"
+    );
+    assert!(
+        out.contains("\"line\":\"the shell still answers\""),
+        "{out}"
+    );
+    assert_gone(&container_of(&out));
+}
+
+#[test]
+fn memory_past_the_limit_is_refused() {
+    if !available() {
+        return;
+    }
+    // A 256 MiB shell variable: harmless without a limit, killed with a 64 MiB one.
+    let project = Project::new(&[
+        (
+            "grow.sh",
+            "x=$(head -c 268435456 /dev/zero | tr '\\0' a)\necho grew\n",
+        ),
+        (
+            "buildspec.yml",
+            "version: 0.2\nenv:\n  shell: sh\nphases:\n  build:\n    commands:\n      - sh grow.sh; echo status=$?\n",
+        ),
+    ]);
+    let out = run_docker_with_env(
+        &project,
+        &[("PEERBUILD_SANDBOX_MEMORY_LIMIT", "64M")],
+        &["--timeout", "60s"],
+    );
+    assert!(out.contains("status=137"), "not killed: {out}");
+    assert!(!out.contains("\"line\":\"grew\""), "{out}");
+}
+
+#[test]
+fn privileged_mode_needs_the_owners_consent() {
+    if !available() {
+        return;
+    }
+    let project = Project::new(&[(
+        "buildspec.yml",
+        r#"
+version: 0.2
+env:
+  shell: sh
+batch:
+  build-list:
+    - identifier: dind
+      env:
+        privileged-mode: true
+phases:
+  build:
+    commands:
+      - grep CapEff /proc/self/status
+"#,
+    )]);
+    let refused = run_docker(&project, &[]);
+    expect![[r#"
+        exit 2
+        stderr: peerbuild: batch member `dind` asks for privileged-mode, which this node does not allow; pass --allow-privileged to allow it"#]].assert_eq(&refused.transcript());
+    let allowed = run_docker(&project, &["--allow-privileged"]);
+    // Some engines cannot start privileged containers at all (one itself running with fewer
+    // capabilities); there the member must fail with the engine's reason, which also shows
+    // that privilege was asked for, since ordinary containers start.
+    if docker(&["run", "--rm", "--privileged", IMAGE, "true"]).is_ok() {
+        assert_eq!(allowed.code, 0, "{}", allowed.stdout);
+        assert!(
+            !output(&allowed).contains("0000000000000000"),
+            "a privileged member keeps its capabilities: {}",
+            output(&allowed)
+        );
+    } else {
+        assert_eq!(allowed.code, 3, "{}", allowed.stdout);
+        assert!(
+            allowed
+                .stdout
+                .contains("the Docker engine refused to start the build's container"),
+            "{}",
+            allowed.stdout
+        );
+    }
+}
+
+#[test]
+fn images_are_chosen_and_checked_before_anything_runs() {
+    let project = build_of(&["echo ran"]);
+    let no_image = project.run(&["--sandbox", "docker"]);
+    expect![[r#"
+        exit 2
+        stderr: peerbuild: the docker sandbox needs an image: pass --image NAME or set peerbuild.image in the buildspec"#]]
+    .assert_eq(&no_image.transcript());
+    let image_elsewhere = project.run(&["--sandbox", "host", "--image", IMAGE]);
+    expect![[r#"
+        exit 2
+        stderr: peerbuild: --image peerbuild-test-busybox:1 needs the docker sandbox (--sandbox docker); the host sandbox uses this machine's files"#]]
+    .assert_eq(&image_elsewhere.transcript());
+    if !available() {
+        return;
+    }
+    let missing = project.run(&[
+        "--sandbox",
+        "docker",
+        "--image",
+        "peerbuild-no-such-image:0",
+    ]);
+    expect![[r#"
+        exit 2
+        stderr: peerbuild: image peerbuild-no-such-image:0 is not on this machine; no registry can be reached: build or import it (docker import)"#]]
+    .assert_eq(&missing.transcript());
+    let from_buildspec = Project::new(&[(
+        "buildspec.yml",
+        &format!(
+            "version: 0.2\nenv:\n  shell: sh\npeerbuild:\n  sandbox: docker\n  image: {IMAGE}\nphases:\n  build:\n    commands:\n      - echo sandbox=$PEERBUILD_SANDBOX\n"
+        ),
+    )]);
+    let run = from_buildspec.run(&[]);
+    assert_eq!(run.code, 0, "{}", run.stdout);
+    assert!(output(&run).contains("sandbox=docker"), "{}", run.stdout);
+}
+
+#[test]
+fn an_unreachable_engine_is_a_fault_with_its_reason() {
+    let project = build_of(&["echo ran"]);
+    let output = project
+        .command()
+        .env("DOCKER_HOST", "unix:///nonexistent/peerbuild-test.sock")
+        .args([
+            "run",
+            "src",
+            "--json",
+            "--sandbox",
+            "docker",
+            "--image",
+            IMAGE,
+        ])
+        .output()
+        .expect("peerbuild runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains(
+            "the docker sandbox is not available on this machine: cannot reach the Docker engine"
+        ),
+        "{stderr}"
+    );
+    assert!(!String::from_utf8_lossy(&output.stdout).contains("\"line\":\"ran\""));
+}
+
+#[test]
+fn containers_left_by_a_node_that_died_are_removed_by_the_next() {
+    use std::io::BufRead;
+    if !available() {
+        return;
+    }
+    let project = build_of(&["echo container=$(hostname)", "sleep 300"]);
+    let mut node = project
+        .command()
+        .args([
+            "run",
+            "src",
+            "--json",
+            "--sandbox",
+            "docker",
+            "--image",
+            IMAGE,
+        ])
+        .args(["--timeout", "60s"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("peerbuild starts");
+    let stdout = node.stdout.take().expect("piped");
+    let line = std::io::BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .find(|line| line.contains("\"line\":\"container="))
+        .expect("the build names its container");
+    let container = container_of(&line);
+    // SIGKILL: the node gets no chance to remove the container.
+    node.kill().expect("kill");
+    node.wait().expect("wait");
+    // (Another test's node may already have removed it: the sweep runs at every start.)
+    let next = run_docker(&build_of(&["true"]), &[]);
+    assert_eq!(next.code, 0, "{}", next.stdout);
+    assert_gone(&container);
+}
