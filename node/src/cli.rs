@@ -166,8 +166,9 @@ pub struct RunArgs {
     /// Copy the artifacts into this folder (must be empty or absent).
     #[arg(long, value_name = "OUT_DIR")]
     pub artifacts: Option<PathBuf>,
-    /// The sandbox: host (the default for now) or namespace (Linux namespaces; no outbound
-    /// network yet). docker and wasm are coming.
+    /// The sandbox: host (the default for now), namespace (Linux namespaces; no outbound
+    /// network yet) or wasm (each command is a WASI module in the workspace and its arguments,
+    /// not shell). docker is coming.
     #[arg(long, value_name = "KIND")]
     pub sandbox: Option<String>,
     /// The image to run in (for sandboxes that use images).

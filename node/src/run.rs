@@ -10,7 +10,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use protocol::buildspec::{self, Buildspec, SandboxKind};
-use sandbox::{Executor, HelperCommand, HostExecutor, NamespaceConfig, NamespaceExecutor};
+use sandbox::{
+    Executor, HelperCommand, HostExecutor, NamespaceConfig, NamespaceExecutor, WasmConfig,
+    WasmExecutor,
+};
 use tokio::sync::watch;
 
 use crate::batch::{self, PlannedMember};
@@ -567,9 +570,9 @@ fn choose_sandbox(args: &RunArgs, buildspec: &Buildspec) -> Result<(SandboxKind,
     let sandbox = from_flag
         .or(buildspec.peerbuild.sandbox)
         .unwrap_or(SandboxKind::Host);
-    if matches!(sandbox, SandboxKind::Docker | SandboxKind::Wasm) {
+    if sandbox == SandboxKind::Docker {
         bail!(
-            "the {} sandbox is not available in this version of peerbuild; use host or namespace",
+            "the {} sandbox is not available in this version of peerbuild; use host, namespace or wasm",
             sandbox.key()
         );
     }
@@ -673,6 +676,16 @@ fn lookup_users(names: &[String]) -> Result<HashMap<String, User>> {
 /// The executor `--sandbox` chose. `host` stays the default until the namespace sandbox gives
 /// builds outbound network access, which CodeBuild builds expect.
 fn executor(sandbox: SandboxKind, data: &DataDir) -> Result<Arc<dyn Executor>> {
+    if sandbox == SandboxKind::Wasm {
+        let config = WasmConfig {
+            cache_dir: data.root().join("wasm-cache"),
+            memory_limit_bytes: namespace_limit("PEERBUILD_SANDBOX_MEMORY_LIMIT")?
+                .unwrap_or(4 << 30),
+            output_limit_bytes: namespace_limit("PEERBUILD_SANDBOX_OUTPUT_LIMIT")?
+                .unwrap_or(64 << 20),
+        };
+        return Ok(Arc::new(WasmExecutor::new(config)?));
+    }
     let helper = helper_command()?;
     if sandbox != SandboxKind::Namespace {
         return Ok(Arc::new(HostExecutor::new(helper)));

@@ -15,6 +15,7 @@ mod isolate;
 mod layers;
 mod namespace;
 mod shell;
+mod wasm;
 
 use std::ffi::OsString;
 use std::future::Future;
@@ -24,6 +25,7 @@ use std::pin::Pin;
 pub use host::HostExecutor;
 pub use namespace::{NamespaceConfig, NamespaceExecutor};
 pub use shell::ShellSession;
+pub use wasm::{CacheStats, WasmConfig, WasmExecutor};
 
 /// A boxed future, so that [`Session`] can be used as a trait object.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -164,6 +166,8 @@ pub enum SandboxError {
     Unkillable { seconds: u64 },
     #[error("cannot give {path} to the build: {reason}")]
     Adopt { path: PathBuf, reason: String },
+    #[error("{detail}")]
+    Unsupported { detail: String },
     #[error("the {backend} sandbox is not available on this machine: {reason}")]
     Unavailable {
         backend: &'static str,

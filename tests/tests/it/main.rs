@@ -6,5 +6,6 @@ mod processes;
 mod records;
 mod refusals;
 mod sandbox_namespace;
+mod sandbox_wasm;
 mod store;
 mod tidy;
