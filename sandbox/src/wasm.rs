@@ -27,8 +27,8 @@ use std::hash::{Hash, Hasher};
 use std::io::Write as _;
 use std::path::{Component, Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -173,7 +173,7 @@ impl Executor for WasmExecutor {
             memory: Enforcement::Enforced,
             // Time is bounded (epoch interruption) but CPU share is not.
             cpu: Enforcement::None,
-            // A module cannot start processes at all.
+            // Not applicable: a module cannot start processes at all.
             process_count: Enforcement::Enforced,
             process_tree_kill: Enforcement::Enforced,
         }
@@ -686,7 +686,7 @@ impl IsTerminal for Stream {
 impl StdoutStream for Stream {
     fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
         Box::new(Writer {
-            sender: Mutex::new(self.sender.clone()),
+            sender: self.sender.clone(),
             budget: self.budget.clone(),
             stderr: self.stderr,
         })
@@ -694,7 +694,7 @@ impl StdoutStream for Stream {
 }
 
 struct Writer {
-    sender: Mutex<mpsc::UnboundedSender<Message>>,
+    sender: mpsc::UnboundedSender<Message>,
     budget: Arc<Budget>,
     stderr: bool,
 }
@@ -725,8 +725,7 @@ impl tokio::io::AsyncWrite for Writer {
             } else {
                 Message::Output(bytes)
             };
-            let sender = self.sender.lock().unwrap_or_else(|e| e.into_inner());
-            let _ = sender.send(message);
+            let _ = self.sender.send(message);
         }
         // Past the cap the bytes are dropped; the module stops at its next tick.
         Poll::Ready(Ok(buf.len()))
