@@ -167,8 +167,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "OUT_DIR")]
     pub artifacts: Option<PathBuf>,
     /// The sandbox: host (the default for now), namespace (Linux namespaces; no outbound
-    /// network yet) or docker (a container of --image through the Docker engine; no network
-    /// yet). wasm is coming.
+    /// network yet), docker (a container of --image through the Docker engine; no network
+    /// yet) or wasm (each command is a WASI module in the workspace and its arguments, not
+    /// shell).
     #[arg(long, value_name = "KIND")]
     pub sandbox: Option<String>,
     /// The image the docker sandbox runs (it must be on this machine: build or `docker import`

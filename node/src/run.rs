@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use protocol::buildspec::{self, Buildspec, SandboxKind};
 use sandbox::{
     DockerConfig, DockerExecutor, Executor, HelperCommand, HostExecutor, NamespaceConfig,
-    NamespaceExecutor, SandboxError,
+    NamespaceExecutor, SandboxError, WasmConfig, WasmExecutor,
 };
 use tokio::sync::watch;
 
@@ -593,11 +593,6 @@ fn choose_sandbox(args: &RunArgs, buildspec: &Buildspec) -> Result<Chosen> {
     let sandbox = from_flag
         .or(buildspec.peerbuild.sandbox)
         .unwrap_or(SandboxKind::Host);
-    if sandbox == SandboxKind::Wasm {
-        bail!(
-            "the wasm sandbox is not available in this version of peerbuild; use host, namespace or docker"
-        );
-    }
     let mut warnings = Vec::new();
     let image = if sandbox == SandboxKind::Docker {
         match args
@@ -749,7 +744,17 @@ async fn executor(prepared: &Prepared, allow_privileged: bool) -> Result<Arc<dyn
                 Err(err) => Err(err.into()),
             }
         }
-        SandboxKind::Host | SandboxKind::Wasm => Ok(Arc::new(HostExecutor::new(helper))),
+        SandboxKind::Wasm => {
+            let config = WasmConfig {
+                cache_dir: prepared.data.root().join("wasm-cache"),
+                memory_limit_bytes: namespace_limit("PEERBUILD_SANDBOX_MEMORY_LIMIT")?
+                    .unwrap_or(4 << 30),
+                output_limit_bytes: namespace_limit("PEERBUILD_SANDBOX_OUTPUT_LIMIT")?
+                    .unwrap_or(64 << 20),
+            };
+            Ok(Arc::new(WasmExecutor::new(config)?))
+        }
+        SandboxKind::Host => Ok(Arc::new(HostExecutor::new(helper))),
     }
 }
 

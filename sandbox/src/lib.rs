@@ -17,6 +17,7 @@ mod isolate;
 mod layers;
 mod namespace;
 mod shell;
+mod wasm;
 
 use std::ffi::OsString;
 use std::future::Future;
@@ -27,6 +28,7 @@ pub use docker::{DockerConfig, DockerExecutor};
 pub use host::HostExecutor;
 pub use namespace::{NamespaceConfig, NamespaceExecutor};
 pub use shell::ShellSession;
+pub use wasm::{CacheStats, WasmConfig, WasmExecutor};
 
 /// A boxed future, so that [`Session`] can be used as a trait object.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -182,6 +184,8 @@ pub enum SandboxError {
         action: &'static str,
         reason: String,
     },
+    #[error("{detail}")]
+    Unsupported { detail: String },
     #[error("the {backend} sandbox is not available on this machine: {reason}")]
     Unavailable {
         backend: &'static str,

@@ -128,7 +128,8 @@ pub struct Run {
 }
 
 impl Run {
-    fn new(output: Output, project: &Project) -> Run {
+    /// Reads the outcome of a `peerbuild run --json` started with [`Project::command`].
+    pub fn new(output: Output, project: &Project) -> Run {
         let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
         let events = stdout
             .lines()

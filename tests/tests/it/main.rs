@@ -7,5 +7,6 @@ mod records;
 mod refusals;
 mod sandbox_docker;
 mod sandbox_namespace;
+mod sandbox_wasm;
 mod store;
 mod tidy;

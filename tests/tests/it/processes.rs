@@ -138,7 +138,11 @@ fn exit_statuses_follow_the_contract() {
     expect![[r#"
         exit 3
         stderr: peerbuild: error: no peer can run this build: it requires gpu=yes, and this machine (the only peer) has os=linux, arch=x86_64"#]].assert_eq(&unsatisfiable.transcript());
-    assert_eq!(ok.run(&["--sandbox", "wasm"]).code, 3);
+    assert_eq!(
+        ok.run(&["--sandbox", "vm"]).code,
+        2,
+        "an unknown sandbox is refused"
+    );
     assert_eq!(ok.run(&["--sandbox", "docker"]).code, 2);
     assert_eq!(ok.run(&["--timeout", "ten"]).code, 2);
 }
