@@ -95,6 +95,10 @@ pub struct Store {
     /// Bytes this process has newly written into the store, for the size budget.
     pub written: AtomicU64,
     packs: pack::Packs,
+    /// Held from sealing the open pack until it is published. An import can skip a blob that
+    /// another thread's open pack holds; a read of it that misses waits here for that pack to
+    /// be published, instead of finding nothing in between.
+    publishing: std::sync::Mutex<()>,
 }
 
 impl Store {
@@ -120,6 +124,7 @@ impl Store {
             progress: AtomicU64::new(0),
             written: AtomicU64::new(0),
             packs: pack::Packs::new(root.join("packs")),
+            publishing: std::sync::Mutex::new(()),
         })
     }
 
@@ -222,6 +227,9 @@ impl Store {
         }
         for attempt in 0..2 {
             if attempt == 1 {
+                // Wait for a pack being published by another thread of this process, then
+                // look again (another process may also have published one since).
+                drop(self.publishing.lock().unwrap_or_else(|e| e.into_inner()));
                 self.packs.load();
             }
             let Some(location) = self.packs.locate(digest) else {
@@ -280,6 +288,7 @@ impl Store {
     /// Makes everything written so far durable and visible: the open pack is sealed, the file
     /// system synced once (when `new_bytes` is not zero), then the pack published.
     pub fn flush(&self, new_bytes: u64) -> Result<()> {
+        let _publishing = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
         let sealed = self.packs.seal(&self.tmp)?;
         if new_bytes > 0 || sealed.is_some() {
             self.sync()?;

@@ -401,3 +401,36 @@ fn gc_rewrites_packs_keeping_only_live_objects() {
     export::export(&store, &last, &work.join("again")).expect("reads the new packs");
     fs::remove_dir_all(&work).ok();
 }
+
+#[test]
+fn threads_sharing_a_store_can_export_right_after_importing_overlapping_trees() {
+    let work = scratch("shared-store");
+    let source = work.join("source");
+    fs::create_dir(&source).expect("mkdir");
+    for file in 0..40 {
+        fs::write(
+            source.join(format!("f{file}")),
+            format!("file {file}\n").repeat(30),
+        )
+        .expect("write");
+    }
+    let store = Store::open(&work.join("store")).expect("opens");
+    for round in 0..15 {
+        std::thread::scope(|scope| {
+            for thread in 0..3 {
+                let (store, source, work) = (&store, &source, &work);
+                scope.spawn(move || {
+                    let root = import::import_dir_once(store, source, "test")
+                        .expect("imports")
+                        .root
+                        .expect("root");
+                    let out = work.join(format!("out-{round}-{thread}"));
+                    export::export(store, &root, &out).expect("every blob is readable at once");
+                });
+            }
+        });
+        // Fresh content each round, so the threads race on new blobs again.
+        fs::write(source.join("f0"), format!("round {round}\n").repeat(30)).expect("write");
+    }
+    fs::remove_dir_all(&work).ok();
+}
