@@ -161,6 +161,22 @@ pub struct CacheRecord {
     pub reason: Option<String>,
 }
 
+impl CacheRecord {
+    /// A record of `action` on `key` that found and moved nothing; callers fill in the rest.
+    pub fn new(action: &str, key: &str, duration_ms: u64) -> Self {
+        CacheRecord {
+            action: action.to_owned(),
+            key: key.to_owned(),
+            matched_key: None,
+            hit: false,
+            files: 0,
+            bytes: 0,
+            duration_ms,
+            reason: None,
+        }
+    }
+}
+
 /// Passed, failed, skipped and errored test cases.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TestCounts {

@@ -147,6 +147,16 @@ impl Run {
         }
     }
 
+    /// The build's output lines (the commands' standard output and error), joined.
+    pub fn log(&self) -> String {
+        self.events
+            .iter()
+            .filter(|e| e["event"] == "log")
+            .filter_map(|e| e["line"].as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// The final result event's `result` object.
     pub fn result(&self) -> &serde_json::Value {
         self.events

@@ -783,14 +783,11 @@ impl Run<'_> {
                 }
                 (
                     CacheRecord {
-                        action: "restore".into(),
-                        key: key.clone(),
                         matched_key: Some(matched.clone()),
                         hit: true,
                         files,
                         bytes,
-                        duration_ms,
-                        reason: None,
+                        ..CacheRecord::new("restore", &key, duration_ms)
                     },
                     format!(
                         "cache hit: restored {files} files ({bytes} bytes) from key `{matched}` in {duration_ms} ms"
@@ -799,14 +796,8 @@ impl Run<'_> {
             }
             Err(reason) => (
                 CacheRecord {
-                    action: "restore".into(),
-                    key: key.clone(),
-                    matched_key: None,
-                    hit: false,
-                    files: 0,
-                    bytes: 0,
-                    duration_ms,
                     reason: Some(reason.clone()),
+                    ..CacheRecord::new("restore", &key, duration_ms)
                 },
                 format!("cache miss for key `{key}`: {reason}"),
             ),
@@ -863,16 +854,7 @@ impl Run<'_> {
         .await
         .unwrap_or_else(|join| Err(join.to_string()));
         let duration_ms = started.elapsed().as_millis() as u64;
-        let mut record = CacheRecord {
-            action: "save".into(),
-            key: key.clone(),
-            matched_key: None,
-            hit: false,
-            files: 0,
-            bytes: 0,
-            duration_ms,
-            reason: None,
-        };
+        let mut record = CacheRecord::new("save", &key, duration_ms);
         let message = match outcome {
             Ok((saved, warnings)) => {
                 for warning in warnings {

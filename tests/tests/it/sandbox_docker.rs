@@ -153,16 +153,6 @@ fn run_docker_with_env(project: &Project, env: &[(&str, &str)], extra: &[&str]) 
     )
 }
 
-/// The build's output lines, joined.
-fn output(run: &Run) -> String {
-    run.events
-        .iter()
-        .filter(|e| e["event"] == "log")
-        .filter_map(|e| e["line"].as_str())
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 /// The ids of every container on this machine, running or not.
 fn containers() -> Vec<String> {
     docker(&["ps", "-a", "-q", "--no-trunc"])
@@ -303,7 +293,7 @@ fn the_container_is_gone_after_the_build() {
     ]);
     let run = run_docker(&project, &[]);
     assert_eq!(run.code, 0, "{}", run.stdout);
-    assert_gone(&container_of(&output(&run)));
+    assert_gone(&container_of(&run.log()));
 }
 
 #[test]
@@ -317,7 +307,7 @@ fn a_timeout_removes_the_container() {
     assert_eq!(run.code, 1, "{}", run.stdout);
     assert_eq!(run.result()["status"], "TIMED_OUT");
     assert!(started.elapsed() < std::time::Duration::from_secs(60));
-    assert_gone(&container_of(&output(&run)));
+    assert_gone(&container_of(&run.log()));
 }
 
 #[test]
@@ -331,8 +321,8 @@ fn a_shell_that_exits_is_replaced() {
     )]);
     let run = run_docker(&project, &[]);
     assert_eq!(run.code, 1, "{}", run.stdout);
-    assert!(output(&run).contains("still here"), "{}", run.stdout);
-    assert_gone(&container_of(&output(&run)));
+    assert!(run.log().contains("still here"), "{}", run.stdout);
+    assert_gone(&container_of(&run.log()));
 }
 
 #[test]
@@ -348,7 +338,7 @@ fn there_is_no_network() {
         "ls /sys/class/net | tr \"\\n\" \" \"; echo",
     ]);
     let run = run_docker(&project, &[]);
-    let out = output(&run);
+    let out = run.log();
     assert!(
         out.contains("refused") && !out.contains("connected"),
         "{out}"
@@ -370,7 +360,7 @@ fn the_docker_socket_is_out_of_reach() {
         "grep -c docker.sock /proc/mounts || true",
     ]);
     let run = run_docker(&project, &[]);
-    let out = output(&run);
+    let out = run.log();
     assert!(out.contains("looked") && !out.contains("found"), "{out}");
     assert!(out.lines().any(|l| l.trim() == "0"), "{out}");
 }
@@ -386,7 +376,7 @@ fn no_capabilities_and_no_new_privileges() {
         CapEff:	0000000000000000
         CapBnd:	0000000000000000
         NoNewPrivs:	1"#]]
-    .assert_eq(&output(&run));
+    .assert_eq(&run.log());
 }
 
 #[test]
@@ -511,9 +501,9 @@ phases:
     if docker(&["run", "--rm", "--privileged", IMAGE, "true"]).is_ok() {
         assert_eq!(allowed.code, 0, "{}", allowed.stdout);
         assert!(
-            !output(&allowed).contains("0000000000000000"),
+            !allowed.log().contains("0000000000000000"),
             "a privileged member keeps its capabilities: {}",
-            output(&allowed)
+            allowed.log()
         );
     } else {
         assert_eq!(allowed.code, 3, "{}", allowed.stdout);
@@ -561,7 +551,7 @@ fn images_are_chosen_and_checked_before_anything_runs() {
     )]);
     let run = from_buildspec.run(&[]);
     assert_eq!(run.code, 0, "{}", run.stdout);
-    assert!(output(&run).contains("sandbox=docker"), "{}", run.stdout);
+    assert!(run.log().contains("sandbox=docker"), "{}", run.stdout);
 }
 
 #[test]

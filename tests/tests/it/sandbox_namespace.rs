@@ -57,16 +57,6 @@ fn run_namespaced(project: &Project, extra: &[&str]) -> Run {
     project.run(&args)
 }
 
-/// The build's output lines, joined.
-fn output(run: &Run) -> String {
-    run.events
-        .iter()
-        .filter(|e| e["event"] == "log")
-        .filter_map(|e| e["line"].as_str())
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 /// A file removed when dropped.
 struct Canary(std::path::PathBuf);
 
@@ -239,12 +229,8 @@ fn host_processes_cannot_be_signalled() {
     let survived = victim.try_wait().expect("wait").is_none();
     let _ = victim.kill();
     let _ = victim.wait();
-    assert!(
-        survived,
-        "the build killed a host process: {}",
-        output(&run)
-    );
-    assert!(output(&run).contains("kill refused"), "{}", output(&run));
+    assert!(survived, "the build killed a host process: {}", run.log());
+    assert!(run.log().contains("kill refused"), "{}", run.log());
 }
 
 #[test]
@@ -259,7 +245,7 @@ fn the_hosts_loopback_is_out_of_reach() {
         "bash -c \"echo hello > /dev/tcp/127.0.0.1/{port}\" && echo connected || echo refused"
     )]);
     let run = run_namespaced(&project, &[]);
-    let out = output(&run);
+    let out = run.log();
     assert!(
         out.contains("refused") && !out.contains("connected"),
         "{out}"
@@ -285,7 +271,7 @@ fn writes_outside_the_workspace_stay_in_the_sandbox() {
     )]);
     let run = run_namespaced(&project, &[]);
     assert_eq!(run.code, 0, "{}", run.stdout);
-    assert_eq!(output(&run), "inside\ncached");
+    assert_eq!(run.log(), "inside\ncached");
     assert!(
         !std::path::Path::new(&target).exists(),
         "the build wrote {target} on the host"
@@ -465,7 +451,7 @@ fn password_hashes_are_scrubbed() {
     ]);
     let run = run_namespaced(&project, &[]);
     assert_eq!(run.code, 0, "{}", run.stdout);
-    let out = output(&run);
+    let out = run.log();
     let mut lines = out.lines();
     assert_eq!(lines.next(), Some("*"), "{out}");
     assert!(
@@ -488,7 +474,7 @@ fn host_unix_sockets_are_out_of_reach() {
         path.display()
     )]);
     let run = run_namespaced(&project, &[]);
-    let out = output(&run);
+    let out = run.log();
     assert!(
         out.contains("refused") && !out.contains("connected"),
         "{out}"
@@ -591,7 +577,7 @@ fn links_left_in_the_overlay_never_lead_the_next_session_out() {
         ),
     )]);
     let run = run_namespaced(&project, &[]);
-    assert!(output(&run).contains("linked"), "{}", run.stdout);
+    assert!(run.log().contains("linked"), "{}", run.stdout);
     let written: Vec<_> = std::fs::read_dir(&target.0)
         .expect("list")
         .flatten()

@@ -36,16 +36,6 @@ fn run_wasm(project: &Project, extra: &[&str]) -> Run {
     project.run(&args)
 }
 
-/// The build's output lines, joined.
-fn output(run: &Run) -> String {
-    run.events
-        .iter()
-        .filter(|e| e["event"] == "log")
-        .filter_map(|e| e["line"].as_str())
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 /// The exit statuses the build's commands reported, in order.
 fn failures(run: &Run) -> String {
     run.transcript()
@@ -62,7 +52,7 @@ fn a_module_gets_its_arguments_and_environment_and_its_exit_status_counts() {
         "env:\n  variables:\n    GREETING: hello\n",
     );
     let run = run_wasm(&project, &[]);
-    let text = output(&run);
+    let text = run.log();
     assert!(text.contains("one\ntwo words\nthree\n"), "{text}");
     assert!(text.contains("GREETING=hello"), "{text}");
     assert_eq!(run.code, 1, "{}", run.transcript());
@@ -87,7 +77,7 @@ fn a_module_writes_into_the_workspace_and_the_file_becomes_an_artifact() {
     let folder = artifacts.path().join("out");
     let run = run_wasm(&project, &["--artifacts", &folder.display().to_string()]);
     assert_eq!(run.code, 0, "{}", run.transcript());
-    let text = output(&run);
+    let text = run.log();
     assert!(text.contains("written by wasm"), "{text}");
     assert!(text.contains("inside the workspace"), "{text}");
     assert_eq!(
@@ -128,7 +118,7 @@ fn escapes_from_the_workspace_are_refused() {
         commands.push(attempt);
         let project = project(&commands, "");
         let run = run_wasm(&project, &[]);
-        let text = output(&run);
+        let text = run.log();
         assert_eq!(run.code, 1, "{attempt}: {}", run.transcript());
         // EPERM or ENOTCAPABLE: refused, not merely missing.
         let failure = failures(&run);
@@ -200,7 +190,7 @@ fn a_module_growing_past_the_memory_limit_fails_cleanly() {
         "{}",
         run.transcript()
     );
-    assert!(output(&run).contains("unreachable"), "{}", output(&run));
+    assert!(run.log().contains("unreachable"), "{}", run.log());
 }
 
 #[test]
@@ -215,7 +205,7 @@ fn an_output_flood_is_capped() {
         .expect("peerbuild runs");
     let run = Run::new(run, &project);
     assert_eq!(run.code, 1, "{}", run.transcript());
-    let text = output(&run);
+    let text = run.log();
     assert!(text.len() <= (1 << 20) + 4096, "{} bytes", text.len());
     assert!(
         text.contains("passed the limit"),
