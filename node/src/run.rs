@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use protocol::buildspec::{self, Buildspec, SandboxKind};
+use protocol::buildspec::{self, Buildspec, Placement, SandboxKind};
 use sandbox::{
     DockerConfig, DockerExecutor, Executor, HelperCommand, HostExecutor, NamespaceConfig,
     NamespaceExecutor, SandboxError, WasmConfig, WasmExecutor,
@@ -21,7 +21,7 @@ use crate::cli::RunArgs;
 use crate::data_dir::{self, DataDir};
 use crate::engine::env::{self, Variables};
 use crate::engine::secrets::{self, SecretsFile};
-use crate::engine::{ArtifactTarget, Build, Interrupt, Limits, Node, OutputBudget};
+use crate::engine::{ArtifactTarget, Build, Interrupt, Limits, Node, OutputBudget, SandboxChoice};
 use crate::events::{BuildResult, Event, Level, Status};
 use crate::ids::BuildId;
 use crate::reporter::{EventSink, JsonLines, Reporter};
@@ -87,6 +87,8 @@ struct Prepared {
     warnings: Vec<String>,
     /// The owner's settings (`DATA_DIR/config.toml`).
     settings: Settings,
+    /// The sandboxes the buildspec's phases ask for under `peerbuild.phases`.
+    phase_sandboxes: Vec<SandboxChoice>,
 }
 
 impl Prepared {
@@ -98,7 +100,16 @@ impl Prepared {
 
 async fn run_async(data_dir: Option<&Path>, args: RunArgs) -> Result<u8> {
     let prepared = prepare(data_dir, &args)?;
-    let executor = executor(&prepared, prepared.allows_privileged(&args)).await?;
+    let allow_privileged = prepared.allows_privileged(&args);
+    let main = (prepared.sandbox, prepared.image.clone());
+    let executor = make_executor(&prepared, &main, allow_privileged).await?;
+    let mut phase_executors = HashMap::new();
+    for sandbox in &prepared.phase_sandboxes {
+        if *sandbox != main && !phase_executors.contains_key(sandbox) {
+            let other = make_executor(&prepared, sandbox, allow_privileged).await?;
+            phase_executors.insert(sandbox.clone(), other);
+        }
+    }
     let build_dir = prepared.data.build(&prepared.id.to_string());
     data_dir::create_private(&build_dir)?;
     data_dir::write_private(
@@ -110,6 +121,7 @@ async fn run_async(data_dir: Option<&Path>, args: RunArgs) -> Result<u8> {
     let store_for_gc = store.clone();
     let node = Node {
         executor,
+        phase_executors,
         store,
         data: prepared.data.clone(),
         reporter: reporter.clone(),
@@ -513,6 +525,7 @@ fn prepare(data_dir: Option<&Path>, args: &RunArgs) -> Result<Prepared> {
         sandbox,
         image,
         warnings,
+        phase_sandboxes,
     } = choose_sandbox(args, &buildspec, &settings)?;
     check_requirements(args)?;
     let submitted = submitted_variables(args)?;
@@ -577,6 +590,7 @@ fn prepare(data_dir: Option<&Path>, args: &RunArgs) -> Result<Prepared> {
         image,
         warnings,
         settings,
+        phase_sandboxes,
     })
 }
 
@@ -586,6 +600,8 @@ struct Chosen {
     /// Set exactly when the sandbox is `docker`.
     image: Option<String>,
     warnings: Vec<String>,
+    /// For each phase under `peerbuild.phases`, the sandbox it runs in.
+    phase_sandboxes: Vec<SandboxChoice>,
 }
 
 /// The sandbox for this run: `--sandbox`, else the buildspec's `peerbuild.sandbox`, else the
@@ -646,19 +662,50 @@ fn choose_sandbox(args: &RunArgs, buildspec: &Buildspec, settings: &Settings) ->
         }
         None
     };
-    let overridden = buildspec.peerbuild.phases.iter().any(|(_, phase)| {
-        phase.sandbox.is_some_and(|kind| kind != sandbox) || phase.image.is_some()
-    });
-    if overridden {
-        warnings.push(format!(
-            "per-phase sandbox settings under peerbuild.phases are not acted on yet; every phase runs in the {} sandbox",
-            sandbox.key()
-        ));
+    let mut phase_sandboxes = Vec::new();
+    for (phase, settings_of_phase) in &buildspec.peerbuild.phases {
+        let at = format!("peerbuild.phases.{}", phase.key());
+        let kind = settings_of_phase.sandbox.unwrap_or(sandbox);
+        if let Some(asked) = settings_of_phase.sandbox
+            && let Err(refusal) = settings.check_allowed(asked)
+        {
+            return refuse(format!(
+                "the buildspec asks for it in {at}.sandbox: {refusal}"
+            ));
+        }
+        let phase_image = match (kind, &settings_of_phase.image) {
+            (SandboxKind::Docker, Some(image)) if !image.trim().is_empty() => Some(image.clone()),
+            (SandboxKind::Docker, _) if sandbox == SandboxKind::Docker => image.clone(),
+            (SandboxKind::Docker, _) => {
+                return refuse(format!(
+                    "{at}: the docker sandbox needs an image: set {at}.image"
+                ));
+            }
+            (_, Some(phase_image)) => {
+                return refuse(format!(
+                    "{at}.image `{phase_image}` needs the docker sandbox; the {} sandbox uses this machine's files",
+                    kind.key()
+                ));
+            }
+            (_, None) => None,
+        };
+        phase_sandboxes.push((kind, phase_image));
+        if settings_of_phase.placement == Placement::Separate {
+            warnings.push(format!(
+                "{at}.placement `separate` is not acted on yet (it needs a pool): the phase runs with the rest of the build"
+            ));
+        }
+        if settings_of_phase.network.is_some() {
+            warnings.push(format!(
+                "{at}.network is not acted on yet: the phase gets the build's network"
+            ));
+        }
     }
     Ok(Chosen {
         sandbox,
         image,
         warnings,
+        phase_sandboxes,
     })
 }
 
@@ -735,13 +782,17 @@ fn lookup_users(names: &[String]) -> Result<HashMap<String, User>> {
 }
 
 /// The executor [`choose_sandbox`] chose.
-async fn executor(prepared: &Prepared, allow_privileged: bool) -> Result<Arc<dyn Executor>> {
+async fn make_executor(
+    prepared: &Prepared,
+    (kind, image): &SandboxChoice,
+    allow_privileged: bool,
+) -> Result<Arc<dyn Executor>> {
     let helper = helper_command()?;
     let memory_limit_bytes = Some(
         namespace_limit("PEERBUILD_SANDBOX_MEMORY_LIMIT")?.unwrap_or_else(default_memory_limit),
     );
     let process_limit = Some(namespace_limit("PEERBUILD_SANDBOX_PROCESS_LIMIT")?.unwrap_or(4096));
-    match prepared.sandbox {
+    match kind {
         SandboxKind::Namespace => {
             let me = users::current();
             let config = NamespaceConfig {
@@ -754,7 +805,7 @@ async fn executor(prepared: &Prepared, allow_privileged: bool) -> Result<Arc<dyn
         SandboxKind::Docker => {
             let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
             let config = DockerConfig {
-                image: prepared.image.clone().unwrap_or_default(),
+                image: image.clone().unwrap_or_default(),
                 allow_privileged,
                 memory_limit_bytes,
                 process_limit,

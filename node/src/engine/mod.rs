@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use protocol::buildspec::{
-    ArtifactSet, Buildspec, Cache, CacheAction, OnFailure, Phase, PhaseName,
+    ArtifactSet, Buildspec, Cache, CacheAction, OnFailure, Phase, PhaseName, SandboxKind,
 };
 use sandbox::{Executor, OutputSink, SessionSpec, ShellKind, ShellMode};
 use tokio::sync::watch;
@@ -147,6 +147,8 @@ pub struct Build {
 /// What every build on this node shares.
 pub struct Node {
     pub executor: Arc<dyn Executor>,
+    /// Executors for phases the buildspec puts in another sandbox (`peerbuild.phases`).
+    pub phase_executors: HashMap<SandboxChoice, Arc<dyn Executor>>,
     pub store: Arc<crate::store::Store>,
     pub data: DataDir,
     pub reporter: Reporter,
@@ -154,6 +156,9 @@ pub struct Node {
     pub peer: String,
     pub me: User,
 }
+
+/// A sandbox and, for `docker`, its image.
+pub type SandboxChoice = (SandboxKind, Option<String>);
 
 /// The deadline and the stop signal of one build.
 #[derive(Clone)]
@@ -499,8 +504,99 @@ impl Run<'_> {
         }
     }
 
-    /// Runs one phase, with its retries, and reports it.
+    /// Runs one phase, with its retries, and reports it: in the build's session, or in a
+    /// session of its own when the buildspec puts it in another sandbox.
     async fn phase(&mut self, name: PhaseName, phase: &Phase) -> Step {
+        let Some(executor) = self.phase_executor(name) else {
+            return self.phase_in_session(name, phase).await;
+        };
+        let kind = executor.kind();
+        let carried = match self.carried_state(kind == "wasm").await {
+            Ok(carried) => carried,
+            Err(step) => return step,
+        };
+        self.note(
+            Level::Info,
+            format!(
+                "{} runs in the {kind} sandbox, in a session of its own: it starts from the build's working directory and exported variables, and sees what the build wrote in the workspace (nothing else)",
+                name.report_name()
+            ),
+        );
+        let main = self.sessions.take();
+        self.sessions = main
+            .as_ref()
+            .map(|sessions| sessions.elsewhere(executor, carried));
+        let step = self.phase_in_session(name, phase).await;
+        if let Some(mut own) = self.sessions.take()
+            && let Err(err) = own.close().await
+        {
+            self.note(
+                Level::Warning,
+                format!("could not end {}'s session: {err}", name.report_name()),
+            );
+        }
+        self.sessions = main;
+        step
+    }
+
+    /// The executor of a phase the buildspec puts in another sandbox than the build's.
+    fn phase_executor(&self, name: PhaseName) -> Option<Arc<dyn Executor>> {
+        let (_, settings) = self
+            .build
+            .buildspec
+            .peerbuild
+            .phases
+            .iter()
+            .find(|(phase, _)| *phase == name)?;
+        // Only phases in another sandbox (or another image) than the build's have an entry.
+        let kind = settings
+            .sandbox
+            .or_else(|| SandboxKind::from_key(self.node.executor.kind()))?;
+        self.node
+            .phase_executors
+            .get(&(kind, settings.image.clone()))
+            .cloned()
+    }
+
+    /// The build shell's exported variables and working directory, as `export` lines (and a
+    /// `cd`, unless `for_wasm`) that a session of another sandbox applies at its start.
+    async fn carried_state(&mut self, for_wasm: bool) -> Result<String, Step> {
+        let user = self.top_user();
+        // NUL-separated (values may hold newlines), as \x01: captures cannot carry NULs.
+        let env = self
+            .capture(
+                user.as_ref(),
+                "{ env -0 2>/dev/null || env; } | tr '\\000' '\\001'",
+            )
+            .await?;
+        let separator = if env.stdout.contains('\u{1}') {
+            '\u{1}'
+        } else {
+            '\n'
+        };
+        let mut script = String::new();
+        for entry in env.stdout.split(separator) {
+            let Some((name, value)) = entry.split_once('=') else {
+                continue;
+            };
+            let valid = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if valid && !matches!(name, "PWD" | "OLDPWD" | "SHLVL" | "_") {
+                script.push_str(&format!("export {name}={}\n", session::quote(value)));
+            }
+        }
+        if !for_wasm {
+            let cwd = self.capture(user.as_ref(), "pwd").await?;
+            script.push_str(&format!(
+                "cd -- {} 2>/dev/null || true\n",
+                session::quote(&cwd.stdout)
+            ));
+        }
+        Ok(script)
+    }
+
+    /// Runs one phase in the current sessions, with its retries, and reports it.
+    async fn phase_in_session(&mut self, name: PhaseName, phase: &Phase) -> Step {
         let started = Instant::now();
         let report_name = name.report_name();
         self.phase_started(report_name);

@@ -213,3 +213,34 @@ fn the_owners_settings_choose_and_limit_sandboxes() {
         "{stderr}"
     );
 }
+
+/// Per-phase sandboxes are checked like the build's, before anything runs.
+#[test]
+fn per_phase_sandboxes_are_checked_before_anything_runs() {
+    let cases = [
+        (
+            "sandbox: host",
+            "the buildspec asks for it in peerbuild.phases.build.sandbox: the host sandbox is not allowed on this node",
+        ),
+        (
+            "sandbox: docker",
+            "peerbuild.phases.build: the docker sandbox needs an image: set peerbuild.phases.build.image",
+        ),
+        (
+            "sandbox: wasm\n      image: busybox",
+            "peerbuild.phases.build.image `busybox` needs the docker sandbox; the wasm sandbox uses this machine's files",
+        ),
+    ];
+    for (settings, message) in cases {
+        let project = Project::new(&[(
+            "buildspec.yml",
+            &format!(
+                "version: 0.2\npeerbuild:\n  phases:\n    build:\n      {settings}\nphases:\n  build:\n    commands:\n      - echo ran\n"
+            ),
+        )]);
+        let run = project.run(&["--sandbox", "host"]);
+        assert_eq!(run.code, 2, "{settings}: {}", run.stdout);
+        assert!(run.events.is_empty(), "nothing ran: {}", run.stdout);
+        assert!(run.stderr.contains(message), "{settings}: {}", run.stderr);
+    }
+}
