@@ -442,6 +442,8 @@ fn host_processes_the_data_directory_and_host_files_are_out_of_reach() {
         format!("kill -9 {pid} 2>/dev/null && echo killed || echo cannot kill"),
         format!("echo planted > {outside} && echo wrote inside"),
         "mkdir -p out && ln -s /etc/shadow out/shadow && echo mine > out/mine".to_owned(),
+        // The container's files are another file system: no hard link reaches them.
+        "ln /etc/passwd out/hard 2>/dev/null && echo hard-linked || echo no-hard-link".to_owned(),
     ];
     let commands: Vec<&str> = commands.iter().map(String::as_str).collect();
     let project = build_of_in(
@@ -465,6 +467,7 @@ fn host_processes_the_data_directory_and_host_files_are_out_of_reach() {
     assert!(!out.contains(&secret), "the build saw a host secret: {out}");
     assert!(out.contains("cannot kill") && alive, "{out}");
     assert!(out.contains("wrote inside"), "{out}");
+    assert!(out.contains("no-hard-link"), "{out}");
     assert!(
         !std::path::Path::new(&outside).exists(),
         "the build wrote {outside} on the host"
