@@ -27,7 +27,7 @@ use std::pin::Pin;
 pub use docker::{DockerConfig, DockerExecutor};
 pub use host::HostExecutor;
 pub use namespace::{NamespaceConfig, NamespaceExecutor};
-pub use shell::ShellSession;
+pub use shell::{CAPTURE_LIMIT_BYTES, ShellSession};
 pub use wasm::{CacheStats, WasmConfig, WasmExecutor};
 
 /// A boxed future, so that [`Session`] can be used as a trait object.

@@ -21,7 +21,7 @@ const TERMINATE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 const DRAIN_LIMIT_BYTES: usize = 1 << 20;
 
 /// The most captured output kept; the rest is read and dropped.
-const CAPTURE_LIMIT_BYTES: usize = 1 << 20;
+pub const CAPTURE_LIMIT_BYTES: usize = 1 << 20;
 
 /// What runs the shell: it reports how the shell ended and kills what the session started.
 pub(crate) trait ShellProcess: Send {

@@ -130,10 +130,23 @@ pub enum ArtifactError {
     DestinationInUse { path: PathBuf },
     #[error("artifact path {} is not a plain relative path inside the output", .dest.display())]
     UnsafeDestination { dest: PathBuf },
+    #[error("{} is a symlink; files are collected from real folders only", .path.display())]
+    RootIsLink { path: PathBuf },
 }
 
 /// Chooses the files that `set` selects in `build_dir`, by the rules in the module docs.
 pub fn select(build_dir: &Path, set: &ArtifactSet) -> Result<Selected, ArtifactError> {
+    // The folder itself must not be a link (its parents may be: the data directory can live
+    // behind one): collecting from a link would collect from wherever it points.
+    let is_link = fs::symlink_metadata(build_dir).map_err(|source| ArtifactError::Read {
+        path: build_dir.to_path_buf(),
+        source,
+    })?;
+    if is_link.file_type().is_symlink() {
+        return Err(ArtifactError::RootIsLink {
+            path: build_dir.to_path_buf(),
+        });
+    }
     let build_root = fs::canonicalize(build_dir).map_err(|source| ArtifactError::Read {
         path: build_dir.to_path_buf(),
         source,

@@ -14,9 +14,10 @@
 //! they travel through a staging folder in the workspace ([`STAGE`]), the one folder every
 //! backend shares with the node: before the sandbox ends, the build's shell copies what the
 //! paths name into it ([`stage_script`]); once the sandbox is gone the node reads it like the
-//! rest of the workspace. A restore goes the other way: the node puts the entry's absolute part
-//! in the staging folder and the build's shell merges it into place ([`unstage_script`]), so the
-//! files land where the build sees them, owned by the build's user.
+//! rest of the workspace. A restore goes the other way: the node puts the whole entry in the
+//! staging folder and the build's shell merges it into place ([`unstage_script`]), so the files
+//! land where the build sees them, owned by the build's user, and links the build planted in
+//! its workspace resolve inside the sandbox, never on the host.
 
 use std::fs;
 use std::io::Write;
@@ -178,11 +179,14 @@ pub fn stage_script(paths: &[String], stage: &Path) -> Option<String> {
     Some(script)
 }
 
-/// Shell code, run in a subshell of the build's shell, that merges the staged absolute part of a
-/// restored entry into place with the rules of `merge` (folders merged, files replaced, a file
-/// where a folder is or the other way round left alone) and prints one line for each path it
-/// left as it was.
-pub fn unstage_script(stage: &Path) -> String {
+/// Shell code, run in a subshell of the build's shell, that merges a restored entry staged by
+/// [`restore`] into place (`rel/` into the build directory `workspace`, `abs/` at the absolute
+/// paths): folders merged (a symlink to a folder is followed, as `~/.m2 -> /data/m2` must stay
+/// a link), files replaced, and where a folder is in place of a file or the other way round the
+/// path is left as it was, with one line printed for it. It runs inside the sandbox, so links
+/// the build planted lead only where the build could write anyway.
+pub fn unstage_script(stage: &Path, workspace: &Path) -> String {
+    let workspace = quote(&workspace.to_string_lossy());
     let stage = quote(&stage.to_string_lossy());
     format!(
         r#"(
@@ -206,7 +210,9 @@ pb_merge() {{
     fi
   done
 }}
-pb_merge {stage} /
+[ -d {stage}/rel ] && pb_merge {stage}/rel {workspace}
+[ -d {stage}/abs ] && pb_merge {stage}/abs /
+true
 )"#
     )
 }
@@ -391,21 +397,20 @@ fn live_entry(store: &Store, path: &Path) -> bool {
 pub struct Restored {
     pub files: u64,
     pub bytes: u64,
-    /// Paths left as they were because the host holds something else there.
-    pub skipped: Vec<String>,
-    /// The entry's absolute part, staged in the workspace for [`unstage_script`].
-    pub staged: Option<PathBuf>,
+    /// The entry, staged in the workspace for [`unstage_script`].
+    pub staged: PathBuf,
 }
 
-/// Restores an entry's files: `rel/` into the build directory, owned by `owner` (the build's
-/// user) when given; `abs/` into the staging folder `workspace/STAGE`, for the build's shell to
-/// put into place.
+/// Exports an entry's tree into the staging folder `workspace/STAGE` (`rel/` for the build
+/// directory, `abs/` for absolute paths), for the build's shell to merge into place with
+/// [`unstage_script`]. The node itself never writes into the workspace's folders: a build that
+/// planted a symlink there (while its cache key was evaluated) must not steer the node's
+/// writes out of the sandbox.
 pub fn restore(
     store: &Store,
     entry: &Entry,
     workspace: &Path,
     scratch: &Path,
-    owner: Option<(u32, u32)>,
 ) -> Result<Restored, String> {
     let digest: Digest = entry
         .tree
@@ -416,23 +421,15 @@ pub fn restore(
         fs::create_dir_all(parent).map_err(|e| e.to_string())?;
     }
     let exported = export::export(store, &digest, scratch).map_err(|e| e.to_string())?;
-    let mut skipped = Vec::new();
-    let result = merge(&scratch.join("rel"), workspace, owner, &mut skipped).and_then(|()| {
-        let absolute = scratch.join("abs");
-        if fs::symlink_metadata(&absolute).is_err() {
-            return Ok(None);
-        }
-        let staged = workspace.join(STAGE);
-        remove_staged(&staged)?;
-        fs::rename(&absolute, &staged)?;
-        Ok(Some(staged))
-    });
+    let staged = workspace.join(STAGE);
+    // `rename` never follows a symlink the build left under the name: it fails on one (a
+    // folder cannot replace a file) and replaces only an empty folder.
+    let moved = remove_staged(&staged).and_then(|()| fs::rename(scratch, &staged));
     let _ = fs::remove_dir_all(scratch);
-    let staged = result.map_err(|e| e.to_string())?;
+    moved.map_err(|e| format!("cannot stage the cache in the workspace: {e}"))?;
     Ok(Restored {
         files: exported.files,
         bytes: exported.bytes,
-        skipped,
         staged,
     })
 }
@@ -445,63 +442,6 @@ pub fn remove_staged(staged: &Path) -> std::io::Result<()> {
         Err(err) => Err(err),
         Ok(meta) if meta.is_dir() => fs::remove_dir_all(staged),
         Ok(_) => fs::remove_file(staged),
-    }
-}
-
-/// Moves everything under `from` into `to`: folders are merged (an existing symlink to a
-/// folder is followed, as a user's `~/.m2 -> /data/m2` must stay a link), files replace files.
-/// Nothing that is there is ever deleted to make room: where the host has a folder and the
-/// cache a file, or the other way round, the entry is skipped and reported.
-fn merge(
-    from: &Path,
-    to: &Path,
-    owner: Option<(u32, u32)>,
-    skipped: &mut Vec<String>,
-) -> std::io::Result<()> {
-    let Ok(entries) = fs::read_dir(from) else {
-        return Ok(());
-    };
-    if fs::metadata(to).is_err() {
-        fs::create_dir_all(to)?;
-        chown(to, owner)?;
-    }
-    for entry in entries {
-        let entry = entry?;
-        let source = entry.path();
-        let target = to.join(entry.file_name());
-        // `metadata` follows symlinks: a link to a folder counts as a folder.
-        let existing = fs::metadata(&target).ok();
-        if entry.file_type()?.is_dir() {
-            match existing {
-                Some(meta) if !meta.is_dir() => {
-                    skipped.push(format!("{} (a file is there)", target.display()))
-                }
-                _ => merge(&source, &target, owner, skipped)?,
-            }
-            continue;
-        }
-        if existing.is_some_and(|meta| meta.is_dir()) {
-            skipped.push(format!("{} (a folder is there)", target.display()));
-            continue;
-        }
-        if fs::rename(&source, &target).is_err() {
-            // Another file system: copy instead.
-            if entry.file_type()?.is_symlink() {
-                let _ = fs::remove_file(&target);
-                std::os::unix::fs::symlink(fs::read_link(&source)?, &target)?;
-            } else {
-                fs::copy(&source, &target)?;
-            }
-        }
-        chown(&target, owner)?;
-    }
-    Ok(())
-}
-
-fn chown(path: &Path, owner: Option<(u32, u32)>) -> std::io::Result<()> {
-    match owner {
-        Some((uid, gid)) => std::os::unix::fs::lchown(path, Some(uid), Some(gid)),
-        None => Ok(()),
     }
 }
 

@@ -313,13 +313,25 @@ impl Run<'_> {
         if let Some(sessions) = &mut self.sessions
             && let Err(err) = sessions.close().await
         {
-            self.note(
-                Level::Warning,
-                format!("could not end the build's shell: {err}"),
-            );
+            // Something the build started may still run: nothing is read out of its reach.
+            self.end = Some(Status::Fault);
+            self.message.get_or_insert(format!(
+                "could not end the build's sandbox ({err}); its caches and artifacts are not collected"
+            ));
+            staged_cache = None;
+            artifact_names = None;
         }
-        if let Some(staged) = staged_cache {
+        // The staging folder leaves the workspace before anything reads it (and whether or
+        // not a cache is saved, so it never reaches the artifacts).
+        let outside = workspace.take_stage();
+        if self.end.is_none()
+            && let Some(mut staged) = staged_cache
+        {
+            staged.outside = staged.outside.and(outside.clone());
             self.save_cache(&workspace, staged).await;
+        }
+        if let Some(outside) = &outside {
+            remove_tree(outside);
         }
         if let Some(names) = artifact_names {
             self.upload(workspace.path(), names).await;
@@ -511,10 +523,33 @@ impl Run<'_> {
             return self.phase_in_session(name, phase).await;
         };
         let kind = executor.kind();
-        let carried = match self.carried_state(kind == "wasm").await {
-            Ok(carried) => carried,
+        let (variables, directory) = match self.carried_state().await {
+            Ok(state) => state,
             Err(step) => return step,
         };
+        let mut script = String::new();
+        for (variable, value) in variables {
+            let value = if variable == "PEERBUILD_SANDBOX" {
+                kind.to_owned()
+            } else {
+                value
+            };
+            // A wasm session reads `export` lines one a line: a value with a newline cannot go.
+            if kind == "wasm" && value.contains('\n') {
+                self.note(
+                    Level::Warning,
+                    format!("{}: the variable {variable} holds a newline, which the wasm sandbox cannot take; the phase runs without it", name.report_name()),
+                );
+                continue;
+            }
+            script.push_str(&format!("export {variable}={}\n", session::quote(&value)));
+        }
+        if kind != "wasm" {
+            script.push_str(&format!(
+                "cd -- {} 2>/dev/null || true\n",
+                session::quote(&directory)
+            ));
+        }
         self.note(
             Level::Info,
             format!(
@@ -522,21 +557,37 @@ impl Run<'_> {
                 name.report_name()
             ),
         );
+        let workspace = self.sessions.as_ref().map(|s| s.workdir().to_owned());
+        // Files each side wrote become the other side's own (the sandboxes may run under
+        // different ids), before the phase and after it.
+        self.adopt_workspace(executor.as_ref(), workspace.as_deref());
         let main = self.sessions.take();
         self.sessions = main
             .as_ref()
-            .map(|sessions| sessions.elsewhere(executor, carried));
+            .map(|sessions| sessions.elsewhere(executor, script));
         let step = self.phase_in_session(name, phase).await;
-        if let Some(mut own) = self.sessions.take()
+        let own = self.sessions.take();
+        self.sessions = main;
+        if let Some(mut own) = own
             && let Err(err) = own.close().await
         {
-            self.note(
-                Level::Warning,
-                format!("could not end {}'s session: {err}", name.report_name()),
-            );
+            // Something the phase started may still run: the build cannot go on safely.
+            return Step::Fault(format!(
+                "could not end {}'s sandbox: {err}",
+                name.report_name()
+            ));
         }
-        self.sessions = main;
+        let main_executor = self.node.executor.clone();
+        self.adopt_workspace(main_executor.as_ref(), workspace.as_deref());
         step
+    }
+
+    fn adopt_workspace(&self, executor: &dyn Executor, workspace: Option<&Path>) {
+        if let Some(workspace) = workspace
+            && let Err(err) = executor.adopt(workspace)
+        {
+            self.note(Level::Warning, format!("the workspace: {err}"));
+        }
     }
 
     /// The executor of a phase the buildspec puts in another sandbox than the build's.
@@ -558,9 +609,9 @@ impl Run<'_> {
             .cloned()
     }
 
-    /// The build shell's exported variables and working directory, as `export` lines (and a
-    /// `cd`, unless `for_wasm`) that a session of another sandbox applies at its start.
-    async fn carried_state(&mut self, for_wasm: bool) -> Result<String, Step> {
+    /// The build shell's exported variables and working directory, for a session of another
+    /// sandbox to start from.
+    async fn carried_state(&mut self) -> Result<(Vec<(String, String)>, String), Step> {
         let user = self.top_user();
         // NUL-separated (values may hold newlines), as \x01: captures cannot carry NULs.
         let env = self
@@ -569,12 +620,18 @@ impl Run<'_> {
                 "{ env -0 2>/dev/null || env; } | tr '\\000' '\\001'",
             )
             .await?;
+        if env.stdout.len() >= sandbox::CAPTURE_LIMIT_BYTES {
+            self.note(
+                Level::Warning,
+                "the build's variables take more than 1 MiB; the phase in another sandbox gets only the first 1 MiB of them",
+            );
+        }
         let separator = if env.stdout.contains('\u{1}') {
             '\u{1}'
         } else {
             '\n'
         };
-        let mut script = String::new();
+        let mut variables = Vec::new();
         for entry in env.stdout.split(separator) {
             let Some((name, value)) = entry.split_once('=') else {
                 continue;
@@ -582,17 +639,11 @@ impl Run<'_> {
             let valid = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
                 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if valid && !matches!(name, "PWD" | "OLDPWD" | "SHLVL" | "_") {
-                script.push_str(&format!("export {name}={}\n", session::quote(value)));
+                variables.push((name.to_owned(), value.to_owned()));
             }
         }
-        if !for_wasm {
-            let cwd = self.capture(user.as_ref(), "pwd").await?;
-            script.push_str(&format!(
-                "cd -- {} 2>/dev/null || true\n",
-                session::quote(&cwd.stdout)
-            ));
-        }
-        Ok(script)
+        let directory = self.capture(user.as_ref(), "pwd").await?.stdout;
+        Ok((variables, directory))
     }
 
     /// Runs one phase in the current sessions, with its retries, and reports it.
@@ -655,21 +706,9 @@ impl Run<'_> {
                     first_line(command)
                 )),
             ),
-            Step::Interrupted(Interrupt::TimedOut) => (
-                Status::TimedOut,
-                Some("the build timed out; its processes were killed".to_owned()),
-            ),
-            Step::Interrupted(Interrupt::Stopped) => (
-                Status::Stopped,
-                Some("the build was stopped; its processes were killed".to_owned()),
-            ),
-            Step::Interrupted(Interrupt::OutputLimit) => (
-                Status::Failed,
-                Some(format!(
-                    "the build printed more than {} bytes of output, its limit (PEERBUILD_SANDBOX_OUTPUT_LIMIT); its processes were killed",
-                    self.limits.output.limit()
-                )),
-            ),
+            Step::Interrupted(interrupt) => {
+                (interrupt.status(), Some(self.interrupt_message(*interrupt)))
+            }
             Step::Fault(message) => (Status::Fault, Some(message.clone())),
         };
         if let (Step::Interrupted(_), Some(message)) = (&step, &message) {
@@ -854,7 +893,7 @@ impl Run<'_> {
                     value: captured.stdout,
                 }),
                 Err(Step::Interrupted(interrupt)) => {
-                    self.end = Some(interrupt.status());
+                    self.interrupted(interrupt);
                     return;
                 }
                 Err(_) => self.note(
@@ -932,11 +971,10 @@ impl Run<'_> {
         let workspace_path = workspace.path().to_owned();
         let scratch = workspace.scratch("cache-restore");
         let lookup_key = key.clone();
-        let owner = self.workspace_owner();
         let outcome = tokio::task::spawn_blocking(move || {
             match cache::lookup(&store, &cache, &lookup_key, &fallbacks) {
                 cache::Lookup::Hit { entry, .. } => {
-                    let restored = cache::restore(&store, &entry, &workspace_path, &scratch, owner);
+                    let restored = cache::restore(&store, &entry, &workspace_path, &scratch);
                     restored.map(|restored| (entry.key, restored))
                 }
                 cache::Lookup::Miss { reason } => Err(reason),
@@ -945,17 +983,14 @@ impl Run<'_> {
         .await
         .unwrap_or_else(|join| Err(join.to_string()));
         let outcome = match outcome {
-            Ok((matched, mut restored)) => {
+            Ok((matched, restored)) => {
                 // The session has started: files written into its workspace now must be made
                 // the build's own (the namespace sandbox runs under other ids).
-                if let Err(err) = self.node.executor.adopt(workspace.path()) {
+                if let Err(err) = self.node.executor.adopt(&restored.staged) {
                     self.note(Level::Warning, format!("cache: {err}"));
                 }
-                match self.unstage(restored.staged.take()).await {
-                    Ok(skipped) => {
-                        restored.skipped.extend(skipped);
-                        Ok((matched, restored))
-                    }
+                match self.unstage(&restored.staged, workspace.path()).await {
+                    Ok(skipped) => Ok((matched, restored, skipped)),
                     Err(step) => return self.cache_interrupted(step),
                 }
             }
@@ -963,15 +998,7 @@ impl Run<'_> {
         };
         let duration_ms = started.elapsed().as_millis() as u64;
         let (record, message) = match outcome {
-            Ok((
-                matched,
-                cache::Restored {
-                    files,
-                    bytes,
-                    skipped,
-                    ..
-                },
-            )) => {
+            Ok((matched, cache::Restored { files, bytes, .. }, skipped)) => {
                 for path in skipped {
                     self.note(Level::Warning, format!("cache: left {path} as it was"));
                 }
@@ -1022,25 +1049,42 @@ impl Run<'_> {
         }
     }
 
+    /// What users read when the build was cut short.
+    fn interrupt_message(&self, interrupt: Interrupt) -> String {
+        match interrupt {
+            Interrupt::TimedOut => "the build timed out; its processes were killed".to_owned(),
+            Interrupt::Stopped => "the build was stopped; its processes were killed".to_owned(),
+            Interrupt::OutputLimit => format!(
+                "the build printed more than {} bytes of output, its limit (PEERBUILD_SANDBOX_OUTPUT_LIMIT); its processes were killed",
+                self.limits.output.limit()
+            ),
+        }
+    }
+
+    /// Ends the build because it was cut short outside a phase (a cache key, an artifact
+    /// name), saying why.
+    fn interrupted(&mut self, interrupt: Interrupt) {
+        self.end = Some(interrupt.status());
+        let message = self.interrupt_message(interrupt);
+        self.message.get_or_insert(message);
+    }
+
     fn cache_interrupted(&mut self, step: Step) {
         match step {
-            Step::Interrupted(interrupt) => self.end = Some(interrupt.status()),
+            Step::Interrupted(interrupt) => self.interrupted(interrupt),
             Step::Fault(message) => self.note(Level::Warning, format!("cache: {message}")),
             Step::Ok | Step::Failed { .. } => {}
         }
     }
 
-    /// Puts a restored entry's absolute paths into place through the build's shell (see
-    /// `cache::STAGE`); returns the paths left as they were.
-    async fn unstage(&mut self, staged: Option<PathBuf>) -> Result<Vec<String>, Step> {
-        let Some(staged) = staged else {
-            return Ok(Vec::new());
-        };
+    /// Puts a restored entry into place through the build's shell (see `cache::STAGE`);
+    /// returns the paths left as they were.
+    async fn unstage(&mut self, staged: &Path, workspace: &Path) -> Result<Vec<String>, Step> {
         let user = self.top_user();
         let result = self
-            .capture(user.as_ref(), &cache::unstage_script(&staged))
+            .capture(user.as_ref(), &cache::unstage_script(staged, workspace))
             .await;
-        if let Err(err) = cache::remove_staged(&staged) {
+        if let Err(err) = cache::remove_staged(staged) {
             self.note(
                 Level::Warning,
                 format!("cache: could not remove {}: {err}", staged.display()),
@@ -1102,18 +1146,14 @@ impl Run<'_> {
         let scratch = workspace.scratch("cache-save");
         let save_key = key.clone();
         let outcome = tokio::task::spawn_blocking(move || {
-            let saved = cache::save(
+            cache::save(
                 &store,
                 &cache,
                 &save_key,
                 &workspace_path,
                 outside.as_deref(),
                 &scratch,
-            );
-            if let Some(outside) = &outside {
-                let _ = cache::remove_staged(outside);
-            }
-            saved
+            )
         })
         .await
         .unwrap_or_else(|join| Err(join.to_string()));
@@ -1184,7 +1224,7 @@ impl Run<'_> {
                     names.insert(identifier, captured.stdout);
                 }
                 Err(Step::Interrupted(interrupt)) => {
-                    self.end = Some(interrupt.status());
+                    self.interrupted(interrupt);
                     return None;
                 }
                 Err(step) => {
@@ -1227,7 +1267,7 @@ impl Run<'_> {
             {
                 Ok(record) => self.artifacts.push(record),
                 Err(Step::Interrupted(interrupt)) => {
-                    self.end = Some(interrupt.status());
+                    self.interrupted(interrupt);
                     self.phase_finished("UPLOAD_ARTIFACTS", started, interrupt.status(), None);
                     return;
                 }
@@ -1551,6 +1591,25 @@ impl Workspace {
 
     fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Moves the cache staging folder (see `cache::STAGE`) out of the workspace, into a
+    /// folder of the node's, once the sandbox has ended: `rename` moves whatever is there
+    /// without following it, and only a real folder is kept (a symlink the build left in its
+    /// place is removed), so collecting from it never leads out.
+    fn take_stage(&self) -> Option<PathBuf> {
+        let stage = self.path.join(cache::STAGE);
+        let meta = std::fs::symlink_metadata(&stage).ok()?;
+        if !meta.is_dir() {
+            let _ = std::fs::remove_file(&stage);
+            return None;
+        }
+        let taken = self.scratch("cache-outside");
+        remove_tree(&taken);
+        std::fs::rename(&stage, &taken).ok()?;
+        std::fs::symlink_metadata(&taken)
+            .is_ok_and(|m| m.is_dir())
+            .then_some(taken)
     }
 
     /// Tools peerbuild puts on the build's PATH.

@@ -107,6 +107,11 @@ impl Sessions {
         Ok((current.session.as_mut(), handover))
     }
 
+    /// The workspace the sessions run in.
+    pub fn workdir(&self) -> &std::path::Path {
+        &self.spec.workdir
+    }
+
     /// Notes that the current shell exited while running a command.
     pub fn shell_exited(&mut self) {
         if let Some(current) = &mut self.current {

@@ -963,3 +963,20 @@ fn cache_paths_outside_the_workspace_are_restored() {
         "jar\n"
     );
 }
+
+#[test]
+fn a_build_that_times_out_after_its_phases_saves_no_cache() {
+    // The artifact name is evaluated after the cache is staged and takes past the timeout.
+    let project = Project::new(&[(
+        "buildspec.yml",
+        "version: 0.2\nphases:\n  build:\n    commands:\n      - mkdir -p deps && echo x > deps/x\nartifacts:\n  name: n$(sleep 30)\n  files:\n    - deps/x\ncache:\n  key: late\n  paths:\n    - 'deps/**/*'\n",
+    )]);
+    let run = project.run(&["--sandbox", "host", "--timeout", "3s"]);
+    assert_eq!(run.code, 1, "{}", run.transcript());
+    assert!(!run.stdout.contains("cache saved"), "{}", run.transcript());
+    assert!(
+        run.transcript().contains("TIMED_OUT"),
+        "{}",
+        run.transcript()
+    );
+}

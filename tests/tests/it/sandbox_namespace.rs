@@ -689,6 +689,87 @@ fn the_collector_never_follows_links_out_of_the_workspace() {
     );
 }
 
+#[test]
+fn a_link_in_place_of_the_cache_staging_folder_never_leads_the_node_out() {
+    if !available() {
+        return;
+    }
+    // A host folder with a secret, which the build names through a link it plants where the
+    // node collects the cache's outside paths, after the staging script ran (while an artifact
+    // name is evaluated).
+    let secrets = Folder::new(format!("/var/tmp/{}", tests::marker("stage-link")).into());
+    let secret = tests::marker("staged-secret");
+    std::fs::write(secrets.0.join("secret.txt"), &secret).expect("plant");
+    let spec = format!(
+        "version: 0.2\nphases:\n  build:\n    commands:\n      - echo ok > out.txt\nartifacts:\n  name: a$(rm -rf .peerbuild-cache-outside; ln -s {dir} .peerbuild-cache-outside)\n  files:\n    - out.txt\ncache:\n  key: stage-link\n  paths:\n    - '/leaktest/**/*'\n",
+        dir = secrets.0.display()
+    );
+    let project = Project::new(&[("buildspec.yml", &spec)]);
+    let run = run_namespaced(&project, &[]);
+    assert_eq!(run.code, 0, "{}", run.stdout);
+    assert!(
+        !run.stdout.contains("cache saved"),
+        "the node saved what the link pointed at: {}",
+        run.stdout
+    );
+    assert!(!run.stdout.contains(&secret), "{}", run.stdout);
+}
+
+#[test]
+fn a_link_planted_in_the_workspace_never_steers_a_restore_out() {
+    if !available() {
+        return;
+    }
+    // A host folder the build points `node_modules` at while its cache key is evaluated, just
+    // before the restore writes `node_modules/evil.txt`.
+    let target = Folder::new(format!("/var/tmp/{}", tests::marker("restore-link")).into());
+    let key = tests::marker("restore-key");
+    let save = format!(
+        "version: 0.2\nphases:\n  build:\n    commands:\n      - mkdir -p node_modules && echo planted > node_modules/evil.txt\ncache:\n  key: {key}\n  paths:\n    - 'node_modules/**/*'\n"
+    );
+    let project = Project::new(&[("buildspec.yml", &save)]);
+    let first = run_namespaced(&project, &[]);
+    assert!(first.stdout.contains("cache saved"), "{}", first.stdout);
+    let restore = format!(
+        "version: 0.2\nphases:\n  build:\n    commands:\n      - cat node_modules/evil.txt\ncache:\n  key: {key}$(ln -s {dir} node_modules)\n  paths:\n    - 'node_modules/**/*'\n",
+        dir = target.0.display()
+    );
+    project.write("buildspec.yml", &restore);
+    let second = run_namespaced(&project, &[]);
+    assert!(second.stdout.contains("cache hit"), "{}", second.stdout);
+    assert!(
+        !target.0.join("evil.txt").exists(),
+        "the restore wrote through the build's link onto the host"
+    );
+}
+
+#[test]
+fn phases_in_other_sandboxes_share_the_workspace_both_ways() {
+    if !available() {
+        return;
+    }
+    // The build runs in namespace (root inside is uid 100000 outside); BUILD runs on the host
+    // (as peerbuild's own user). Each side must be able to change what the other wrote.
+    let project = Project::new(&[(
+        "buildspec.yml",
+        "version: 0.2\npeerbuild:\n  phases:\n    build:\n      sandbox: host\nphases:\n  install:\n    commands:\n      - echo from-namespace > a.txt && mkdir -p dir\n  build:\n    commands:\n      - echo from-host >> a.txt && echo from-host > dir/b.txt\n  post_build:\n    commands:\n      - echo again >> a.txt && echo again >> dir/b.txt && cat a.txt dir/b.txt\n",
+    )]);
+    std::fs::create_dir_all(project.data()).expect("data dir");
+    std::fs::write(
+        project.data().join("config.toml"),
+        "[sandbox]\nallow = [\"namespace\", \"host\"]\n",
+    )
+    .expect("config");
+    let run = project.run(&[]);
+    assert_eq!(run.code, 0, "{}", run.transcript());
+    assert_eq!(
+        run.log(),
+        "from-namespace\nfrom-host\nagain\nfrom-host\nagain",
+        "{}",
+        run.transcript()
+    );
+}
+
 /// The contents of every regular file under `dir` (symlinks are not followed).
 fn file_contents(dir: &std::path::Path) -> Vec<String> {
     let mut found = Vec::new();

@@ -250,6 +250,7 @@ phases:
   install:
     commands:
       - export GREETING=carried
+      - export MULTI="$(printf 'two\nlines')"
       - echo from-the-shell > made.txt
   build:
     commands:
@@ -272,6 +273,13 @@ phases:
     assert!(log.contains("from-the-shell"), "{log}");
     assert!(log.lines().any(|l| l == "GREETING=carried"), "{log}");
     assert!(log.contains("after carried"), "{log}");
+    assert!(log.lines().any(|l| l == "PEERBUILD_SANDBOX=wasm"), "{log}");
+    assert!(
+        run.transcript()
+            .contains("the variable MULTI holds a newline, which the wasm sandbox cannot take"),
+        "{}",
+        run.transcript()
+    );
     assert!(
         run.transcript()
             .contains("BUILD runs in the wasm sandbox, in a session of its own"),
