@@ -24,6 +24,8 @@ pub struct NodeOptions {
     pub slots: Option<u32>,
     /// Peer ids for `--allow-peer`.
     pub allow_peers: Vec<String>,
+    /// Also serve the API on loopback TCP (`--api 127.0.0.1:0`).
+    pub api_tcp: bool,
 }
 
 /// A running (or stopped) node.
@@ -133,6 +135,9 @@ impl Cluster {
         }
         for peer in &options.allow_peers {
             command.args(["--allow-peer", peer]);
+        }
+        if options.api_tcp {
+            command.args(["--api", "127.0.0.1:0"]);
         }
         command
     }

@@ -3,7 +3,7 @@
 //! directory) and, with `--api 127.0.0.1:PORT`, on loopback TCP behind the bearer token in
 //! `DATA_DIR/api.token`.
 //!
-//! Routes live in [`route`]: one match on method and path. Later slices add submit, builds, logs
+//! Routes live in `route`: one match on method and path. Later slices add submit, builds, logs
 //! and cancel there, with their state in [`ApiState`].
 
 use std::convert::Infallible;

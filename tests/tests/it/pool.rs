@@ -2,7 +2,10 @@
 //! bootstrap addresses, the DHT and gossip, keep strangers out (pool keys, allow-lists), and stop
 //! cleanly; `peerbuild status` and `peerbuild pool init` against them.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use tests::TempDir;
@@ -318,6 +321,115 @@ fn a_node_stops_cleanly_keeps_its_identity_and_guards_its_files() {
         stderr.contains("identity key") && stderr.contains("chmod 600"),
         "{stderr}"
     );
+}
+
+/// Sends one HTTP/1.1 GET over `stream` and reads until `done` holds for what arrived (or 30 s).
+fn http_get(
+    mut stream: impl Read + Write,
+    path: &str,
+    headers: &str,
+    mut done: impl FnMut(&str) -> bool,
+) -> String {
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{headers}\r\n"
+    )
+    .expect("send");
+    let deadline = deadline(30);
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !done(&String::from_utf8_lossy(&received)) {
+        assert!(
+            Instant::now() < deadline,
+            "no answer: {}",
+            String::from_utf8_lossy(&received)
+        );
+        match stream.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => received.extend_from_slice(&buffer[..n]),
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(err) => panic!("read: {err}"),
+        }
+    }
+    String::from_utf8_lossy(&received).into_owned()
+}
+
+#[test]
+fn the_api_streams_events_and_loopback_tcp_needs_the_token() {
+    let mut cluster = Cluster::new();
+    let first = cluster.start(NodeOptions {
+        api_tcp: true,
+        ..NodeOptions::default()
+    });
+    let data = cluster.node(first).data_dir().to_owned();
+    let events = UnixStream::connect(data.join("api.sock")).expect("connects to api.sock");
+    events
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .expect("timeout");
+    let second = cluster.start(NodeOptions {
+        bootstrap: vec![first],
+        ..NodeOptions::default()
+    });
+    let second_id = cluster.node(second).peer_id.clone();
+    let streamed = http_get(&events, "/v1/events", "", |text| {
+        text.contains("\"event\":\"peer_joined\"")
+            && text.contains("\"event\":\"peer_heartbeat\"")
+            && text.contains(&second_id)
+    });
+    assert!(streamed.starts_with("HTTP/1.1 200"), "{streamed}");
+
+    let node: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data.join("node.json")).expect("node.json"))
+            .expect("json");
+    let url = node["api_tcp"]
+        .as_str()
+        .expect("api_tcp in node.json")
+        .to_owned();
+    let authority = url.trim_start_matches("http://");
+    let mode = std::fs::metadata(data.join("api.token"))
+        .expect("api.token")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    let connect = || {
+        let stream = TcpStream::connect(authority).expect("connects");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .expect("timeout");
+        stream
+    };
+    let refused = http_get(connect(), "/v1/status", "", |t| t.contains("api.token"));
+    assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
+    let wrong = http_get(
+        connect(),
+        "/v1/status",
+        "Authorization: Bearer not-the-token\r\n",
+        |t| t.contains("api.token"),
+    );
+    assert!(wrong.starts_with("HTTP/1.1 401"), "{wrong}");
+    let token = std::fs::read_to_string(data.join("api.token")).expect("token");
+    let allowed = http_get(
+        connect(),
+        "/v1/status",
+        &format!("Authorization: Bearer {}\r\n", token.trim()),
+        |t| t.contains("\"peers\""),
+    );
+    assert!(allowed.starts_with("HTTP/1.1 200"), "{allowed}");
+
+    // `status --node http://...` reads the token from the data directory.
+    let output = std::process::Command::new(tests::peerbuild())
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["status", "--json", "--node", &url])
+        .output()
+        .expect("runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains(&second_id));
 }
 
 #[test]
