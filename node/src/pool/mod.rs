@@ -340,6 +340,14 @@ fn plan(args: &NodeArgs) -> std::result::Result<NodePlan, String> {
         .iter()
         .map(|a| parse_address("--bootstrap", a))
         .collect::<std::result::Result<Vec<_>, _>>()?;
+    if let Some(address) = bootstrap
+        .iter()
+        .find(|a| !matches!(a.iter().last(), Some(libp2p::multiaddr::Protocol::P2p(_))))
+    {
+        return Err(format!(
+            "--bootstrap {address}: the address must end in /p2p/PEER_ID (the other node's node.json lists its bootstrap_addresses)"
+        ));
+    }
     let allow_peers = if args.allow_peer.is_empty() {
         None
     } else {

@@ -433,6 +433,32 @@ fn the_api_streams_events_and_loopback_tcp_needs_the_token() {
 }
 
 #[test]
+fn bad_node_flags_are_refused_as_usage_errors() {
+    let data = TempDir::new("bad-flags");
+    for (args, expected) in [
+        (
+            &["--bootstrap", "/ip4/127.0.0.1/tcp/1"][..],
+            "must end in /p2p/PEER_ID",
+        ),
+        (&["--listen", "not-an-address"][..], "not a multiaddr"),
+        (&["--label", "gpu"][..], "write KEY=VALUE"),
+        (&["--allow-peer", "nobody"][..], "not a peer id"),
+        (&["--slots", "0"][..], "at least one slot"),
+    ] {
+        let output = std::process::Command::new(tests::peerbuild())
+            .arg("--data-dir")
+            .arg(data.path())
+            .args(["node", "--no-mdns"])
+            .args(args)
+            .output()
+            .expect("runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
 fn status_without_a_node_exits_3_saying_how_to_start_one() {
     let data = TempDir::new("no-node");
     let output = std::process::Command::new(tests::peerbuild())
