@@ -40,6 +40,12 @@ pub const MAX_SANDBOXES: usize = 8;
 pub const MAX_ADDRESSES: usize = 16;
 pub const MAX_TEXT_BYTES: usize = 256;
 
+/// How many kinds of [`PoolMessage`] this version knows. New kinds are appended (never
+/// reordered), so an older node reads the kind first and ignores one it does not know: this is
+/// how a message grows new fields without a format version bump (a `Heartbeat2` beside
+/// `Heartbeat`, sent side by side until old nodes are gone).
+pub const POOL_MESSAGE_KINDS: u32 = 2;
+
 /// Everything said on the pool topic.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -141,6 +147,10 @@ pub enum WireError {
         "message format version {found} is not supported (this node speaks {supported}); upgrade the older node"
     )]
     UnsupportedVersion { found: u16, supported: u16 },
+    /// A message kind this node does not know (a newer node's): ignore it, do not blame the
+    /// sender.
+    #[error("unknown message kind {kind} (from a newer peerbuild)")]
+    UnknownKind { kind: u32 },
     #[error("malformed message: {reason}")]
     Malformed { reason: String },
     #[error("field `{field}` is over its limit")]
@@ -180,6 +190,11 @@ pub fn decode_pool_message(bytes: &[u8]) -> Result<PoolMessage, WireError> {
             found: version,
             supported: WIRE_FORMAT_VERSION,
         });
+    }
+    // postcard writes an enum's variant index first: read it before the body.
+    let (kind, _): (u32, &[u8]) = postcard::take_from_bytes(rest).map_err(malformed)?;
+    if kind >= POOL_MESSAGE_KINDS {
+        return Err(WireError::UnknownKind { kind });
     }
     let (message, rest): (PoolMessage, &[u8]) =
         postcard::take_from_bytes(rest).map_err(malformed)?;
@@ -363,6 +378,23 @@ mod tests {
                 field: "slots_free"
             })
         );
+    }
+
+    #[test]
+    fn a_newer_message_kind_is_recognised_as_such() {
+        let mut bytes = postcard::to_stdvec(&WIRE_FORMAT_VERSION).expect("encodes");
+        bytes.extend([POOL_MESSAGE_KINDS as u8, 1, 2, 3]);
+        assert_eq!(
+            decode_pool_message(&bytes),
+            Err(WireError::UnknownKind {
+                kind: POOL_MESSAGE_KINDS
+            })
+        );
+        let leaving = PoolMessage::Leaving {
+            peer_id: "12D3KooWExample".into(),
+        };
+        let bytes = encode_pool_message(&leaving).expect("encodes");
+        assert_eq!(decode_pool_message(&bytes), Ok(leaving));
     }
 
     #[test]

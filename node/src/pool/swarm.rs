@@ -518,7 +518,7 @@ impl LoopState {
         }
         let message = match wire::decode_pool_message(data) {
             Ok(message) => message,
-            Err(err @ WireError::UnsupportedVersion { .. }) => {
+            Err(err @ (WireError::UnsupportedVersion { .. } | WireError::UnknownKind { .. })) => {
                 debug!(peer = %source, error = %err, "pool message of another version ignored");
                 return MessageAcceptance::Ignore;
             }
