@@ -46,6 +46,10 @@ fn pool_key(cluster: &Cluster, name: &str) -> std::path::PathBuf {
         printed.contains("peerbuild node --pool-key") && printed.contains("--bootstrap"),
         "pool init prints the join command: {printed}"
     );
+    assert!(
+        printed.contains("placeholder") && printed.contains("THIS_PEER_ID"),
+        "with no node running, pool init says the address is a placeholder: {printed}"
+    );
     let mode = std::fs::metadata(&path)
         .expect("key written")
         .permissions()
@@ -280,6 +284,35 @@ fn a_node_stops_cleanly_keeps_its_identity_and_guards_its_files() {
         "the API socket is the owner's only"
     );
     assert_eq!(mode("identity.key"), 0o600);
+
+    // `pool init` beside a running node prints its real address for the join command.
+    let init = std::process::Command::new(tests::peerbuild())
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["pool", "init"])
+        .output()
+        .expect("runs");
+    let printed = String::from_utf8_lossy(&init.stdout);
+    assert!(init.status.success(), "{printed}");
+    assert!(
+        printed.contains(&format!(
+            "--bootstrap {}",
+            cluster.node(node).bootstrap_addresses[0]
+        )),
+        "{printed}"
+    );
+    assert_eq!(mode("pool.key"), 0o600);
+    let again = std::process::Command::new(tests::peerbuild())
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["pool", "init"])
+        .output()
+        .expect("runs");
+    assert!(
+        !again.status.success(),
+        "an existing key is never overwritten"
+    );
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
 
     // A second node on the same data directory is refused.
     let second = cluster
