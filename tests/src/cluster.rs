@@ -26,6 +26,9 @@ pub struct NodeOptions {
     pub allow_peers: Vec<String>,
     /// Also serve the API on loopback TCP (`--api 127.0.0.1:0`).
     pub api_tcp: bool,
+    /// Run the node in this network namespace, listening on every address with mDNS on
+    /// (instead of loopback only, without mDNS).
+    pub netns: Option<String>,
 }
 
 /// A running (or stopped) node.
@@ -109,11 +112,29 @@ impl Cluster {
 
     /// The command a node of this cluster runs, for tests that expect it to refuse to start.
     pub fn node_command(&self, data: &Path, options: &NodeOptions) -> Command {
-        let mut command = Command::new(peerbuild());
+        let mut command = match &options.netns {
+            Some(namespace) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", namespace]).arg(peerbuild());
+                command.arg("--data-dir").arg(data).args([
+                    "node",
+                    "--listen",
+                    "/ip4/0.0.0.0/tcp/0",
+                ]);
+                command
+            }
+            None => {
+                let mut command = Command::new(peerbuild());
+                command.arg("--data-dir").arg(data).args([
+                    "node",
+                    "--listen",
+                    "/ip4/127.0.0.1/tcp/0",
+                    "--no-mdns",
+                ]);
+                command
+            }
+        };
         command
-            .arg("--data-dir")
-            .arg(data)
-            .args(["node", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"])
             .args(["--heartbeat-interval", HEARTBEAT, "--lease", LEASE])
             .env("PEERBUILD_LOG", "info,node=debug")
             .stdin(Stdio::null());
@@ -315,5 +336,60 @@ pub fn wait_until(
             context()
         );
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Two network namespaces joined by a veth pair (`ip netns`, as root), removed on drop: two
+/// machines on one LAN, for mDNS (which skips the loopback interface). A pair rather than a
+/// bridge: a host bridge's traffic passes the host's iptables FORWARD chain, which Docker sets to
+/// drop.
+pub struct Lan {
+    pub namespaces: Vec<String>,
+}
+
+impl Lan {
+    /// `None` when this machine cannot make them (not root, no `ip`).
+    pub fn pair() -> Option<Lan> {
+        let tag = std::process::id() % 100_000;
+        let lan = Lan {
+            namespaces: vec![format!("pb{tag}n0"), format!("pb{tag}n1")],
+        };
+        let subnet = tag % 200 + 20;
+        let (a, b) = (&lan.namespaces[0], &lan.namespaces[1]);
+        let steps = [
+            format!("netns add {a}"),
+            format!("netns add {b}"),
+            format!("-n {a} link add pb0 type veth peer name pb1 netns {b}"),
+            format!("-n {a} addr add 10.{subnet}.0.1/24 dev pb0"),
+            format!("-n {b} addr add 10.{subnet}.0.2/24 dev pb1"),
+            format!("-n {a} link set pb0 up multicast on"),
+            format!("-n {b} link set pb1 up multicast on"),
+            format!("-n {a} link set lo up"),
+            format!("-n {b} link set lo up"),
+        ];
+        for step in steps {
+            let ok = Command::new("ip")
+                .args(step.split_whitespace())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                return None;
+            }
+        }
+        Some(lan)
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes its end of the veth pair, and with it the other end.
+        for namespace in &self.namespaces {
+            let _ = Command::new("ip")
+                .args(["netns", "delete", namespace])
+                .stderr(Stdio::null())
+                .status();
+        }
     }
 }

@@ -9,7 +9,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use tests::TempDir;
-use tests::cluster::{Cluster, NodeOptions, wait_until};
+use tests::cluster::{Cluster, Lan, NodeOptions, wait_until};
 
 fn deadline(seconds: u64) -> Instant {
     Instant::now() + Duration::from_secs(seconds)
@@ -463,6 +463,39 @@ fn the_api_streams_events_and_loopback_tcp_needs_the_token() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(String::from_utf8_lossy(&output.stdout).contains(&second_id));
+}
+
+#[test]
+fn mdns_finds_peers_on_a_lan_of_network_namespaces() {
+    let Some(lan) = Lan::pair() else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI must be able to create network namespaces (run as root with iproute2)"
+        );
+        eprintln!("skipped: cannot create network namespaces here (needs root and iproute2)");
+        return;
+    };
+    let mut cluster = Cluster::new();
+    // No bootstrap addresses: only mDNS can introduce them.
+    let nodes: Vec<usize> = lan
+        .namespaces
+        .iter()
+        .map(|namespace| {
+            cluster.start(NodeOptions {
+                netns: Some(namespace.clone()),
+                ..NodeOptions::default()
+            })
+        })
+        .collect();
+    for (index, other) in [(nodes[0], nodes[1]), (nodes[1], nodes[0])] {
+        wait_until(
+            &format!("node {index} to find node {other} by mDNS"),
+            deadline(45),
+            || sees_all(&cluster, index, &[other]),
+            || cluster.logs(),
+        );
+    }
+    drop(cluster);
 }
 
 #[test]
