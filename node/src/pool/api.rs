@@ -53,6 +53,7 @@ pub fn bind_unix(socket: &Path) -> Result<UnixListener> {
     let staging = socket.with_extension("sock.new");
     let _ = std::fs::remove_file(&staging);
     // SAFETY: umask only changes this process's file creation mask; it is restored at once.
+    // (Another thread creating a file in between gets stricter permissions, never looser.)
     let old = unsafe { libc::umask(0o177) };
     let listener = UnixListener::bind(&staging);
     // SAFETY: as above.

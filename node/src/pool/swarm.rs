@@ -246,7 +246,7 @@ impl PoolSwarm {
         let mut state = LoopState {
             sequence: 0,
             listening: Vec::new(),
-            settings_lease: self.settings.lease,
+            lease: self.settings.lease,
             shared,
             facts,
             listen_addresses,
@@ -310,7 +310,7 @@ impl PoolSwarm {
 struct LoopState {
     sequence: u64,
     listening: Vec<Multiaddr>,
-    settings_lease: Duration,
+    lease: Duration,
     shared: Shared,
     facts: watch::Receiver<LocalFacts>,
     listen_addresses: watch::Sender<Vec<Multiaddr>>,
@@ -342,14 +342,14 @@ impl LoopState {
             Ok(bytes) => {
                 if let Err(err) = swarm.behaviour_mut().gossipsub.publish(pool_topic(), bytes) {
                     // No peers yet is the usual case for a lone node.
-                    debug!(error = %err, "heartbeat not published");
+                    tracing::trace!(error = %err, "heartbeat not published");
                 }
             }
             Err(err) => {
                 warn!(error = %err, "heartbeat not sent: over the wire limits (fewer labels?)")
             }
         }
-        let events = self.view().expire(Instant::now(), self.settings_lease);
+        let events = self.view().expire(Instant::now(), self.lease);
         for event in &events {
             if let PoolEvent::PeerLeft { peer_id, .. } = event {
                 info!(peer = %peer_id, "peer lease expired");
@@ -588,27 +588,23 @@ fn is_allowed(settings: &SwarmSettings, peer: &PeerId) -> bool {
 
 /// Whether a peer's identify protocol version is one this node speaks; the error says which side
 /// to upgrade.
-pub fn check_version(protocol_version: &str, agent_version: &str) -> Result<(), String> {
+pub fn check_version(protocol_version: &str, peer_agent: &str) -> Result<(), String> {
     match wire::protocol_major(protocol_version) {
         None => Err(format!(
             "peer speaks `{protocol_version}`, not the peerbuild protocol"
         )),
         Some(major) if major == wire::PROTOCOL_MAJOR => Ok(()),
         Some(major) if major > wire::PROTOCOL_MAJOR => Err(format!(
-            "peer ({agent_version}) speaks pool protocol {major}, this node ({}) speaks {}: upgrade this node",
-            agent_version_text(),
+            "peer ({peer_agent}) speaks pool protocol {major}, this node ({}) speaks {}: upgrade this node",
+            agent_version(),
             wire::PROTOCOL_MAJOR
         )),
         Some(major) => Err(format!(
-            "peer ({agent_version}) speaks pool protocol {major}, this node ({}) speaks {}: upgrade the peer",
-            agent_version_text(),
+            "peer ({peer_agent}) speaks pool protocol {major}, this node ({}) speaks {}: upgrade the peer",
+            agent_version(),
             wire::PROTOCOL_MAJOR
         )),
     }
-}
-
-fn agent_version_text() -> String {
-    agent_version()
 }
 
 #[cfg(test)]
