@@ -300,6 +300,13 @@ impl Cluster {
         }
     }
 
+    /// Kills the node with SIGKILL: no goodbye, no clean-up (a machine that died).
+    pub fn kill(&mut self, index: usize) {
+        let mut child = self.nodes[index].child.take().expect("node runs");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     /// Every node's log, for failure messages.
     pub fn logs(&self) -> String {
         self.nodes

@@ -211,6 +211,42 @@ fn a_node_with_another_pool_key_or_none_is_kept_out() {
 }
 
 #[test]
+fn a_peer_that_dies_is_forgotten_when_its_lease_runs_out() {
+    let mut cluster = Cluster::new();
+    let survivor = cluster.start(NodeOptions::default());
+    let victim = cluster.start(NodeOptions {
+        bootstrap: vec![survivor],
+        ..NodeOptions::default()
+    });
+    wait_until(
+        "the survivor to hear the victim",
+        deadline(30),
+        || sees_all(&cluster, survivor, &[victim]),
+        || cluster.logs(),
+    );
+    let killed_at = Instant::now();
+    cluster.kill(victim);
+    let victim_id = cluster.node(victim).peer_id.clone();
+    wait_until(
+        "the survivor to forget the dead peer",
+        deadline(30),
+        || !cluster.peers_listed_by(survivor).contains(&victim_id),
+        || cluster.logs(),
+    );
+    // Not before its lease (5 s) ran out: a dead peer sends no goodbye.
+    assert!(
+        killed_at.elapsed() >= Duration::from_secs(4),
+        "forgotten after {:?}",
+        killed_at.elapsed()
+    );
+    assert!(
+        cluster.node(survivor).log().contains("peer lease expired"),
+        "{}",
+        cluster.logs()
+    );
+}
+
+#[test]
 fn an_allow_list_keeps_an_off_list_peer_out() {
     let mut cluster = Cluster::new();
     let open = cluster.start(NodeOptions::default());
