@@ -181,7 +181,7 @@ pub struct NodeArgs {
     /// How often this node announces itself: 1s, 5s, 1m.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "5s")]
     pub heartbeat_interval: Duration,
-    /// A peer silent for this long is forgotten (and later slices re-run its tasks).
+    /// A peer silent for this long is taken as gone (longer than --heartbeat-interval).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "20s")]
     pub lease: Duration,
 }

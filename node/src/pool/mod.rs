@@ -375,6 +375,12 @@ fn plan(args: &NodeArgs) -> std::result::Result<NodePlan, String> {
             wire::MAX_LABELS
         ));
     }
+    if args.lease <= args.heartbeat_interval {
+        return Err(format!(
+            "--lease must be longer than --heartbeat-interval ({}s), or every peer would be taken as gone between two heartbeats",
+            args.heartbeat_interval.as_secs()
+        ));
+    }
     let slots = match args.slots {
         Some(0) => return Err("--slots 0: a node needs at least one slot".into()),
         Some(n) => n,

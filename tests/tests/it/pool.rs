@@ -546,6 +546,10 @@ fn bad_node_flags_are_refused_as_usage_errors() {
         (&["--label", "gpu"][..], "write KEY=VALUE"),
         (&["--allow-peer", "nobody"][..], "not a peer id"),
         (&["--slots", "0"][..], "at least one slot"),
+        (
+            &["--lease", "5s", "--heartbeat-interval", "5s"][..],
+            "--lease must be longer",
+        ),
     ] {
         let output = std::process::Command::new(tests::peerbuild())
             .arg("--data-dir")
