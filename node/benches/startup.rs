@@ -4,6 +4,8 @@
 //!
 //!   cargo bench -p node --bench startup            (BENCH_RUNS=N to change the 101 runs)
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,28 +22,8 @@ fn time(command: &mut Command) -> Duration {
     elapsed
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    let index = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[index].as_secs_f64() * 1000.0
-}
-
-fn report(name: &str, mut samples: Vec<Duration>) -> f64 {
-    samples.sort();
-    let median = percentile(&samples, 0.5);
-    println!(
-        "{name:<34} median {median:7.2} ms   p10 {:7.2} ms   p90 {:7.2} ms   ({} runs)",
-        percentile(&samples, 0.1),
-        percentile(&samples, 0.9),
-        samples.len()
-    );
-    median
-}
-
 fn main() {
-    let runs: usize = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(101);
+    let runs = common::runs(101);
     let root = std::env::temp_dir().join(format!("pb-bench-startup-{}", std::process::id()));
     let source = root.join("src");
     std::fs::create_dir_all(&source).expect("mkdir");
@@ -89,14 +71,15 @@ fn main() {
         "trivial build (`echo hi`), {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    let bash_median = report("bash -c 'echo hi'", bash_samples);
-    let peerbuild_median = report("peerbuild run (embedded node)", peerbuild_samples);
+    let bash_median = common::report("bash -c 'echo hi'", bash_samples);
+    let peerbuild_median = common::report("peerbuild run (embedded node)", peerbuild_samples);
     println!(
         "overhead of peerbuild over bash: {:.2} ms (goal: under 50 ms)",
         peerbuild_median - bash_median
     );
     if namespace {
-        let namespace_median = report("peerbuild run --sandbox namespace", namespace_samples);
+        let namespace_median =
+            common::report("peerbuild run --sandbox namespace", namespace_samples);
         println!(
             "namespace sandbox over host: {:.2} ms (includes its start-up probe)",
             namespace_median - peerbuild_median

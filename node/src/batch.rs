@@ -10,7 +10,7 @@ use protocol::buildspec::{Batch, BatchKind, BatchMember, Buildspec, MemberEnv};
 use scheduler::batch::{Action, BatchGraph, Member, MemberState, Outcome};
 use tokio::sync::watch;
 
-use crate::engine::{Interrupt, Limits};
+use crate::engine::{Interrupt, Limits, OutputBudget};
 use crate::events::{BuildResult, Event, Status};
 
 /// A member as the batch section describes it, before it is prepared to run.
@@ -213,6 +213,7 @@ pub async fn run_members(
                     let member_limits = Limits {
                         deadline: limits.deadline,
                         stop: receiver,
+                        output: OutputBudget::new(limits.output.limit()),
                     };
                     let future = runner(member, member_limits);
                     pending.push(Box::pin(async move { (member, future.await) }));

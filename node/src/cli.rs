@@ -240,10 +240,11 @@ pub struct RunArgs {
     /// Copy the artifacts into this folder (must be empty or absent).
     #[arg(long, value_name = "OUT_DIR")]
     pub artifacts: Option<PathBuf>,
-    /// The sandbox: host (the default for now), namespace (Linux namespaces; no outbound
-    /// network yet), docker (a container of --image through the Docker engine; no network
-    /// yet) or wasm (each command is a WASI module in the workspace and its arguments, not
-    /// shell).
+    /// The sandbox: namespace (Linux namespaces; the default unless DATA_DIR/config.toml sets
+    /// another), docker (a container of --image through the Docker engine), wasm (each command
+    /// is a WASI module in the workspace and its arguments, not shell) or host (no isolation).
+    /// Your choice here beats the buildspec's; a buildspec may only ask for sandboxes that
+    /// config.toml's sandbox.allow lists.
     #[arg(long, value_name = "KIND")]
     pub sandbox: Option<String>,
     /// The image the docker sandbox runs (it must be on this machine: build or `docker import`

@@ -13,6 +13,7 @@ pub mod records;
 pub mod render;
 pub mod reporter;
 pub mod run;
+pub mod settings;
 pub mod source;
 pub mod store;
 pub mod users;

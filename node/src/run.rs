@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use protocol::buildspec::{self, Buildspec, SandboxKind};
+use protocol::buildspec::{self, Buildspec, Placement, SandboxKind};
 use sandbox::{
     DockerConfig, DockerExecutor, Executor, HelperCommand, HostExecutor, NamespaceConfig,
     NamespaceExecutor, SandboxError, WasmConfig, WasmExecutor,
@@ -21,10 +21,11 @@ use crate::cli::RunArgs;
 use crate::data_dir::{self, DataDir};
 use crate::engine::env::{self, Variables};
 use crate::engine::secrets::{self, SecretsFile};
-use crate::engine::{ArtifactTarget, Build, Interrupt, Limits, Node};
+use crate::engine::{ArtifactTarget, Build, Interrupt, Limits, Node, OutputBudget, SandboxChoice};
 use crate::events::{BuildResult, Event, Level, Status};
 use crate::ids::BuildId;
 use crate::reporter::{EventSink, JsonLines, Reporter};
+use crate::settings::Settings;
 use crate::source::{self, Source};
 use crate::users::{self, User};
 
@@ -78,17 +79,37 @@ struct Prepared {
     artifacts_root: Option<PathBuf>,
     start_time_ms: u64,
     /// The sandbox the build runs in: `--sandbox`, else the buildspec's `peerbuild.sandbox`,
-    /// else `host`.
+    /// else the owner's default.
     sandbox: SandboxKind,
     /// The image the `docker` sandbox runs (`--image`, else the buildspec's `peerbuild.image`).
     image: Option<String>,
     /// Remarks to show once the build is announced.
     warnings: Vec<String>,
+    /// The owner's settings (`DATA_DIR/config.toml`).
+    settings: Settings,
+    /// The sandboxes the buildspec's phases ask for under `peerbuild.phases`.
+    phase_sandboxes: Vec<SandboxChoice>,
+}
+
+impl Prepared {
+    /// Whether privileged-mode may be granted: `--allow-privileged`, or the owner's setting.
+    fn allows_privileged(&self, args: &RunArgs) -> bool {
+        args.allow_privileged || self.settings.sandbox.privileged
+    }
 }
 
 async fn run_async(data_dir: Option<&Path>, args: RunArgs) -> Result<u8> {
     let prepared = prepare(data_dir, &args)?;
-    let executor = executor(&prepared, args.allow_privileged).await?;
+    let allow_privileged = prepared.allows_privileged(&args);
+    let main = (prepared.sandbox, prepared.image.clone());
+    let executor = make_executor(&prepared, &main, allow_privileged).await?;
+    let mut phase_executors = HashMap::new();
+    for sandbox in &prepared.phase_sandboxes {
+        if *sandbox != main && !phase_executors.contains_key(sandbox) {
+            let other = make_executor(&prepared, sandbox, allow_privileged).await?;
+            phase_executors.insert(sandbox.clone(), other);
+        }
+    }
     let build_dir = prepared.data.build(&prepared.id.to_string());
     data_dir::create_private(&build_dir)?;
     data_dir::write_private(
@@ -100,6 +121,7 @@ async fn run_async(data_dir: Option<&Path>, args: RunArgs) -> Result<u8> {
     let store_for_gc = store.clone();
     let node = Node {
         executor,
+        phase_executors,
         store,
         data: prepared.data.clone(),
         reporter: reporter.clone(),
@@ -110,6 +132,7 @@ async fn run_async(data_dir: Option<&Path>, args: RunArgs) -> Result<u8> {
     let limits = Limits {
         deadline: tokio::time::Instant::now() + args.timeout,
         stop,
+        output: OutputBudget::new(output_limit()?),
     };
     let signals = tokio::spawn(forward_signals(stop_sender));
     let ticker = tokio::spawn(tick(reporter.clone()));
@@ -361,10 +384,11 @@ fn batch_status(planned: &[PlannedMember], members: &[BuildResult], stopped: boo
 }
 
 fn member_build(prepared: &Prepared, args: &RunArgs, member: &PlannedMember) -> Result<Build> {
-    if member.env.privileged_mode && !args.allow_privileged {
+    if member.env.privileged_mode && !prepared.allows_privileged(args) {
         return refuse(format!(
-            "batch member `{}` asks for privileged-mode, which this node does not allow; pass --allow-privileged to allow it",
-            member.identifier
+            "batch member `{}` asks for privileged-mode, which this node does not allow; pass --allow-privileged, or set sandbox.privileged = true in {}",
+            member.identifier,
+            prepared.settings.path.display()
         ));
     }
     let own = match &member.buildspec {
@@ -495,11 +519,14 @@ fn prepare(data_dir: Option<&Path>, args: &RunArgs) -> Result<Prepared> {
         .clone()
         .unwrap_or_else(|| dir.join("buildspec.yml"));
     let buildspec = load_buildspec(&buildspec_path, &buildspec_path)?;
+    let data = DataDir::open(data_dir)?;
+    let settings = Settings::load(data.root()).map_err(|e| Refused(format!("{e:#}")))?;
     let Chosen {
         sandbox,
         image,
         warnings,
-    } = choose_sandbox(args, &buildspec)?;
+        phase_sandboxes,
+    } = choose_sandbox(args, &buildspec, &settings)?;
     check_requirements(args)?;
     let submitted = submitted_variables(args)?;
     let secrets = match &args.secrets {
@@ -507,7 +534,6 @@ fn prepare(data_dir: Option<&Path>, args: &RunArgs) -> Result<Prepared> {
         None => SecretsFile::default(),
     };
     let artifacts_root = artifacts_root(args)?;
-    let data = DataDir::open(data_dir)?;
     let source = source::scan(&dir, data.root())?;
     let mut all_names = run_as_names(&buildspec);
     if let Some(batch) = &buildspec.batch {
@@ -563,6 +589,8 @@ fn prepare(data_dir: Option<&Path>, args: &RunArgs) -> Result<Prepared> {
         sandbox,
         image,
         warnings,
+        settings,
+        phase_sandboxes,
     })
 }
 
@@ -572,27 +600,39 @@ struct Chosen {
     /// Set exactly when the sandbox is `docker`.
     image: Option<String>,
     warnings: Vec<String>,
+    /// For each phase under `peerbuild.phases`, the sandbox it runs in.
+    phase_sandboxes: Vec<SandboxChoice>,
 }
 
-/// The sandbox for this run: `--sandbox`, else the buildspec's `peerbuild.sandbox`, else
-/// `host`; its image (`docker` needs one, and only `docker` takes one); and remarks about
-/// settings this version does not act on.
-fn choose_sandbox(args: &RunArgs, buildspec: &Buildspec) -> Result<Chosen> {
+/// The sandbox for this run: `--sandbox`, else the buildspec's `peerbuild.sandbox`, else the
+/// owner's default (`namespace` unless `config.toml` says otherwise); its image (`docker` needs
+/// one, and only `docker` takes one); and remarks about settings this version does not act on.
+///
+/// `--sandbox` is the owner's own choice on the embedded pool, so it may name any backend; a
+/// buildspec, which may come from anyone, gets only what the owner's `sandbox.allow` lists.
+fn choose_sandbox(args: &RunArgs, buildspec: &Buildspec, settings: &Settings) -> Result<Chosen> {
     let from_flag = match args.sandbox.as_deref() {
         None => None,
-        Some("host") => Some(SandboxKind::Host),
-        Some("namespace") => Some(SandboxKind::Namespace),
-        Some("docker") => Some(SandboxKind::Docker),
-        Some("wasm") => Some(SandboxKind::Wasm),
-        Some(other) => {
-            return refuse(format!(
-                "unknown sandbox `{other}`; expected namespace, docker, wasm or host"
-            ));
-        }
+        Some(key) => match SandboxKind::from_key(key) {
+            Some(kind) => Some(kind),
+            None => {
+                return refuse(format!(
+                    "unknown sandbox `{key}`; expected namespace, docker, wasm or host"
+                ));
+            }
+        },
     };
+    if from_flag.is_none()
+        && let Some(asked) = buildspec.peerbuild.sandbox
+        && let Err(refusal) = settings.check_allowed(asked)
+    {
+        return refuse(format!(
+            "the buildspec asks for it in peerbuild.sandbox: {refusal}"
+        ));
+    }
     let sandbox = from_flag
         .or(buildspec.peerbuild.sandbox)
-        .unwrap_or(SandboxKind::Host);
+        .unwrap_or(settings.sandbox.default);
     let mut warnings = Vec::new();
     let image = if sandbox == SandboxKind::Docker {
         match args
@@ -622,19 +662,50 @@ fn choose_sandbox(args: &RunArgs, buildspec: &Buildspec) -> Result<Chosen> {
         }
         None
     };
-    let overridden = buildspec.peerbuild.phases.iter().any(|(_, phase)| {
-        phase.sandbox.is_some_and(|kind| kind != sandbox) || phase.image.is_some()
-    });
-    if overridden {
-        warnings.push(format!(
-            "per-phase sandbox settings under peerbuild.phases are not acted on yet; every phase runs in the {} sandbox",
-            sandbox.key()
-        ));
+    let mut phase_sandboxes = Vec::new();
+    for (phase, settings_of_phase) in &buildspec.peerbuild.phases {
+        let at = format!("peerbuild.phases.{}", phase.key());
+        let kind = settings_of_phase.sandbox.unwrap_or(sandbox);
+        if let Some(asked) = settings_of_phase.sandbox
+            && let Err(refusal) = settings.check_allowed(asked)
+        {
+            return refuse(format!(
+                "the buildspec asks for it in {at}.sandbox: {refusal}"
+            ));
+        }
+        let phase_image = match (kind, &settings_of_phase.image) {
+            (SandboxKind::Docker, Some(image)) if !image.trim().is_empty() => Some(image.clone()),
+            (SandboxKind::Docker, _) if sandbox == SandboxKind::Docker => image.clone(),
+            (SandboxKind::Docker, _) => {
+                return refuse(format!(
+                    "{at}: the docker sandbox needs an image: set {at}.image"
+                ));
+            }
+            (_, Some(phase_image)) => {
+                return refuse(format!(
+                    "{at}.image `{phase_image}` needs the docker sandbox; the {} sandbox uses this machine's files",
+                    kind.key()
+                ));
+            }
+            (_, None) => None,
+        };
+        phase_sandboxes.push((kind, phase_image));
+        if settings_of_phase.placement == Placement::Separate {
+            warnings.push(format!(
+                "{at}.placement `separate` is not acted on yet (it needs a pool): the phase runs with the rest of the build"
+            ));
+        }
+        if settings_of_phase.network.is_some() {
+            warnings.push(format!(
+                "{at}.network is not acted on yet: the phase gets the build's network"
+            ));
+        }
     }
     Ok(Chosen {
         sandbox,
         image,
         warnings,
+        phase_sandboxes,
     })
 }
 
@@ -710,15 +781,18 @@ fn lookup_users(names: &[String]) -> Result<HashMap<String, User>> {
     Ok(users)
 }
 
-/// The executor `--sandbox` chose. `host` stays the default until the namespace sandbox gives
-/// builds outbound network access, which CodeBuild builds expect.
-async fn executor(prepared: &Prepared, allow_privileged: bool) -> Result<Arc<dyn Executor>> {
+/// The executor [`choose_sandbox`] chose.
+async fn make_executor(
+    prepared: &Prepared,
+    (kind, image): &SandboxChoice,
+    allow_privileged: bool,
+) -> Result<Arc<dyn Executor>> {
     let helper = helper_command()?;
     let memory_limit_bytes = Some(
         namespace_limit("PEERBUILD_SANDBOX_MEMORY_LIMIT")?.unwrap_or_else(default_memory_limit),
     );
     let process_limit = Some(namespace_limit("PEERBUILD_SANDBOX_PROCESS_LIMIT")?.unwrap_or(4096));
-    match prepared.sandbox {
+    match kind {
         SandboxKind::Namespace => {
             let me = users::current();
             let config = NamespaceConfig {
@@ -731,7 +805,7 @@ async fn executor(prepared: &Prepared, allow_privileged: bool) -> Result<Arc<dyn
         SandboxKind::Docker => {
             let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
             let config = DockerConfig {
-                image: prepared.image.clone().unwrap_or_default(),
+                image: image.clone().unwrap_or_default(),
                 allow_privileged,
                 memory_limit_bytes,
                 process_limit,
@@ -749,13 +823,19 @@ async fn executor(prepared: &Prepared, allow_privileged: bool) -> Result<Arc<dyn
                 cache_dir: prepared.data.root().join("wasm-cache"),
                 memory_limit_bytes: namespace_limit("PEERBUILD_SANDBOX_MEMORY_LIMIT")?
                     .unwrap_or(4 << 30),
-                output_limit_bytes: namespace_limit("PEERBUILD_SANDBOX_OUTPUT_LIMIT")?
-                    .unwrap_or(64 << 20),
+                // A backstop only: the build's own output budget, a little lower, stops the
+                // build first and says why.
+                output_limit_bytes: output_limit()?.saturating_add(64 << 10),
             };
             Ok(Arc::new(WasmExecutor::new(config)?))
         }
         SandboxKind::Host => Ok(Arc::new(HostExecutor::new(helper))),
     }
+}
+
+/// The most output a build may print: `PEERBUILD_SANDBOX_OUTPUT_LIMIT`, else 256 MiB.
+fn output_limit() -> Result<u64> {
+    Ok(namespace_limit("PEERBUILD_SANDBOX_OUTPUT_LIMIT")?.unwrap_or(256 << 20))
 }
 
 /// A limit from the environment, in bytes or a count, with an optional K, M or G suffix.

@@ -286,6 +286,12 @@ fn set_up(plan: &Plan) -> Result<(), String> {
     }
     loopback_up()?;
     let workspace = clone_mount(plan.workdir, None)?;
+    // peerbuild's own tools for the build (`codebuild-hash-files`), read-only beside the
+    // workspace, as every backend has them.
+    let tools = match plan.workdir.parent().map(|p| p.join("bin")) {
+        Some(path) if path.is_dir() => Some((read_only(clone_mount(&path, None)?)?, path)),
+        _ => None,
+    };
     build_root(plan)?;
     enter_root(&plan.layout.root)?;
     // The workspace goes last, so that it shows through whatever mask or tmpfs covers its
@@ -294,6 +300,10 @@ fn set_up(plan: &Plan) -> Result<(), String> {
     fs::create_dir_all(plan.workdir)
         .map_err(|e| format!("cannot create {}: {e}", plan.workdir.display()))?;
     attach(&workspace, plan.workdir)?;
+    if let Some((tools, path)) = &tools {
+        fs::create_dir_all(path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+        attach(tools, path)?;
+    }
     std::env::set_current_dir(plan.workdir)
         .map_err(|e| format!("cannot enter the workspace {}: {e}", plan.workdir.display()))?;
     enter_user_namespace(plan.user_namespace)?;
@@ -474,6 +484,17 @@ fn clone_mount(path: &Path, idmap: Option<&OwnedFd>) -> Result<OwnedFd, String> 
         propagation: 0,
         userns_fd: idmap.map_or(0, |fd| fd.as_raw_fd() as u64),
     };
+    set_attributes(&tree, &attr).map_err(|()| {
+        os_error(&format!(
+            "cannot map the ids of {} (idmapped mounts need Linux 5.12 and a file system that supports them)",
+            path.display()
+        ))
+    })?;
+    Ok(tree)
+}
+
+/// `mount_setattr` on a detached mount; `Err` leaves the reason in `errno`.
+fn set_attributes(tree: &OwnedFd, attr: &MountAttr) -> Result<(), ()> {
     // SAFETY: mount_setattr reads `attr` (its size is passed) and the empty path.
     let done = unsafe {
         libc::syscall(
@@ -481,16 +502,23 @@ fn clone_mount(path: &Path, idmap: Option<&OwnedFd>) -> Result<OwnedFd, String> 
             tree.as_raw_fd(),
             c"".as_ptr(),
             libc::AT_EMPTY_PATH,
-            &attr as *const MountAttr,
+            attr as *const MountAttr,
             std::mem::size_of::<MountAttr>(),
         )
     };
-    if done < 0 {
-        return Err(os_error(&format!(
-            "cannot map the ids of {} (idmapped mounts need Linux 5.12 and a file system that supports them)",
-            path.display()
-        )));
-    }
+    if done < 0 { Err(()) } else { Ok(()) }
+}
+
+/// Makes a detached mount read-only.
+fn read_only(tree: OwnedFd) -> Result<OwnedFd, String> {
+    const MOUNT_ATTR_RDONLY: u64 = 0x1;
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_RDONLY,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    set_attributes(&tree, &attr).map_err(|()| os_error("cannot make a mount read-only"))?;
     Ok(tree)
 }
 

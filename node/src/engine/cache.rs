@@ -8,6 +8,15 @@
 //! Layout: `DATA_DIR/store/cache/VERSION/KEYHASH.json`, created exclusively (so two builds
 //! saving one key at once cannot both win). A cached tree holds `rel/...` (paths relative to the
 //! build directory) and `abs/...` (absolute paths, such as `/root/.m2`).
+//!
+//! Absolute paths live in the sandbox's own file system (an overlay, a container), which the
+//! node cannot read safely while the build runs and does not share at all in some backends. So
+//! they travel through a staging folder in the workspace ([`STAGE`]), the one folder every
+//! backend shares with the node: before the sandbox ends, the build's shell copies what the
+//! paths name into it ([`stage_script`]); once the sandbox is gone the node reads it like the
+//! rest of the workspace. A restore goes the other way: the node puts the entry's absolute part
+//! in the staging folder and the build's shell merges it into place ([`unstage_script`]), so the
+//! files land where the build sees them, owned by the build's user.
 
 use std::fs;
 use std::io::Write;
@@ -19,6 +28,7 @@ use protocol::buildspec::{ArtifactSet, Cache};
 use serde::{Deserialize, Serialize};
 
 use super::artifacts;
+use super::session::quote;
 use crate::store::{Store, export, import};
 
 /// A saved entry.
@@ -142,10 +152,104 @@ fn miss_reason(store: &Store, cache: &Cache, key: &str, here: &[Entry]) -> Strin
     }
 }
 
+/// The staging folder for absolute cache paths, in the workspace (see the module's docs). Never
+/// part of the cache's relative paths.
+pub const STAGE: &str = ".peerbuild-cache-outside";
+
+/// Shell code, run in a subshell of the build's shell before the sandbox ends, that copies what
+/// the cache's absolute paths name into `stage`. Prints one line for each path it could not
+/// copy. `None` when the cache has no absolute paths.
+pub fn stage_script(paths: &[String], stage: &Path) -> Option<String> {
+    let bases = absolute_bases(paths);
+    if bases.is_empty() {
+        return None;
+    }
+    let stage = quote(&stage.to_string_lossy());
+    let mut script = format!(
+        "(\ncommand rm -rf -- {stage} && command mkdir -p -- {stage} || exit 1\nfor pb_p in"
+    );
+    for base in &bases {
+        script.push(' ');
+        script.push_str(&quote(base));
+    }
+    script.push_str(&format!(
+        "; do\n  if [ -e \"$pb_p\" ] || [ -L \"$pb_p\" ]; then\n    command mkdir -p -- {stage}\"${{pb_p%/*}}\" && command cp -a -- \"$pb_p\" {stage}\"$pb_p\" || echo \"$pb_p (could not be copied)\"\n  fi\ndone\n)"
+    ));
+    Some(script)
+}
+
+/// Shell code, run in a subshell of the build's shell, that merges the staged absolute part of a
+/// restored entry into place with the rules of `merge` (folders merged, files replaced, a file
+/// where a folder is or the other way round left alone) and prints one line for each path it
+/// left as it was.
+pub fn unstage_script(stage: &Path) -> String {
+    let stage = quote(&stage.to_string_lossy());
+    format!(
+        r#"(
+pb_merge() {{
+  for pb_e in "$1"/* "$1"/.[!.]* "$1"/..?*; do
+    [ -e "$pb_e" ] || [ -L "$pb_e" ] || continue
+    pb_d="${{2%/}}/${{pb_e##*/}}"
+    if [ -d "$pb_e" ] && [ ! -L "$pb_e" ]; then
+      if [ -d "$pb_d" ]; then
+        pb_merge "$pb_e" "$pb_d"
+      elif [ -e "$pb_d" ] || [ -L "$pb_d" ]; then
+        echo "$pb_d (a file is there)"
+      else
+        command cp -a -- "$pb_e" "$pb_d" 2>/dev/null || echo "$pb_d (could not be written)"
+      fi
+    elif [ -d "$pb_d" ]; then
+      echo "$pb_d (a folder is there)"
+    else
+      command rm -f -- "$pb_d" 2>/dev/null
+      command cp -a -- "$pb_e" "$pb_d" 2>/dev/null || echo "$pb_d (could not be written)"
+    fi
+  done
+}}
+pb_merge {stage} /
+)"#
+    )
+}
+
+/// The folders (or files) that absolute cache paths start from: each pattern's leading
+/// components without glob characters, with paths inside another base dropped. A pattern that
+/// would start from `/` itself is left out: a cache of the whole file system is never meant.
+fn absolute_bases(paths: &[String]) -> Vec<String> {
+    let mut bases: Vec<String> = paths
+        .iter()
+        .filter(|p| p.starts_with('/'))
+        .map(|pattern| {
+            let mut base = String::new();
+            for part in pattern.split('/').filter(|p| !p.is_empty() && *p != ".") {
+                if part.contains(['*', '?', '[', '{', '\\']) {
+                    break;
+                }
+                base.push('/');
+                base.push_str(part);
+            }
+            base
+        })
+        .filter(|base| !base.is_empty() && !base.split('/').any(|p| p == ".."))
+        .collect();
+    bases.sort();
+    bases.dedup();
+    let mut kept: Vec<String> = Vec::new();
+    for base in bases {
+        if !kept
+            .iter()
+            .any(|k| base.starts_with(k.as_str()) && base.as_bytes().get(k.len()) == Some(&b'/'))
+        {
+            kept.push(base);
+        }
+    }
+    kept
+}
+
 /// The files a cache's paths select right now, split into those relative to the build
-/// directory and absolute ones.
+/// directory and absolute ones (read from `outside`, the staged copy; see [`STAGE`]).
 fn select(
     workspace: &Path,
+    outside: Option<&Path>,
     paths: &[String],
 ) -> (
     Option<artifacts::Selected>,
@@ -155,12 +259,13 @@ fn select(
     let (absolute, relative): (Vec<&String>, Vec<&String>) =
         paths.iter().partition(|p| p.starts_with('/'));
     let mut warnings = Vec::new();
-    let mut pick = |root: &Path, patterns: Vec<String>| {
+    let mut pick = |root: &Path, patterns: Vec<String>, exclude: Vec<String>| {
         if patterns.is_empty() {
             return None;
         }
         let set = ArtifactSet {
             files: patterns,
+            exclude_paths: exclude,
             ..ArtifactSet::default()
         };
         match artifacts::select(root, &set) {
@@ -175,14 +280,21 @@ fn select(
             }
         }
     };
-    let relative = pick(workspace, relative.into_iter().cloned().collect());
-    let absolute = pick(
-        Path::new("/"),
-        absolute
-            .into_iter()
-            .map(|p| p.trim_start_matches('/').to_owned())
-            .collect(),
+    let relative = pick(
+        workspace,
+        relative.into_iter().cloned().collect(),
+        vec![STAGE.to_owned()],
     );
+    let absolute = outside.and_then(|outside| {
+        pick(
+            outside,
+            absolute
+                .into_iter()
+                .map(|p| p.trim_start_matches('/').to_owned())
+                .collect(),
+            Vec::new(),
+        )
+    });
     (relative, absolute, warnings)
 }
 
@@ -193,12 +305,14 @@ pub enum Saved {
     NothingMatched,
 }
 
-/// Saves the files the cache's paths select under `key`, unless an entry for it exists.
+/// Saves the files the cache's paths select under `key`, unless an entry for it exists: relative
+/// paths from the workspace, absolute ones from `outside` (their staged copy, see [`STAGE`]).
 pub fn save(
     store: &Store,
     cache: &Cache,
     key: &str,
     workspace: &Path,
+    outside: Option<&Path>,
     scratch: &Path,
 ) -> Result<(Saved, Vec<String>), String> {
     let version = version(&cache.paths);
@@ -207,7 +321,7 @@ pub fn save(
     if live_entry(store, &dir.join(&name)) {
         return Ok((Saved::AlreadyThere, Vec::new()));
     }
-    let (relative, absolute, warnings) = select(workspace, &cache.paths);
+    let (relative, absolute, warnings) = select(workspace, outside, &cache.paths);
     if relative.is_none() && absolute.is_none() {
         return Ok((Saved::NothingMatched, warnings));
     }
@@ -279,10 +393,13 @@ pub struct Restored {
     pub bytes: u64,
     /// Paths left as they were because the host holds something else there.
     pub skipped: Vec<String>,
+    /// The entry's absolute part, staged in the workspace for [`unstage_script`].
+    pub staged: Option<PathBuf>,
 }
 
-/// Restores an entry's files into place: `rel/` into the build directory, `abs/` at their
-/// absolute paths, owned by `owner` (the build's user) when given.
+/// Restores an entry's files: `rel/` into the build directory, owned by `owner` (the build's
+/// user) when given; `abs/` into the staging folder `workspace/STAGE`, for the build's shell to
+/// put into place.
 pub fn restore(
     store: &Store,
     entry: &Entry,
@@ -300,15 +417,35 @@ pub fn restore(
     }
     let exported = export::export(store, &digest, scratch).map_err(|e| e.to_string())?;
     let mut skipped = Vec::new();
-    let result = merge(&scratch.join("rel"), workspace, owner, &mut skipped)
-        .and_then(|()| merge(&scratch.join("abs"), Path::new("/"), owner, &mut skipped));
+    let result = merge(&scratch.join("rel"), workspace, owner, &mut skipped).and_then(|()| {
+        let absolute = scratch.join("abs");
+        if fs::symlink_metadata(&absolute).is_err() {
+            return Ok(None);
+        }
+        let staged = workspace.join(STAGE);
+        remove_staged(&staged)?;
+        fs::rename(&absolute, &staged)?;
+        Ok(Some(staged))
+    });
     let _ = fs::remove_dir_all(scratch);
-    result.map_err(|e| e.to_string())?;
+    let staged = result.map_err(|e| e.to_string())?;
     Ok(Restored {
         files: exported.files,
         bytes: exported.bytes,
         skipped,
+        staged,
     })
+}
+
+/// Removes a staging folder (or whatever the build left under its name), never following a
+/// symlink.
+pub fn remove_staged(staged: &Path) -> std::io::Result<()> {
+    match fs::symlink_metadata(staged) {
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(err),
+        Ok(meta) if meta.is_dir() => fs::remove_dir_all(staged),
+        Ok(_) => fs::remove_file(staged),
+    }
 }
 
 /// Moves everything under `from` into `to`: folders are merged (an existing symlink to a

@@ -24,10 +24,11 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use protocol::buildspec::{
-    ArtifactSet, Buildspec, Cache, CacheAction, OnFailure, Phase, PhaseName,
+    ArtifactSet, Buildspec, Cache, CacheAction, OnFailure, Phase, PhaseName, SandboxKind,
 };
 use sandbox::{Executor, OutputSink, SessionSpec, ShellKind, ShellMode};
 use tokio::sync::watch;
@@ -50,6 +51,8 @@ use session::{Handover, Sessions};
 pub enum Interrupt {
     TimedOut,
     Stopped,
+    /// The build printed more than its output budget.
+    OutputLimit,
 }
 
 impl Interrupt {
@@ -57,6 +60,54 @@ impl Interrupt {
         match self {
             Interrupt::TimedOut => Status::TimedOut,
             Interrupt::Stopped => Status::Stopped,
+            Interrupt::OutputLimit => Status::Failed,
+        }
+    }
+}
+
+/// How much output one build may print (its log is kept whole in the data directory, so a
+/// build that floods it must be stopped before it fills the disk).
+#[derive(Debug)]
+pub struct OutputBudget {
+    limit: u64,
+    used: AtomicU64,
+    exceeded: tokio::sync::Notify,
+}
+
+impl OutputBudget {
+    pub fn new(limit: u64) -> Arc<OutputBudget> {
+        Arc::new(OutputBudget {
+            limit,
+            used: AtomicU64::new(0),
+            exceeded: tokio::sync::Notify::new(),
+        })
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Counts `bytes` of output; false once the budget is spent (this output included).
+    fn spend(&self, bytes: usize) -> bool {
+        let before = self.used.fetch_add(bytes as u64, Ordering::Relaxed);
+        let within = before.saturating_add(bytes as u64) <= self.limit;
+        if !within && before <= self.limit {
+            self.exceeded.notify_waiters();
+        }
+        within
+    }
+
+    fn is_spent(&self) -> bool {
+        self.used.load(Ordering::Relaxed) > self.limit
+    }
+
+    async fn spent(&self) {
+        loop {
+            let notified = self.exceeded.notified();
+            if self.is_spent() {
+                return;
+            }
+            notified.await;
         }
     }
 }
@@ -96,6 +147,8 @@ pub struct Build {
 /// What every build on this node shares.
 pub struct Node {
     pub executor: Arc<dyn Executor>,
+    /// Executors for phases the buildspec puts in another sandbox (`peerbuild.phases`).
+    pub phase_executors: HashMap<SandboxChoice, Arc<dyn Executor>>,
     pub store: Arc<crate::store::Store>,
     pub data: DataDir,
     pub reporter: Reporter,
@@ -104,11 +157,15 @@ pub struct Node {
     pub me: User,
 }
 
+/// A sandbox and, for `docker`, its image.
+pub type SandboxChoice = (SandboxKind, Option<String>);
+
 /// The deadline and the stop signal of one build.
 #[derive(Clone)]
 pub struct Limits {
     pub deadline: tokio::time::Instant,
     pub stop: watch::Receiver<Option<Interrupt>>,
+    pub output: Arc<OutputBudget>,
 }
 
 /// How a step (a command, a block, a phase) ended.
@@ -123,11 +180,17 @@ impl Limits {
     /// Runs `work` unless the build times out or is stopped first.
     async fn guard<T>(&self, work: impl Future<Output = T>) -> Result<T, Interrupt> {
         let mut stop = self.stop.clone();
-        tokio::select! {
-            out = work => Ok(out),
-            _ = tokio::time::sleep_until(self.deadline) => Err(Interrupt::TimedOut),
-            interrupt = stopped(&mut stop) => Err(interrupt),
+        let out = tokio::select! {
+            out = work => out,
+            _ = tokio::time::sleep_until(self.deadline) => return Err(Interrupt::TimedOut),
+            interrupt = stopped(&mut stop) => return Err(interrupt),
+            _ = self.output.spent() => return Err(Interrupt::OutputLimit),
+        };
+        // Work that ended because of its flood (a backend's own cap) ends on the budget too.
+        if self.output.is_spent() {
+            return Err(Interrupt::OutputLimit);
         }
+        Ok(out)
     }
 }
 
@@ -220,6 +283,8 @@ impl Run<'_> {
         let Some(workspace) = self.provision() else {
             return;
         };
+        let mut staged_cache = None;
+        let mut artifact_names = None;
         if self.download_source(workspace.path()).await {
             let cache = self.usable_cache();
             if let Some(cache) = cache.as_ref().filter(|c| c.action != CacheAction::Save) {
@@ -231,17 +296,20 @@ impl Run<'_> {
             if self.end.is_none() {
                 self.export_variables().await;
             }
+            // What needs the build's shell is done now: the cache's key and its paths outside
+            // the workspace, the artifacts' names.
             if self.end.is_none()
                 && !self.failed
-                && let Some(cache) = cache.as_ref().filter(|c| c.action != CacheAction::Restore)
+                && let Some(cache) = cache.filter(|c| c.action != CacheAction::Restore)
             {
-                self.save_cache(&workspace, cache).await;
+                staged_cache = self.stage_cache(&workspace, cache).await;
             }
             if self.end.is_none() && self.has_uploads() {
-                self.upload(workspace.path()).await;
+                artifact_names = self.artifact_names().await;
             }
         }
-        self.node.store.unpin(&self.build.id.to_string());
+        // The sandbox ends before anything is read out of it: no process the build started can
+        // change a file while the node collects it.
         if let Some(sessions) = &mut self.sessions
             && let Err(err) = sessions.close().await
         {
@@ -250,6 +318,13 @@ impl Run<'_> {
                 format!("could not end the build's shell: {err}"),
             );
         }
+        if let Some(staged) = staged_cache {
+            self.save_cache(&workspace, staged).await;
+        }
+        if let Some(names) = artifact_names {
+            self.upload(workspace.path(), names).await;
+        }
+        self.node.store.unpin(&self.build.id.to_string());
         drop(workspace);
     }
 
@@ -429,8 +504,99 @@ impl Run<'_> {
         }
     }
 
-    /// Runs one phase, with its retries, and reports it.
+    /// Runs one phase, with its retries, and reports it: in the build's session, or in a
+    /// session of its own when the buildspec puts it in another sandbox.
     async fn phase(&mut self, name: PhaseName, phase: &Phase) -> Step {
+        let Some(executor) = self.phase_executor(name) else {
+            return self.phase_in_session(name, phase).await;
+        };
+        let kind = executor.kind();
+        let carried = match self.carried_state(kind == "wasm").await {
+            Ok(carried) => carried,
+            Err(step) => return step,
+        };
+        self.note(
+            Level::Info,
+            format!(
+                "{} runs in the {kind} sandbox, in a session of its own: it starts from the build's working directory and exported variables, and sees what the build wrote in the workspace (nothing else)",
+                name.report_name()
+            ),
+        );
+        let main = self.sessions.take();
+        self.sessions = main
+            .as_ref()
+            .map(|sessions| sessions.elsewhere(executor, carried));
+        let step = self.phase_in_session(name, phase).await;
+        if let Some(mut own) = self.sessions.take()
+            && let Err(err) = own.close().await
+        {
+            self.note(
+                Level::Warning,
+                format!("could not end {}'s session: {err}", name.report_name()),
+            );
+        }
+        self.sessions = main;
+        step
+    }
+
+    /// The executor of a phase the buildspec puts in another sandbox than the build's.
+    fn phase_executor(&self, name: PhaseName) -> Option<Arc<dyn Executor>> {
+        let (_, settings) = self
+            .build
+            .buildspec
+            .peerbuild
+            .phases
+            .iter()
+            .find(|(phase, _)| *phase == name)?;
+        // Only phases in another sandbox (or another image) than the build's have an entry.
+        let kind = settings
+            .sandbox
+            .or_else(|| SandboxKind::from_key(self.node.executor.kind()))?;
+        self.node
+            .phase_executors
+            .get(&(kind, settings.image.clone()))
+            .cloned()
+    }
+
+    /// The build shell's exported variables and working directory, as `export` lines (and a
+    /// `cd`, unless `for_wasm`) that a session of another sandbox applies at its start.
+    async fn carried_state(&mut self, for_wasm: bool) -> Result<String, Step> {
+        let user = self.top_user();
+        // NUL-separated (values may hold newlines), as \x01: captures cannot carry NULs.
+        let env = self
+            .capture(
+                user.as_ref(),
+                "{ env -0 2>/dev/null || env; } | tr '\\000' '\\001'",
+            )
+            .await?;
+        let separator = if env.stdout.contains('\u{1}') {
+            '\u{1}'
+        } else {
+            '\n'
+        };
+        let mut script = String::new();
+        for entry in env.stdout.split(separator) {
+            let Some((name, value)) = entry.split_once('=') else {
+                continue;
+            };
+            let valid = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if valid && !matches!(name, "PWD" | "OLDPWD" | "SHLVL" | "_") {
+                script.push_str(&format!("export {name}={}\n", session::quote(value)));
+            }
+        }
+        if !for_wasm {
+            let cwd = self.capture(user.as_ref(), "pwd").await?;
+            script.push_str(&format!(
+                "cd -- {} 2>/dev/null || true\n",
+                session::quote(&cwd.stdout)
+            ));
+        }
+        Ok(script)
+    }
+
+    /// Runs one phase in the current sessions, with its retries, and reports it.
+    async fn phase_in_session(&mut self, name: PhaseName, phase: &Phase) -> Step {
         let started = Instant::now();
         let report_name = name.report_name();
         self.phase_started(report_name);
@@ -497,6 +663,13 @@ impl Run<'_> {
                 Status::Stopped,
                 Some("the build was stopped; its processes were killed".to_owned()),
             ),
+            Step::Interrupted(Interrupt::OutputLimit) => (
+                Status::Failed,
+                Some(format!(
+                    "the build printed more than {} bytes of output, its limit (PEERBUILD_SANDBOX_OUTPUT_LIMIT); its processes were killed",
+                    self.limits.output.limit()
+                )),
+            ),
             Step::Fault(message) => (Status::Fault, Some(message.clone())),
         };
         if let (Step::Interrupted(_), Some(message)) = (&step, &message) {
@@ -559,7 +732,12 @@ impl Run<'_> {
             phase: name.report_name().to_owned(),
             command: command.to_owned(),
         });
-        let mut output = PhaseOutput::new(&node.reporter, build.member.clone(), name.report_name());
+        let mut output = PhaseOutput::new(
+            &node.reporter,
+            &limits.output,
+            build.member.clone(),
+            name.report_name(),
+        );
         let outcome = limits.guard(session.run(command, &mut output)).await;
         output.finish();
         append_tail(&mut self.tail, &output.text);
@@ -597,7 +775,12 @@ impl Run<'_> {
         command: &str,
     ) -> Result<(sandbox::Captured, String), Step> {
         let limits = self.limits.clone();
-        let mut output = PhaseOutput::new(&self.node.reporter, self.build.member.clone(), label);
+        let mut output = PhaseOutput::new(
+            &self.node.reporter,
+            &limits.output,
+            self.build.member.clone(),
+            label,
+        );
         let sessions = self
             .sessions
             .as_mut()
@@ -707,21 +890,19 @@ impl Run<'_> {
         Ok(captured.stdout)
     }
 
-    /// The buildspec's cache as this sandbox can use it: outside `host`, paths outside the
-    /// workspace live in the sandbox's own file system, which the cache cannot reach yet, so
-    /// they are left out with a note.
+    /// The buildspec's cache as this sandbox can use it: a `wasm` build has no file system
+    /// outside its workspace, so paths outside it are left out there, with a note.
     fn usable_cache(&self) -> Option<Cache> {
         let mut cache = self.build.buildspec.cache.clone()?;
-        if self.node.executor.kind() != "host" {
+        if self.node.executor.kind() == "wasm" {
             let (outside, inside): (Vec<String>, Vec<String>) =
                 cache.paths.into_iter().partition(|p| p.starts_with('/'));
             if !outside.is_empty() {
                 self.note(
                     Level::Warning,
                     format!(
-                        "cache: paths outside the workspace ({}) are not cached in the {} sandbox yet",
+                        "cache: paths outside the workspace ({}) are not cached: the wasm sandbox has no files outside the workspace",
                         outside.join(", "),
-                        self.node.executor.kind()
                     ),
                 );
             }
@@ -763,6 +944,23 @@ impl Run<'_> {
         })
         .await
         .unwrap_or_else(|join| Err(join.to_string()));
+        let outcome = match outcome {
+            Ok((matched, mut restored)) => {
+                // The session has started: files written into its workspace now must be made
+                // the build's own (the namespace sandbox runs under other ids).
+                if let Err(err) = self.node.executor.adopt(workspace.path()) {
+                    self.note(Level::Warning, format!("cache: {err}"));
+                }
+                match self.unstage(restored.staged.take()).await {
+                    Ok(skipped) => {
+                        restored.skipped.extend(skipped);
+                        Ok((matched, restored))
+                    }
+                    Err(step) => return self.cache_interrupted(step),
+                }
+            }
+            Err(reason) => Err(reason),
+        };
         let duration_ms = started.elapsed().as_millis() as u64;
         let (record, message) = match outcome {
             Ok((
@@ -771,15 +969,11 @@ impl Run<'_> {
                     files,
                     bytes,
                     skipped,
+                    ..
                 },
             )) => {
                 for path in skipped {
                     self.note(Level::Warning, format!("cache: left {path} as it was"));
-                }
-                // The session has started: files written into its workspace now must be made
-                // the build's own (the namespace sandbox runs under other ids).
-                if let Err(err) = self.node.executor.adopt(workspace.path()) {
-                    self.note(Level::Warning, format!("cache: {err}"));
                 }
                 (
                     CacheRecord {
@@ -836,20 +1030,90 @@ impl Run<'_> {
         }
     }
 
-    /// Saves the cache after a successful build; an existing entry for the key is never
-    /// replaced.
-    async fn save_cache(&mut self, workspace: &Workspace, cache: &Cache) {
-        let started = Instant::now();
-        let Some(key) = self.cache_key(cache).await else {
-            return;
+    /// Puts a restored entry's absolute paths into place through the build's shell (see
+    /// `cache::STAGE`); returns the paths left as they were.
+    async fn unstage(&mut self, staged: Option<PathBuf>) -> Result<Vec<String>, Step> {
+        let Some(staged) = staged else {
+            return Ok(Vec::new());
         };
-        let cache = cache.clone();
+        let user = self.top_user();
+        let result = self
+            .capture(user.as_ref(), &cache::unstage_script(&staged))
+            .await;
+        if let Err(err) = cache::remove_staged(&staged) {
+            self.note(
+                Level::Warning,
+                format!("cache: could not remove {}: {err}", staged.display()),
+            );
+        }
+        let captured = result?;
+        Ok(captured.stdout.lines().map(str::to_owned).collect())
+    }
+
+    /// Before the sandbox ends: the cache's key, and a copy of its paths outside the workspace
+    /// staged in the workspace (see `cache::STAGE`), for [`Run::save_cache`].
+    async fn stage_cache(&mut self, workspace: &Workspace, cache: Cache) -> Option<StagedCache> {
+        let key = self.cache_key(&cache).await?;
+        let stage = workspace.path().join(cache::STAGE);
+        let Some(script) = cache::stage_script(&cache.paths, &stage) else {
+            return Some(StagedCache {
+                cache,
+                key,
+                outside: None,
+            });
+        };
+        let user = self.top_user();
+        match self.capture(user.as_ref(), &script).await {
+            Ok(captured) => {
+                for line in captured.stdout.lines() {
+                    self.note(Level::Warning, format!("cache: {line}"));
+                }
+                let outside = (captured.status == 0).then_some(stage);
+                if outside.is_none() {
+                    self.note(
+                        Level::Warning,
+                        "cache: the paths outside the workspace could not be staged; they are not saved",
+                    );
+                }
+                Some(StagedCache {
+                    cache,
+                    key,
+                    outside,
+                })
+            }
+            Err(step) => {
+                self.cache_interrupted(step);
+                None
+            }
+        }
+    }
+
+    /// Saves the cache after a successful build, once the sandbox is gone; an existing entry
+    /// for the key is never replaced.
+    async fn save_cache(&mut self, workspace: &Workspace, staged: StagedCache) {
+        let started = Instant::now();
+        let StagedCache {
+            cache,
+            key,
+            outside,
+        } = staged;
         let store = self.node.store.clone();
         let workspace_path = workspace.path().to_owned();
         let scratch = workspace.scratch("cache-save");
         let save_key = key.clone();
         let outcome = tokio::task::spawn_blocking(move || {
-            cache::save(&store, &cache, &save_key, &workspace_path, &scratch)
+            let saved = cache::save(
+                &store,
+                &cache,
+                &save_key,
+                &workspace_path,
+                outside.as_deref(),
+                &scratch,
+            );
+            if let Some(outside) = &outside {
+                let _ = cache::remove_staged(outside);
+            }
+            saved
         })
         .await
         .unwrap_or_else(|join| Err(join.to_string()));
@@ -906,8 +1170,46 @@ impl Run<'_> {
         self.build.buildspec.artifacts.is_some() || !self.build.buildspec.reports.is_empty()
     }
 
-    /// UPLOAD_ARTIFACTS: artifacts copied out, reports read.
-    async fn upload(&mut self, workspace: &Path) {
+    /// The artifacts' `name`s, evaluated in the build's shell before it ends (by identifier;
+    /// absent for a set without a name). `None` when the build was stopped meanwhile.
+    async fn artifact_names(&mut self) -> Option<HashMap<String, String>> {
+        let mut names = HashMap::new();
+        let user = self.top_user();
+        for (identifier, set) in artifact_sets(&self.build.buildspec) {
+            let Some(name) = &set.name else { continue };
+            let command =
+                format!("cat <<__PEERBUILD_ARTIFACT_NAME__\n{name}\n__PEERBUILD_ARTIFACT_NAME__");
+            match self.capture(user.as_ref(), &command).await {
+                Ok(captured) => {
+                    names.insert(identifier, captured.stdout);
+                }
+                Err(Step::Interrupted(interrupt)) => {
+                    self.end = Some(interrupt.status());
+                    return None;
+                }
+                Err(step) => {
+                    let reason = match step {
+                        Step::Fault(message)
+                        | Step::Failed {
+                            command: message, ..
+                        } => message,
+                        Step::Ok | Step::Interrupted(_) => String::new(),
+                    };
+                    self.note(
+                        Level::Warning,
+                        format!(
+                            "artifact {identifier}: could not evaluate its name `{name}`: {reason}"
+                        ),
+                    );
+                    names.insert(identifier, name.clone());
+                }
+            }
+        }
+        Some(names)
+    }
+
+    /// UPLOAD_ARTIFACTS: artifacts copied out, reports read (after the sandbox has ended).
+    async fn upload(&mut self, workspace: &Path, mut names: HashMap<String, String>) {
         let started = Instant::now();
         self.phase_started("UPLOAD_ARTIFACTS");
         let mut problems = Vec::new();
@@ -918,7 +1220,11 @@ impl Run<'_> {
                 ArtifactTarget::Folder(root) => Some(root.join(&identifier)),
                 ArtifactTarget::Store => None,
             };
-            match self.upload_set(workspace, &identifier, &set, dest).await {
+            let name = names.remove(&identifier);
+            match self
+                .upload_set(workspace, &identifier, name, &set, dest)
+                .await
+            {
                 Ok(record) => self.artifacts.push(record),
                 Err(Step::Interrupted(interrupt)) => {
                     self.end = Some(interrupt.status());
@@ -953,19 +1259,10 @@ impl Run<'_> {
         &mut self,
         workspace: &Path,
         identifier: &str,
+        name: Option<String>,
         set: &ArtifactSet,
         dest: Option<PathBuf>,
     ) -> Result<ArtifactRecord, Step> {
-        let name = match &set.name {
-            Some(name) => {
-                let user = self.top_user();
-                let command = format!(
-                    "cat <<__PEERBUILD_ARTIFACT_NAME__\n{name}\n__PEERBUILD_ARTIFACT_NAME__"
-                );
-                Some(self.capture(user.as_ref(), &command).await?.stdout)
-            }
-            None => None,
-        };
         let fault = |err: String| Step::Fault(format!("artifact {identifier}: {err}"));
         let selected = artifacts::select(workspace, set).map_err(|e| fault(e.to_string()))?;
         for warning in &selected.warnings {
@@ -1143,6 +1440,7 @@ fn report_record(outcome: reports::ReportOutcome) -> ReportRecord {
 /// Turns a command's output into masked log lines, and keeps its text for retry patterns.
 struct PhaseOutput {
     reporter: Reporter,
+    budget: Arc<OutputBudget>,
     masker: mask::Masker,
     member: Option<String>,
     phase: &'static str,
@@ -1151,10 +1449,16 @@ struct PhaseOutput {
 }
 
 impl PhaseOutput {
-    fn new(reporter: &Reporter, member: Option<String>, phase: &'static str) -> Self {
+    fn new(
+        reporter: &Reporter,
+        budget: &Arc<OutputBudget>,
+        member: Option<String>,
+        phase: &'static str,
+    ) -> Self {
         PhaseOutput {
             masker: reporter.masker(),
             reporter: reporter.clone(),
+            budget: budget.clone(),
             member,
             phase,
             lines: LineBuffer::default(),
@@ -1182,10 +1486,22 @@ impl PhaseOutput {
 
 impl OutputSink for PhaseOutput {
     fn write(&mut self, bytes: &[u8]) {
+        // Past the budget nothing more is kept; the build is being stopped.
+        if !self.budget.spend(bytes.len()) {
+            return;
+        }
         for line in self.lines.push(bytes, &self.masker) {
             self.line(line);
         }
     }
+}
+
+/// A cache to save once the sandbox has ended: its evaluated key, and where its paths outside
+/// the workspace were staged.
+struct StagedCache {
+    cache: Cache,
+    key: String,
+    outside: Option<PathBuf>,
 }
 
 /// A build's working folder, removed when dropped.

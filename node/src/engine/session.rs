@@ -43,6 +43,8 @@ pub struct Sessions {
     me: User,
     current: Option<Current>,
     succeeding: bool,
+    /// Shell state the first session applies when it starts (see [`Sessions::elsewhere`]).
+    initial: Option<String>,
 }
 
 impl Sessions {
@@ -53,6 +55,20 @@ impl Sessions {
             me,
             current: None,
             succeeding: true,
+            initial: None,
+        }
+    }
+
+    /// Sessions of another executor for the same build (a phase in another sandbox), whose
+    /// first session starts by applying `initial` (`export` lines, and a `cd` for a shell).
+    pub fn elsewhere(&self, executor: Arc<dyn Executor>, initial: String) -> Sessions {
+        Sessions {
+            executor,
+            spec: self.spec.clone(),
+            me: self.me.clone(),
+            current: None,
+            succeeding: self.succeeding,
+            initial: Some(initial),
         }
     }
 
@@ -74,6 +90,7 @@ impl Sessions {
         if handover != Handover::Kept {
             let carried = match handover {
                 Handover::Switched { .. } => self.snapshot().await,
+                Handover::Started => self.initial.clone(),
                 _ => None,
             };
             if let Some(mut old) = self.current.take() {

@@ -80,28 +80,46 @@ fn fill(store: &Store, root: &Digest, dir: &Path) -> Result<Exported> {
     let (small, large): (Vec<FileJob>, Vec<FileJob>) =
         jobs.into_iter().partition(|j| j.chunks.is_none());
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-    // Small files are bound by file-system calls more than by the CPU, so more threads than
-    // cores keep the disk busy.
-    ordered(
-        small.into_iter(),
-        workers * 4,
-        128,
-        |job| -> Result<u64> {
-            let bytes = store.get(&job.digest)?;
-            write_file(&job.path, &bytes, job.executable)?;
-            Ok(bytes.len() as u64)
-        },
-        |written| {
-            exported.bytes += written?;
-            exported.files += 1;
-            Ok::<(), StoreError>(())
-        },
-    )?;
-    for job in large {
-        exported.bytes += write_chunked(store, &job, workers)?;
-        exported.files += 1;
-    }
-    Ok(exported)
+    // Large files are written on a thread of their own while the small ones go on, so the
+    // disk is kept busy by both (a tree is usually a few big files among many small ones).
+    std::thread::scope(|scope| {
+        let large = scope.spawn(|| {
+            let mut written = Exported::default();
+            for job in large {
+                written.bytes += write_chunked(store, &job, workers)?;
+                written.files += 1;
+            }
+            Ok::<Exported, StoreError>(written)
+        });
+        // Small files are bound by file-system calls more than by the CPU, so more threads
+        // than cores keep the disk busy.
+        let small = ordered(
+            small.into_iter(),
+            workers * 4,
+            128,
+            |job| -> Result<u64> {
+                let bytes = store.get(&job.digest)?;
+                write_file(&job.path, &bytes, job.executable)?;
+                Ok(bytes.len() as u64)
+            },
+            |written| {
+                exported.bytes += written?;
+                exported.files += 1;
+                Ok::<(), StoreError>(())
+            },
+        );
+        let large = large.join().unwrap_or_else(|_| {
+            Err(StoreError::Refused {
+                path: dir.to_owned(),
+                reason: "writing a large file failed unexpectedly".into(),
+            })
+        });
+        small?;
+        let large = large?;
+        exported.bytes += large.bytes;
+        exported.files += large.files;
+        Ok(exported)
+    })
 }
 
 /// Creates folders and symlinks, and lists the files to write.

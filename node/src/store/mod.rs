@@ -24,6 +24,7 @@ mod parallel;
 mod statcache;
 #[cfg(test)]
 mod tests;
+pub mod transfer;
 
 use std::cell::RefCell;
 use std::fs;
@@ -160,7 +161,6 @@ impl Store {
     pub(crate) fn put_with_digest(&self, digest: Digest, bytes: &[u8]) -> Result<u64> {
         self.progress
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        let path = self.object_path(&digest);
         // A valid object has at least its kind byte: an empty file is what a crash can leave
         // behind a rename, and is written again.
         if self.contains(&digest) {
@@ -174,6 +174,13 @@ impl Store {
             }
             _ => (KIND_RAW, bytes),
         };
+        self.write_object(digest, kind, payload)
+    }
+
+    /// Writes an object of `kind`: into this process's pack when small, else a loose file
+    /// written to a temporary file and renamed into place.
+    fn write_object(&self, digest: Digest, kind: u8, payload: &[u8]) -> Result<u64> {
+        let path = self.object_path(&digest);
         if payload.len() < pack::PACK_OBJECT_MAX_BYTES {
             if !self.packs.append(&self.tmp, digest, kind, payload)? {
                 return Ok(0);
@@ -219,11 +226,22 @@ impl Store {
         }
     }
 
-    /// Reads a packed blob: from the pack this process is writing, or a published pack (whose
-    /// index is read again once on a miss, as another process or gc may have written it).
+    /// Reads a packed blob, verified.
     fn get_packed(&self, digest: &Digest) -> Result<Vec<u8>> {
+        let (stored, location) = self.read_packed(digest)?;
+        self.verify(digest, &stored, || {
+            if let Some(location) = &location {
+                self.packs.drop_entry(digest, location);
+            }
+        })
+    }
+
+    /// Reads a packed blob as stored: from the pack this process is writing (no location), or
+    /// a published pack (whose index is read again once on a miss, as another process or gc
+    /// may have written it).
+    fn read_packed(&self, digest: &Digest) -> Result<(Vec<u8>, Option<pack::Location>)> {
         if let Some(stored) = self.packs.read_pending(digest) {
-            return self.verify(digest, &stored?, || {});
+            return Ok((stored?, None));
         }
         for attempt in 0..2 {
             if attempt == 1 {
@@ -236,15 +254,50 @@ impl Store {
                 continue;
             };
             match self.packs.read(&location) {
-                Ok(stored) => {
-                    return self
-                        .verify(digest, &stored, || self.packs.drop_entry(digest, &location));
-                }
+                Ok(stored) => return Ok((stored, Some(location))),
                 Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(err) => return Err(StoreError::io(&self.root.join("packs"), err)),
             }
         }
         Err(StoreError::Missing { digest: *digest })
+    }
+
+    /// A blob as it is stored (its kind byte, then its raw or compressed bytes), as peers send
+    /// it to each other: not verified here, since the receiver verifies it anyway.
+    pub fn get_stored(&self, digest: &Digest) -> Result<Vec<u8>> {
+        let path = self.object_path(digest);
+        match fs::read(&path) {
+            Ok(stored) => Ok(stored),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                Ok(self.read_packed(digest)?.0)
+            }
+            Err(err) => Err(StoreError::io(&path, err)),
+        }
+    }
+
+    /// Stores a blob received as stored (see [`Store::get_stored`]) once it decodes to bytes
+    /// that match `digest`; returns how many bytes were newly written. Bad bytes are an error
+    /// naming the digest, and nothing is stored.
+    pub fn put_stored(&self, digest: &Digest, stored: &[u8]) -> Result<u64> {
+        if stored.len() as u64 > digest.size().saturating_add(1 << 16) + 1 {
+            return Err(StoreError::Corrupt {
+                digest: *digest,
+                detail: format!(
+                    "{} stored bytes for a blob of {} bytes",
+                    stored.len(),
+                    digest.size()
+                ),
+            });
+        }
+        if self.contains(digest) {
+            return Ok(0);
+        }
+        self.verify(digest, stored, || {})?;
+        let (kind, payload) = stored
+            .split_first()
+            .map(|(kind, payload)| (*kind, payload))
+            .unwrap_or((KIND_RAW, &[]));
+        self.write_object(*digest, kind, payload)
     }
 
     /// Decodes stored bytes and checks them against the digest; on a mismatch `set_aside`

@@ -434,3 +434,223 @@ fn threads_sharing_a_store_can_export_right_after_importing_overlapping_trees() 
     }
     fs::remove_dir_all(&work).ok();
 }
+
+mod transfer {
+    //! Fetching trees between stores: every blob verified, liars dropped and bypassed, an
+    //! interrupted transfer resumed with only what is missing.
+
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use protocol::Digest;
+
+    use super::*;
+    use crate::store::transfer::{
+        BlobSource, BoxFuture, Fetched, StoreSource, StoredBlobs, TransferError, fetch_tree,
+        missing,
+    };
+
+    /// A source tree with small files, a chunked file (several chunks), links and folders,
+    /// imported into a store of its own; returns (work dir, source folder, store, root).
+    fn holder(seed: u64) -> (PathBuf, PathBuf, Arc<Store>, Digest) {
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let work = scratch("transfer");
+        let source = work.join("source");
+        fs::create_dir(&source).expect("mkdir");
+        random_tree(&mut rng, &source, 0);
+        let big: Vec<u8> = (0..3 << 20).map(|_| rng.next() as u8).collect();
+        fs::write(source.join("big.bin"), big).expect("write");
+        let store = Arc::new(Store::open(&work.join("holder")).expect("opens"));
+        let root = import::import_dir(&store, &source, "test")
+            .expect("imports")
+            .root
+            .expect("a root");
+        (work, source, store, root)
+    }
+
+    fn source(name: &str, store: &Arc<Store>) -> Arc<dyn BlobSource> {
+        Arc::new(StoreSource {
+            name: name.to_owned(),
+            store: store.clone(),
+        })
+    }
+
+    fn run<T>(future: impl std::future::Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+            .block_on(future)
+    }
+
+    fn fetch(
+        store: &Arc<Store>,
+        root: Digest,
+        sources: Vec<Arc<dyn BlobSource>>,
+    ) -> Result<Fetched, TransferError> {
+        run(fetch_tree(store.clone(), root, sources, "fetched"))
+    }
+
+    /// Serves its store's blobs with one byte flipped in each.
+    struct Liar(StoreSource);
+
+    impl BlobSource for Liar {
+        fn name(&self) -> String {
+            self.0.name()
+        }
+        fn has<'a>(&'a self, digests: &'a [Digest]) -> BoxFuture<'a, Result<Vec<bool>, String>> {
+            self.0.has(digests)
+        }
+        fn fetch<'a>(
+            &'a self,
+            digests: &'a [Digest],
+        ) -> BoxFuture<'a, Result<StoredBlobs, String>> {
+            Box::pin(async move {
+                let mut blobs = self.0.fetch(digests).await?;
+                for (_, stored) in &mut blobs {
+                    if let Some(last) = stored.last_mut() {
+                        *last ^= 0x5a;
+                    }
+                }
+                Ok(blobs)
+            })
+        }
+    }
+
+    /// Serves a few batches, then loses its connection.
+    struct Flaky {
+        inner: StoreSource,
+        batches_left: AtomicUsize,
+    }
+
+    impl BlobSource for Flaky {
+        fn name(&self) -> String {
+            self.inner.name()
+        }
+        fn has<'a>(&'a self, digests: &'a [Digest]) -> BoxFuture<'a, Result<Vec<bool>, String>> {
+            self.inner.has(digests)
+        }
+        fn fetch<'a>(
+            &'a self,
+            digests: &'a [Digest],
+        ) -> BoxFuture<'a, Result<StoredBlobs, String>> {
+            let left = self
+                .batches_left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+            match left {
+                Ok(_) => self.inner.fetch(digests),
+                Err(_) => Box::pin(async { Err("the connection was lost".to_owned()) }),
+            }
+        }
+    }
+
+    #[test]
+    fn a_tree_fetched_from_a_peer_exports_exactly_and_a_second_fetch_moves_nothing() {
+        let (work, source_dir, holder, root) = holder(5);
+        let receiver = Arc::new(Store::open(&work.join("receiver")).expect("opens"));
+        let fetched = fetch(&receiver, root, vec![source("peer-a", &holder)]).expect("fetches");
+        assert!(fetched.blobs > 3, "{fetched:?}");
+        assert!(fetched.dropped.is_empty(), "{fetched:?}");
+        assert_eq!(missing(&receiver, &root).expect("walks"), Vec::new());
+        let out = work.join("out");
+        export::export(&receiver, &root, &out).expect("exports");
+        assert_eq!(listing(&source_dir), listing(&out));
+        let again = fetch(&receiver, root, vec![source("peer-a", &holder)]).expect("fetches");
+        assert_eq!((again.blobs, again.rounds), (0, 0), "{again:?}");
+        fs::remove_dir_all(&work).ok();
+    }
+
+    #[test]
+    fn a_lying_peer_is_dropped_and_its_blobs_come_from_another() {
+        let (work, source_dir, holder, root) = holder(6);
+        let receiver = Arc::new(Store::open(&work.join("receiver")).expect("opens"));
+        let liar = Arc::new(Liar(StoreSource {
+            name: "liar".into(),
+            store: holder.clone(),
+        }));
+        let fetched =
+            fetch(&receiver, root, vec![liar, source("honest", &holder)]).expect("fetches");
+        assert_eq!(fetched.dropped.len(), 1, "{fetched:?}");
+        assert_eq!(fetched.dropped[0].0, "liar");
+        assert!(fetched.dropped[0].1.contains("bad blob"), "{fetched:?}");
+        let out = work.join("out");
+        export::export(&receiver, &root, &out).expect("exports");
+        assert_eq!(listing(&source_dir), listing(&out));
+        fs::remove_dir_all(&work).ok();
+    }
+
+    #[test]
+    fn an_interrupted_transfer_resumes_with_only_what_is_missing() {
+        let (work, _, holder, root) = holder(7);
+        let receiver = Arc::new(Store::open(&work.join("receiver")).expect("opens"));
+        let total = {
+            let scratch = Arc::new(Store::open(&work.join("count")).expect("opens"));
+            fetch(&scratch, root, vec![source("peer", &holder)])
+                .expect("fetches")
+                .blobs
+        };
+        let flaky = Arc::new(Flaky {
+            inner: StoreSource {
+                name: "flaky".into(),
+                store: holder.clone(),
+            },
+            batches_left: AtomicUsize::new(2),
+        });
+        let failed = fetch(&receiver, root, vec![flaky]).expect_err("the only peer went away");
+        let message = failed.to_string();
+        assert!(
+            message.contains("no peer can send blob")
+                && message.contains("flaky: the connection was lost"),
+            "{message}"
+        );
+        let resumed = fetch(&receiver, root, vec![source("peer", &holder)]).expect("resumes");
+        assert!(
+            resumed.blobs > 0 && resumed.blobs < total,
+            "resumed {} of {total}",
+            resumed.blobs
+        );
+        assert_eq!(missing(&receiver, &root).expect("walks"), Vec::new());
+        fs::remove_dir_all(&work).ok();
+    }
+
+    #[test]
+    fn a_blob_no_peer_holds_is_named() {
+        let (work, _, _, root) = holder(8);
+        let empty = Arc::new(Store::open(&work.join("empty")).expect("opens"));
+        let receiver = Arc::new(Store::open(&work.join("receiver")).expect("opens"));
+        let failed =
+            fetch(&receiver, root, vec![source("empty", &empty)]).expect_err("nobody has it");
+        assert!(
+            failed
+                .to_string()
+                .contains(&format!("no peer can send blob {root}")),
+            "{failed}"
+        );
+        fs::remove_dir_all(&work).ok();
+    }
+
+    #[test]
+    fn stored_bytes_that_do_not_match_their_digest_are_refused() {
+        let (work, _, holder, root) = holder(9);
+        let receiver = Store::open(&work.join("receiver")).expect("opens");
+        let mut stored = holder.get_stored(&root).expect("stored form");
+        assert!(matches!(
+            receiver.put_stored(&root, &stored[..stored.len() - 1]),
+            Err(StoreError::Corrupt { .. })
+        ));
+        let last = stored.len() - 1;
+        stored[last] ^= 1;
+        assert!(matches!(
+            receiver.put_stored(&root, &stored),
+            Err(StoreError::Corrupt { .. })
+        ));
+        assert!(!receiver.contains(&root));
+        stored[last] ^= 1;
+        assert!(receiver.put_stored(&root, &stored).expect("stores") > 0);
+        assert_eq!(
+            receiver.get(&root).expect("reads"),
+            holder.get(&root).expect("reads")
+        );
+        fs::remove_dir_all(&work).ok();
+    }
+}

@@ -326,6 +326,19 @@ pub enum SandboxKind {
 }
 
 impl SandboxKind {
+    /// Every kind, in the order users read them.
+    pub const ALL: [SandboxKind; 4] = [
+        SandboxKind::Namespace,
+        SandboxKind::Docker,
+        SandboxKind::Wasm,
+        SandboxKind::Host,
+    ];
+
+    /// The kind users write as `key` (`namespace`).
+    pub fn from_key(key: &str) -> Option<SandboxKind> {
+        Self::ALL.into_iter().find(|kind| kind.key() == key)
+    }
+
     pub fn key(self) -> &'static str {
         match self {
             SandboxKind::Namespace => "namespace",

@@ -998,11 +998,5 @@ fn phase_extension(item: &Item<'_>) -> Result<PhaseExtension, ParseError> {
 }
 
 fn sandbox_kind(item: &Item<'_>) -> Result<SandboxKind, ParseError> {
-    let kinds = [
-        SandboxKind::Namespace,
-        SandboxKind::Docker,
-        SandboxKind::Wasm,
-        SandboxKind::Host,
-    ];
-    item.choice(&kinds.map(|kind| (kind.key(), kind)))
+    item.choice(&SandboxKind::ALL.map(|kind| (kind.key(), kind)))
 }

@@ -289,7 +289,7 @@ phases:
     let refused = project.run(&[]);
     expect![[r#"
         exit 2
-        stderr: peerbuild: batch member `docker_in_docker` asks for privileged-mode, which this node does not allow; pass --allow-privileged to allow it"#]].assert_eq(&refused.transcript());
+        stderr: peerbuild: batch member `docker_in_docker` asks for privileged-mode, which this node does not allow; pass --allow-privileged, or set sandbox.privileged = true in <DATA>/config.toml"#]].assert_eq(&refused.transcript());
     let allowed = project.run(&["--allow-privileged"]);
     assert_eq!(allowed.code, 0, "{}", allowed.stdout);
 }

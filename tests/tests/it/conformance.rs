@@ -756,10 +756,9 @@ reports:
 
 #[test]
 fn missing_runtimes_are_reported_and_the_build_goes_on() {
-    check(
-        &[(
-            "buildspec.yml",
-            r#"
+    let project = Project::new(&[(
+        "buildspec.yml",
+        r#"
 version: 0.2
 phases:
   install:
@@ -770,18 +769,27 @@ phases:
     commands:
       - echo installing
 "#,
-        )],
-        &[],
-        expect![[r#"
-            exit 0
-            note: runtime python 3.x: found 3.11.7
-            note: runtime golang 1.99: not installed here; going on, as CodeBuild does on images without runtime support
-            note: runtime cobol latest: peerbuild does not know this runtime (it knows python, nodejs, java, golang, ruby, php, dotnet, docker); going on
-            $ echo installing
-            | installing
-            INSTALL SUCCEEDED
-            result SUCCEEDED"#]],
-    );
+    )]);
+    // Which Python 3 the machine has is the machine's business.
+    let transcript: Vec<String> = project
+        .run(&[])
+        .transcript()
+        .lines()
+        .map(|line| match line.split_once("python 3.x: found 3.") {
+            Some((head, _)) => format!("{head}python 3.x: found 3.<MINOR>"),
+            None => line.to_owned(),
+        })
+        .collect();
+    expect![[r#"
+        exit 0
+        note: runtime python 3.x: found 3.<MINOR>
+        note: runtime golang 1.99: not installed here; going on, as CodeBuild does on images without runtime support
+        note: runtime cobol latest: peerbuild does not know this runtime (it knows python, nodejs, java, golang, ruby, php, dotnet, docker); going on
+        $ echo installing
+        | installing
+        INSTALL SUCCEEDED
+        result SUCCEEDED"#]]
+    .assert_eq(&transcript.join("\n"));
 }
 
 #[test]
@@ -942,10 +950,12 @@ fn cache_paths_outside_the_workspace_are_restored() {
         "version: 0.2\nphases:\n  build:\n    commands:\n      - ls {dir} 2>/dev/null || (mkdir -p {dir} && echo jar > {dir}/lib.jar)\ncache:\n  key: m2\n  paths:\n    - '{dir}/**/*'\n",
         dir = target.display()
     );
+    // With `host` the build's file system is this machine's, so the test can look; the other
+    // sandboxes have their own tests (sandbox_namespace.rs).
     let project = Project::new(&[("buildspec.yml", &spec)]);
-    assert_eq!(project.run(&[]).code, 0);
+    assert_eq!(project.run(&["--sandbox", "host"]).code, 0);
     std::fs::remove_dir_all(&target).expect("remove");
-    let run = project.run(&[]);
+    let run = project.run(&["--sandbox", "host"]);
     assert_eq!(run.code, 0, "{}", run.stdout);
     assert!(run.stdout.contains("cache hit"), "{}", run.stdout);
     assert_eq!(

@@ -31,7 +31,7 @@ fn builds_and_logs_show_past_builds() {
         &normalize_ids(&text).replace(&project.src().display().to_string(), "<SRC>"),
     );
     expect![[r#"
-        peerbuild: build <ID> (#1) of <SRC>, sandbox host
+        peerbuild: build <ID> (#1) of <SRC>, sandbox namespace
         ── PROVISIONING SUCCEEDED in <T>
         ── DOWNLOAD_SOURCE SUCCEEDED in <T>: 1 files, 70 bytes, tree e79dd5f69435f73db30d2a91e8d8c1e48377d6e2f7d16333c3e2e49a1111f320/52
         ── BUILD

@@ -149,3 +149,98 @@ fn missing_secret_and_unknown_user() {
         peerbuild: run-as: the user `no-such-user-pb` does not exist on this machine; create it, or change run-as
     "#]].assert_eq(&run.stderr);
 }
+
+/// The owner's `config.toml` decides which sandboxes a buildspec may ask for and which one a
+/// build gets by default; `--sandbox` is the owner's own choice.
+#[test]
+fn the_owners_settings_choose_and_limit_sandboxes() {
+    let project = Project::new(&[(
+        "buildspec.yml",
+        "version: 0.2\npeerbuild:\n  sandbox: host\nphases:\n  build:\n    commands:\n      - echo sandbox=$PEERBUILD_SANDBOX\n",
+    )]);
+    let data = project.data().display().to_string();
+    let refused = project.run(&[]);
+    assert_eq!(refused.code, 2, "{}", refused.stdout);
+    assert!(refused.events.is_empty(), "nothing ran: {}", refused.stdout);
+    expect![[r#"
+        peerbuild: the buildspec asks for it in peerbuild.sandbox: the host sandbox is not allowed on this node (it runs builds with no isolation); it allows namespace, docker, wasm. To allow it, add "host" to sandbox.allow in <DATA>/config.toml
+    "#]]
+    .assert_eq(&refused.stderr.replace(&data, "<DATA>"));
+    // The owner's own flag beats the buildspec, whatever the list says.
+    let flagged = project.run(&["--sandbox", "host"]);
+    assert_eq!(flagged.code, 0, "{}", flagged.stderr);
+    assert!(flagged.log().contains("sandbox=host"), "{}", flagged.log());
+    // Allowed in config.toml, the buildspec gets it.
+    std::fs::write(
+        project.data().join("config.toml"),
+        "[sandbox]\nallow = [\"namespace\", \"host\"]\n",
+    )
+    .expect("write config");
+    let allowed = project.run(&[]);
+    assert_eq!(allowed.code, 0, "{}", allowed.stderr);
+    assert!(allowed.log().contains("sandbox=host"), "{}", allowed.log());
+    // The owner's default applies to buildspecs that name no sandbox.
+    project.write(
+        "buildspec.yml",
+        "version: 0.2\nphases:\n  build:\n    commands:\n      - echo sandbox=$PEERBUILD_SANDBOX\n",
+    );
+    std::fs::write(
+        project.data().join("config.toml"),
+        "[sandbox]\nallow = [\"host\"]\n",
+    )
+    .expect("write config");
+    let defaulted = project.run(&[]);
+    assert_eq!(defaulted.code, 0, "{}", defaulted.stderr);
+    assert!(
+        defaulted.log().contains("sandbox=host"),
+        "{}",
+        defaulted.log()
+    );
+    // A typo in a security setting is never ignored.
+    std::fs::write(
+        project.data().join("config.toml"),
+        "[sandbox]\nallow = [\"host\"]\nprivileges = true\n",
+    )
+    .expect("write config");
+    let broken = project.run(&[]);
+    assert_eq!(broken.code, 2, "{}", broken.stdout);
+    assert!(broken.events.is_empty());
+    let stderr = broken.stderr.replace(&data, "<DATA>");
+    assert!(
+        stderr.contains("<DATA>/config.toml")
+            && stderr.contains("line 3")
+            && stderr.contains("privileges"),
+        "{stderr}"
+    );
+}
+
+/// Per-phase sandboxes are checked like the build's, before anything runs.
+#[test]
+fn per_phase_sandboxes_are_checked_before_anything_runs() {
+    let cases = [
+        (
+            "sandbox: host",
+            "the buildspec asks for it in peerbuild.phases.build.sandbox: the host sandbox is not allowed on this node",
+        ),
+        (
+            "sandbox: docker",
+            "peerbuild.phases.build: the docker sandbox needs an image: set peerbuild.phases.build.image",
+        ),
+        (
+            "sandbox: wasm\n      image: busybox",
+            "peerbuild.phases.build.image `busybox` needs the docker sandbox; the wasm sandbox uses this machine's files",
+        ),
+    ];
+    for (settings, message) in cases {
+        let project = Project::new(&[(
+            "buildspec.yml",
+            &format!(
+                "version: 0.2\npeerbuild:\n  phases:\n    build:\n      {settings}\nphases:\n  build:\n    commands:\n      - echo ran\n"
+            ),
+        )]);
+        let run = project.run(&["--sandbox", "host"]);
+        assert_eq!(run.code, 2, "{settings}: {}", run.stdout);
+        assert!(run.events.is_empty(), "nothing ran: {}", run.stdout);
+        assert!(run.stderr.contains(message), "{settings}: {}", run.stderr);
+    }
+}

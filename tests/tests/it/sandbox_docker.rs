@@ -115,12 +115,20 @@ fn prepare_image() -> Result<(), String> {
 
 /// A project whose buildspec runs `commands` in its build phase, in `/bin/sh`.
 fn build_of(commands: &[&str]) -> Project {
+    build_of_in(Project::new(&[]), commands, "")
+}
+
+/// Writes into `project` a buildspec (`sh`) running `commands` in its build phase, followed by
+/// `rest` (more top-level keys).
+fn build_of_in(project: Project, commands: &[&str], rest: &str) -> Project {
     let mut spec =
         String::from("version: 0.2\nenv:\n  shell: sh\nphases:\n  build:\n    commands:\n");
     for command in commands {
         spec.push_str(&format!("      - '{}'\n", command.replace('\'', "''")));
     }
-    Project::new(&[("buildspec.yml", &spec)])
+    spec.push_str(rest);
+    project.write("buildspec.yml", &spec);
+    project
 }
 
 fn run_docker(project: &Project, extra: &[&str]) -> Run {
@@ -410,6 +418,74 @@ fn the_hosts_environment_and_files_stay_out() {
 }
 
 #[test]
+fn host_processes_the_data_directory_and_host_files_are_out_of_reach() {
+    if !available() {
+        return;
+    }
+    let secret = tests::marker("docker-env-secret");
+    let project = Project::new(&[]);
+    // A canary in the node's data directory, and a host process holding a secret in its
+    // environment, with its pid known to the build.
+    std::fs::create_dir_all(project.data()).expect("data dir");
+    let data_canary = project.data().join("canary");
+    std::fs::write(&data_canary, &secret).expect("plant");
+    let mut host_process = Command::new("sleep")
+        .arg("300")
+        .env("PEERBUILD_PROBE_SECRET", &secret)
+        .spawn()
+        .expect("sleep starts");
+    let pid = host_process.id();
+    let outside = format!("/etc/{}", tests::marker("docker-write"));
+    let commands = [
+        format!("cat {} 2>/dev/null || echo no data canary", data_canary.display()),
+        "cat /proc/[0-9]*/environ 2>/dev/null | tr \"\\000\" \"\\n\" | grep -c PEERBUILD_PROBE_SECRET || true".to_owned(),
+        format!("kill -9 {pid} 2>/dev/null && echo killed || echo cannot kill"),
+        format!("echo planted > {outside} && echo wrote inside"),
+        "mkdir -p out && ln -s /etc/shadow out/shadow && echo mine > out/mine".to_owned(),
+        // The container's files are another file system: no hard link reaches them.
+        "ln /etc/passwd out/hard 2>/dev/null && echo hard-linked || echo no-hard-link".to_owned(),
+    ];
+    let commands: Vec<&str> = commands.iter().map(String::as_str).collect();
+    let project = build_of_in(
+        project,
+        &commands,
+        "artifacts:\n  files:\n    - 'out/**/*'\n",
+    );
+    let collected = TempDir::new("docker-collected");
+    let out = run_docker_with_env(
+        &project,
+        &[],
+        &[
+            "--artifacts",
+            &collected.path().join("out").display().to_string(),
+        ],
+    );
+    let alive = host_process.try_wait().expect("wait").is_none();
+    let _ = host_process.kill();
+    let _ = host_process.wait();
+    assert!(out.contains("no data canary"), "{out}");
+    assert!(!out.contains(&secret), "the build saw a host secret: {out}");
+    assert!(out.contains("cannot kill") && alive, "{out}");
+    assert!(out.contains("wrote inside"), "{out}");
+    assert!(out.contains("no-hard-link"), "{out}");
+    assert!(
+        !std::path::Path::new(&outside).exists(),
+        "the build wrote {outside} on the host"
+    );
+    let mine = collected.path().join("out/out/mine");
+    assert_eq!(
+        std::fs::read_to_string(&mine).ok().as_deref(),
+        Some("mine\n"),
+        "{out}"
+    );
+    let shadow = collected.path().join("out/out/shadow");
+    assert!(
+        std::fs::read_to_string(&shadow).map_or(true, |text| !text.contains("root:")),
+        "the collector followed a link out of the workspace"
+    );
+}
+
+#[test]
 fn a_fork_bomb_meets_the_process_limit() {
     if !available() {
         return;
@@ -439,6 +515,36 @@ fn a_fork_bomb_meets_the_process_limit() {
     assert!(
         out.contains("\"line\":\"the shell still answers\""),
         "{out}"
+    );
+    assert_gone(&container_of(&out));
+}
+
+#[test]
+fn an_output_flood_meets_the_output_limit() {
+    if !available() {
+        return;
+    }
+    let marker = tests::marker("flood");
+    let project = build_of(&[
+        "echo container=$(hostname)",
+        &format!("yes {marker}"),
+        "echo never",
+    ]);
+    let out = run_docker_with_env(
+        &project,
+        &[("PEERBUILD_SANDBOX_OUTPUT_LIMIT", "1M")],
+        &["--timeout", "60s"],
+    );
+    assert!(
+        out.contains("printed more than 1048576 bytes of output, its limit"),
+        "{}",
+        &out[out.len().saturating_sub(2000)..]
+    );
+    assert!(!out.contains("\"line\":\"never\""));
+    let kept = out.matches(&marker).count();
+    assert!(
+        kept > 1000 && kept <= (1 << 20) / marker.len(),
+        "{kept} lines kept"
     );
     assert_gone(&container_of(&out));
 }
@@ -493,7 +599,7 @@ phases:
     let refused = run_docker(&project, &[]);
     expect![[r#"
         exit 2
-        stderr: peerbuild: batch member `dind` asks for privileged-mode, which this node does not allow; pass --allow-privileged to allow it"#]].assert_eq(&refused.transcript());
+        stderr: peerbuild: batch member `dind` asks for privileged-mode, which this node does not allow; pass --allow-privileged, or set sandbox.privileged = true in <DATA>/config.toml"#]].assert_eq(&refused.transcript());
     let allowed = run_docker(&project, &["--allow-privileged"]);
     // Some engines cannot start privileged containers at all (one itself running with fewer
     // capabilities); there the member must fail with the engine's reason, which also shows

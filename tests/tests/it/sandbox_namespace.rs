@@ -57,6 +57,29 @@ fn run_namespaced(project: &Project, extra: &[&str]) -> Run {
     project.run(&args)
 }
 
+/// `peerbuild run src --json --sandbox namespace --timeout TIMEOUT` with one limit set in the
+/// environment.
+fn run_limited(
+    project: &Project,
+    (variable, value): (&str, &str),
+    timeout: &str,
+) -> std::process::Output {
+    project
+        .command()
+        .env(variable, value)
+        .args([
+            "run",
+            "src",
+            "--json",
+            "--sandbox",
+            "namespace",
+            "--timeout",
+            timeout,
+        ])
+        .output()
+        .expect("peerbuild runs")
+}
+
 /// A file removed when dropped.
 struct Canary(std::path::PathBuf);
 
@@ -279,6 +302,78 @@ fn writes_outside_the_workspace_stay_in_the_sandbox() {
     assert!(!std::path::Path::new("/root/.m2/settings").exists() || host_m2_existed());
 }
 
+#[test]
+fn caches_outside_the_workspace_travel_between_builds_and_never_touch_the_host() {
+    if !available() {
+        return;
+    }
+    let marker = tests::marker("m2");
+    // The first build fills /root/.m2 (the sandbox's, in its overlay); the second finds it
+    // restored there, owned by the build's root, next to a file of its own it did not lose.
+    let spec = format!(
+        "version: 0.2\nphases:\n  build:\n    commands:\n      - mkdir -p /root/.m2/repository/org && ls -ln /root/.m2/repository/org\n      - test -f /root/.m2/repository/org/lib.jar || echo {marker} > /root/.m2/repository/org/lib.jar\n      - cat /root/.m2/repository/org/lib.jar\ncache:\n  key: m2-{marker}\n  paths:\n    - '/root/.m2/**/*'\n"
+    );
+    let project = Project::new(&[("buildspec.yml", &spec)]);
+    let first = run_namespaced(&project, &[]);
+    assert_eq!(first.code, 0, "{}", first.stdout);
+    assert!(
+        first.stdout.contains("cache saved: 1 files"),
+        "{}",
+        first.stdout
+    );
+    let second = run_namespaced(&project, &[]);
+    assert_eq!(second.code, 0, "{}", second.stdout);
+    assert!(
+        second.stdout.contains("cache hit: restored 1 files"),
+        "{}",
+        second.stdout
+    );
+    let log = second.log();
+    assert!(log.contains(" 0 0 ") && log.ends_with(&marker), "{log}");
+    assert!(
+        !std::path::Path::new("/root/.m2/repository/org/lib.jar").exists()
+            || std::fs::read_to_string("/root/.m2/repository/org/lib.jar")
+                .is_ok_and(|s| !s.contains(&marker)),
+        "the cache was restored onto the host's /root"
+    );
+    // The staging folder never outlives the sandbox, and is never in the relative paths.
+    assert!(
+        !second.stdout.contains(".peerbuild-cache-outside"),
+        "{}",
+        second.stdout
+    );
+}
+
+#[test]
+fn an_output_flood_meets_the_output_limit() {
+    if !available() {
+        return;
+    }
+    let marker = tests::marker("flood");
+    let project = build_of(&[&format!("yes {marker}"), "echo never"]);
+    let output = run_limited(&project, ("PEERBUILD_SANDBOX_OUTPUT_LIMIT", "1M"), "60s");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("printed more than 1048576 bytes of output, its limit"),
+        "{}",
+        &stdout[stdout.len().saturating_sub(2000)..]
+    );
+    assert!(!stdout.contains("\"line\":\"never\""));
+    // What was kept is bounded by the limit (each line is one JSON event).
+    let kept = stdout.matches(&marker).count();
+    assert!(
+        kept > 1000 && kept <= (1 << 20) / marker.len(),
+        "{kept} lines kept"
+    );
+    assert_eq!(processes_with(&marker), Vec::<i32>::new());
+}
+
 /// Whether the machine's own root already had Maven settings (the probe above must not be
 /// blamed for them).
 fn host_m2_existed() -> bool {
@@ -329,20 +424,7 @@ phases:
         ),
     ]);
     let started = std::time::Instant::now();
-    let output = project
-        .command()
-        .env("PEERBUILD_SANDBOX_PROCESS_LIMIT", "64")
-        .args([
-            "run",
-            "src",
-            "--json",
-            "--sandbox",
-            "namespace",
-            "--timeout",
-            "30s",
-        ])
-        .output()
-        .expect("peerbuild runs");
+    let output = run_limited(&project, ("PEERBUILD_SANDBOX_PROCESS_LIMIT", "64"), "30s");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -383,20 +465,7 @@ fn memory_past_the_limit_is_refused() {
             "version: 0.2\nphases:\n  build:\n    commands:\n      - python3 grow.py > steps.txt; echo status=$?\n      - echo steps=$(wc -l < steps.txt)\n",
         ),
     ]);
-    let output = project
-        .command()
-        .env("PEERBUILD_SANDBOX_MEMORY_LIMIT", "128M")
-        .args([
-            "run",
-            "src",
-            "--json",
-            "--sandbox",
-            "namespace",
-            "--timeout",
-            "60s",
-        ])
-        .output()
-        .expect("peerbuild runs");
+    let output = run_limited(&project, ("PEERBUILD_SANDBOX_MEMORY_LIMIT", "128M"), "60s");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -559,6 +628,82 @@ fn a_timeout_kills_everything_inside() {
     assert_eq!(run.code, 1, "{}", run.stdout);
     assert_eq!(run.result()["status"], "TIMED_OUT");
     assert_eq!(processes_with(&marker), Vec::<i32>::new());
+}
+
+#[test]
+fn the_collector_never_follows_links_out_of_the_workspace() {
+    if !available() {
+        return;
+    }
+    // A host file the build must never get out through the artifact or cache collectors.
+    let canary = Canary::plant(
+        std::path::PathBuf::from(format!("/var/tmp/{}", tests::marker("collector"))),
+        "host-secret",
+    );
+    let target = canary.0.display().to_string();
+    let spec = format!(
+        "version: 0.2\nphases:\n  build:\n    commands:\n      - mkdir -p out cached\n      - ln -s {target} out/symlink; ln -s /etc/shadow out/shadow; ln -s ../../.. out/up\n      - ln {target} out/hard 2>/dev/null || echo no-hard-link\n      - ln -s {target} cached/symlink; echo c > cached/real\n      - echo mine > out/mine\nartifacts:\n  files:\n    - 'out/**/*'\ncache:\n  key: collector\n  paths:\n    - 'cached/**/*'\n"
+    );
+    let project = Project::new(&[("buildspec.yml", &spec)]);
+    let artifacts = TempDir::new("ns-collector");
+    let folder = artifacts.path().join("out");
+    let run = run_namespaced(&project, &["--artifacts", &folder.display().to_string()]);
+    assert_eq!(run.code, 0, "{}", run.stdout);
+    // The host file is not even visible inside, so no hard link to it can be made.
+    assert!(run.log().contains("no-hard-link"), "{}", run.log());
+    let found = file_contents(&folder);
+    assert!(found.iter().any(|t| t == "mine\n"), "{found:?}");
+    assert!(
+        found
+            .iter()
+            .all(|t| !t.contains("host-secret") && !t.contains("root:")),
+        "the collector copied a file from outside the workspace: {found:?}"
+    );
+    // Nor does the cache: export the tree it saved and look.
+    let keys = project
+        .command()
+        .args(["cache", "keys", "--json"])
+        .output()
+        .expect("cache keys");
+    let keys = String::from_utf8_lossy(&keys.stdout);
+    let tree = keys
+        .split("\"tree\":\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no saved cache: {keys}"));
+    let exported = artifacts.path().join("cache");
+    let export = project
+        .command()
+        .args(["cache", "export", tree, &exported.display().to_string()])
+        .output()
+        .expect("cache export");
+    assert!(
+        export.status.success(),
+        "{}",
+        String::from_utf8_lossy(&export.stderr)
+    );
+    let cached = file_contents(&exported);
+    assert!(
+        cached.iter().all(|t| !t.contains("host-secret")),
+        "the cache holds a file from outside the workspace: {cached:?}"
+    );
+}
+
+/// The contents of every regular file under `dir` (symlinks are not followed).
+fn file_contents(dir: &std::path::Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let meta = std::fs::symlink_metadata(entry.path()).expect("stat");
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else if meta.is_file() {
+                found.push(std::fs::read_to_string(entry.path()).unwrap_or_default());
+            }
+        }
+    }
+    found
 }
 
 #[test]

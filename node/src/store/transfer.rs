@@ -1,0 +1,489 @@
+//! Fetching a tree's blobs from peers: the store side of cache sharing (issue 6).
+//!
+//! A transfer works in rounds. Each round lists what the tree still lacks here ([`missing`]:
+//! the blobs reachable through the trees and chunk lists already held, so a tree's contents are
+//! asked for once the tree itself has arrived), asks every source which of those it holds,
+//! spreads the blobs over their holders, and fetches them in bounded batches
+//! ([`MAX_BATCH_BLOBS`], [`MAX_BATCH_BYTES`]), several batches per source at once. Every blob
+//! travels as stored (already compressed) and is verified against its digest before it is
+//! stored ([`Store::put_stored`]); a source that sends a bad blob, leaves out one it claimed to
+//! hold, or fails, is dropped for the rest of the transfer and its blobs go to other holders in
+//! the next round. Nothing is kept in memory between rounds but digests: a transfer that is
+//! interrupted resumes, next time, with only what is still missing.
+//!
+//! The sources are behind [`BlobSource`], the seam the pool's blob protocol plugs into;
+//! [`StoreSource`] serves a local store, as a peer answers.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use protocol::Digest;
+use protocol::tree::{EntryKind, Tree, decode_chunk_list};
+
+use super::{Store, StoreError};
+
+/// The most blobs one fetch request asks for.
+pub const MAX_BATCH_BLOBS: usize = 64;
+/// The most bytes (uncompressed) one fetch request asks for; a single larger blob is asked
+/// for alone.
+pub const MAX_BATCH_BYTES: u64 = 8 << 20;
+/// The most digests one "which do you hold" question names.
+pub const MAX_QUERY_DIGESTS: usize = 1024;
+/// The largest blob a transfer accepts (chunks are at most 2 MiB; trees and chunk lists of
+/// huge folders and files are the only larger blobs).
+pub const MAX_BLOB_BYTES: u64 = 64 << 20;
+/// Requests in flight to one source at once.
+const IN_FLIGHT_PER_SOURCE: usize = 4;
+
+/// A boxed future, so [`BlobSource`] can be used as a trait object.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Blobs in their stored form, each with its digest: what a fetch returns.
+pub type StoredBlobs = Vec<(Digest, Vec<u8>)>;
+
+/// Somewhere blobs can be fetched from: a peer, through the pool's blob protocol.
+pub trait BlobSource: Send + Sync {
+    /// Who it is, for messages.
+    fn name(&self) -> String;
+    /// Which of `digests` it holds (one answer each, in order).
+    fn has<'a>(&'a self, digests: &'a [Digest]) -> BoxFuture<'a, Result<Vec<bool>, String>>;
+    /// The stored form of each of `digests` it holds (see [`Store::get_stored`]).
+    fn fetch<'a>(&'a self, digests: &'a [Digest]) -> BoxFuture<'a, Result<StoredBlobs, String>>;
+}
+
+/// Serves the blobs of a local store, as a peer answers the blob protocol.
+pub struct StoreSource {
+    pub name: String,
+    pub store: Arc<Store>,
+}
+
+impl BlobSource for StoreSource {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn has<'a>(&'a self, digests: &'a [Digest]) -> BoxFuture<'a, Result<Vec<bool>, String>> {
+        Box::pin(async move { Ok(digests.iter().map(|d| self.store.contains(d)).collect()) })
+    }
+
+    fn fetch<'a>(&'a self, digests: &'a [Digest]) -> BoxFuture<'a, Result<StoredBlobs, String>> {
+        let store = self.store.clone();
+        let digests = digests.to_vec();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let mut found = Vec::with_capacity(digests.len());
+                for digest in digests {
+                    match store.get_stored(&digest) {
+                        Ok(stored) => found.push((digest, stored)),
+                        Err(StoreError::Missing { .. }) => {}
+                        Err(err) => return Err(err.to_string()),
+                    }
+                }
+                Ok(found)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+        })
+    }
+}
+
+/// What a transfer did.
+#[derive(Debug, Default)]
+pub struct Fetched {
+    /// Blobs fetched and stored.
+    pub blobs: u64,
+    /// Bytes that travelled (as stored, mostly compressed).
+    pub transferred_bytes: u64,
+    /// Bytes newly written to the store.
+    pub written_bytes: u64,
+    pub rounds: u32,
+    /// Sources dropped during the transfer, with why.
+    pub dropped: Vec<(String, String)>,
+}
+
+/// Why a transfer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("no peer can send blob {digest}{}", dropped_note(.dropped))]
+    Unavailable {
+        digest: Digest,
+        dropped: Vec<(String, String)>,
+    },
+    #[error("blob {digest} is {} bytes, more than a transfer accepts ({MAX_BLOB_BYTES})", .digest.size())]
+    TooLarge { digest: Digest },
+    #[error("the transfer stopped making progress with {left} blobs still missing")]
+    Stalled { left: usize },
+}
+
+fn dropped_note(dropped: &[(String, String)]) -> String {
+    if dropped.is_empty() {
+        return String::new();
+    }
+    let list: Vec<String> = dropped
+        .iter()
+        .map(|(n, why)| format!("{n}: {why}"))
+        .collect();
+    format!(" (dropped: {})", list.join("; "))
+}
+
+/// The blobs of the tree `root` this store lacks, as far as the trees and chunk lists it holds
+/// tell: `root` itself if it is missing; else every missing subtree, file, chunk list and chunk
+/// under the trees present.
+pub fn missing(store: &Store, root: &Digest) -> Result<Vec<Digest>, StoreError> {
+    let mut missing = Vec::new();
+    let mut seen = HashSet::new();
+    let mut trees = vec![*root];
+    let mut want = |digest: Digest, missing: &mut Vec<Digest>| -> bool {
+        if !seen.insert(digest) {
+            return false;
+        }
+        if store.contains(&digest) {
+            return true;
+        }
+        missing.push(digest);
+        false
+    };
+    if !want(*root, &mut missing) {
+        return Ok(missing);
+    }
+    while let Some(tree) = trees.pop() {
+        let tree = Tree::decode(&store.get(&tree)?)?;
+        for entry in tree.entries() {
+            match &entry.kind {
+                EntryKind::Dir { digest } => {
+                    if want(*digest, &mut missing) {
+                        trees.push(*digest);
+                    }
+                }
+                EntryKind::File {
+                    chunks: Some(list), ..
+                } => {
+                    if want(*list, &mut missing) {
+                        for chunk in decode_chunk_list(&store.get(list)?)? {
+                            want(chunk, &mut missing);
+                        }
+                    }
+                }
+                EntryKind::File {
+                    digest,
+                    chunks: None,
+                    ..
+                } => {
+                    want(*digest, &mut missing);
+                }
+                EntryKind::Symlink { .. } => {}
+            }
+        }
+    }
+    Ok(missing)
+}
+
+/// One source during a transfer.
+struct Source {
+    source: Arc<dyn BlobSource>,
+    dropped: AtomicBool,
+    why: Mutex<Option<String>>,
+}
+
+impl Source {
+    fn drop_for(&self, why: String) {
+        if !self.dropped.swap(true, Ordering::SeqCst) {
+            *self.why.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+        }
+    }
+
+    fn is_dropped(&self) -> bool {
+        self.dropped.load(Ordering::SeqCst)
+    }
+}
+
+/// Counters shared by a round's workers.
+#[derive(Default)]
+struct Totals {
+    blobs: AtomicU64,
+    transferred: AtomicU64,
+    written: AtomicU64,
+}
+
+/// Fetches every blob of the tree `root` this store lacks from `sources`, verifying each, then
+/// keeps the tree (a root named `what`).
+pub async fn fetch_tree(
+    store: Arc<Store>,
+    root: Digest,
+    sources: Vec<Arc<dyn BlobSource>>,
+    what: &str,
+) -> Result<Fetched, TransferError> {
+    let lock_store = store.clone();
+    // gc never removes what a running transfer has stored but not yet made a root.
+    let _lock = tokio::task::spawn_blocking(move || lock_store.lock_shared())
+        .await
+        .map_err(|e| StoreError::Refused {
+            path: store.root().to_owned(),
+            reason: e.to_string(),
+        })??;
+    let sources: Vec<Arc<Source>> = sources
+        .into_iter()
+        .map(|source| {
+            Arc::new(Source {
+                source,
+                dropped: AtomicBool::new(false),
+                why: Mutex::new(None),
+            })
+        })
+        .collect();
+    let totals = Arc::new(Totals::default());
+    let mut rounds = 0;
+    loop {
+        let walk_store = store.clone();
+        let missing = tokio::task::spawn_blocking(move || missing(&walk_store, &root))
+            .await
+            .map_err(|e| StoreError::Refused {
+                path: store.root().to_owned(),
+                reason: e.to_string(),
+            })??;
+        if missing.is_empty() {
+            break;
+        }
+        if let Some(digest) = missing.iter().find(|d| d.size() > MAX_BLOB_BYTES) {
+            return Err(TransferError::TooLarge { digest: *digest });
+        }
+        rounds += 1;
+        let before = totals.blobs.load(Ordering::Relaxed);
+        let dropped_before = sources.iter().filter(|s| s.is_dropped()).count();
+        let queues = assign(&sources, &missing).await?;
+        run_round(&store, &sources, queues, &totals).await?;
+        let progressed = totals.blobs.load(Ordering::Relaxed) > before;
+        let found_out = sources.iter().filter(|s| s.is_dropped()).count() > dropped_before;
+        // Nothing arrived and no source was found out: asking again would not help.
+        if !progressed && !found_out {
+            return Err(TransferError::Stalled {
+                left: missing.len(),
+            });
+        }
+    }
+    let written = totals.written.load(Ordering::Relaxed);
+    let flush_store = store.clone();
+    let what = what.to_owned();
+    tokio::task::spawn_blocking(move || {
+        flush_store.flush(written)?;
+        flush_store.add_root(&root, &what)
+    })
+    .await
+    .map_err(|e| StoreError::Refused {
+        path: store.root().to_owned(),
+        reason: e.to_string(),
+    })??;
+    Ok(Fetched {
+        blobs: totals.blobs.load(Ordering::Relaxed),
+        transferred_bytes: totals.transferred.load(Ordering::Relaxed),
+        written_bytes: written,
+        rounds,
+        dropped: dropped(&sources),
+    })
+}
+
+fn dropped(sources: &[Arc<Source>]) -> Vec<(String, String)> {
+    sources
+        .iter()
+        .filter(|s| s.is_dropped())
+        .map(|s| {
+            let why = s.why.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            (s.source.name(), why.unwrap_or_default())
+        })
+        .collect()
+}
+
+/// Asks the live sources which of `missing` they hold and spreads the blobs over their holders
+/// (each blob to one holder, holders taken in turn), as batches per source.
+async fn assign(
+    sources: &[Arc<Source>],
+    missing: &[Digest],
+) -> Result<Vec<VecDeque<Vec<Digest>>>, TransferError> {
+    let mut holders: HashMap<Digest, Vec<usize>> = HashMap::new();
+    for (index, source) in sources.iter().enumerate() {
+        if source.is_dropped() {
+            continue;
+        }
+        for part in missing.chunks(MAX_QUERY_DIGESTS) {
+            match source.source.has(part).await {
+                Ok(answers) if answers.len() == part.len() => {
+                    for (digest, held) in part.iter().zip(answers) {
+                        if held {
+                            holders.entry(*digest).or_default().push(index);
+                        }
+                    }
+                }
+                Ok(answers) => {
+                    source.drop_for(format!(
+                        "answered {} of {} questions",
+                        answers.len(),
+                        part.len()
+                    ));
+                    break;
+                }
+                Err(err) => {
+                    source.drop_for(err);
+                    break;
+                }
+            }
+        }
+    }
+    let mut per_source: Vec<Vec<Digest>> = vec![Vec::new(); sources.len()];
+    for (turn, digest) in missing.iter().enumerate() {
+        let live: Vec<usize> = holders
+            .get(digest)
+            .map(|h| {
+                h.iter()
+                    .copied()
+                    .filter(|i| !sources[*i].is_dropped())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let Some(&chosen) = live.get(turn % live.len().max(1)) else {
+            return Err(TransferError::Unavailable {
+                digest: *digest,
+                dropped: dropped(sources),
+            });
+        };
+        per_source[chosen].push(*digest);
+    }
+    Ok(per_source.into_iter().map(batches).collect())
+}
+
+/// Cuts a list of blobs into requests of at most [`MAX_BATCH_BLOBS`] and [`MAX_BATCH_BYTES`].
+fn batches(digests: Vec<Digest>) -> VecDeque<Vec<Digest>> {
+    let mut out = VecDeque::new();
+    let mut current = Vec::new();
+    let mut bytes = 0;
+    for digest in digests {
+        if !current.is_empty()
+            && (current.len() == MAX_BATCH_BLOBS || bytes + digest.size() > MAX_BATCH_BYTES)
+        {
+            out.push_back(std::mem::take(&mut current));
+            bytes = 0;
+        }
+        bytes += digest.size();
+        current.push(digest);
+    }
+    if !current.is_empty() {
+        out.push_back(current);
+    }
+    out
+}
+
+/// Fetches every source's batches, [`IN_FLIGHT_PER_SOURCE`] at a time per source. A source's
+/// fault drops the source; a local one (a full disk) ends the round with its error.
+async fn run_round(
+    store: &Arc<Store>,
+    sources: &[Arc<Source>],
+    queues: Vec<VecDeque<Vec<Digest>>>,
+    totals: &Arc<Totals>,
+) -> Result<(), StoreError> {
+    let local_error: Arc<Mutex<Option<StoreError>>> = Arc::default();
+    let mut workers = tokio::task::JoinSet::new();
+    for (source, queue) in sources.iter().zip(queues) {
+        if queue.is_empty() {
+            continue;
+        }
+        let queue = Arc::new(Mutex::new(queue));
+        for _ in 0..IN_FLIGHT_PER_SOURCE {
+            let (store, source, queue, totals, local_error) = (
+                store.clone(),
+                source.clone(),
+                queue.clone(),
+                totals.clone(),
+                local_error.clone(),
+            );
+            workers.spawn(async move {
+                loop {
+                    let failed = local_error
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .is_some();
+                    if failed || source.is_dropped() {
+                        return;
+                    }
+                    let Some(batch) = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front()
+                    else {
+                        return;
+                    };
+                    match fetch_batch(&store, &source, batch, &totals).await {
+                        Ok(()) => {}
+                        Err(Fault::Source(why)) => source.drop_for(why),
+                        Err(Fault::Local(err)) => {
+                            local_error
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .get_or_insert(err);
+                        }
+                    }
+                }
+            });
+        }
+    }
+    while workers.join_next().await.is_some() {}
+    let failed = local_error.lock().unwrap_or_else(|e| e.into_inner()).take();
+    match failed {
+        Some(err) => Err(err),
+        None => Ok(()),
+    }
+}
+
+/// Whose fault a failed batch is.
+enum Fault {
+    /// The source's: it is dropped for the rest of the transfer.
+    Source(String),
+    /// This node's (a full disk): the transfer ends.
+    Local(StoreError),
+}
+
+/// Fetches one batch and stores each blob once it is verified.
+async fn fetch_batch(
+    store: &Arc<Store>,
+    source: &Source,
+    batch: Vec<Digest>,
+    totals: &Totals,
+) -> Result<(), Fault> {
+    let received = source.source.fetch(&batch).await.map_err(Fault::Source)?;
+    let asked: HashSet<Digest> = batch.iter().copied().collect();
+    let mut got = HashSet::new();
+    for (digest, stored) in received {
+        if !asked.contains(&digest) || !got.insert(digest) {
+            return Err(Fault::Source(format!(
+                "it sent blob {digest}, which was not asked for"
+            )));
+        }
+        let length = stored.len() as u64;
+        let put_store = store.clone();
+        let written = tokio::task::spawn_blocking(move || put_store.put_stored(&digest, &stored))
+            .await
+            .map_err(|e| {
+                Fault::Local(StoreError::Refused {
+                    path: store.root().to_owned(),
+                    reason: e.to_string(),
+                })
+            })?;
+        match written {
+            Ok(written) => {
+                totals.blobs.fetch_add(1, Ordering::Relaxed);
+                totals.transferred.fetch_add(length, Ordering::Relaxed);
+                totals.written.fetch_add(written, Ordering::Relaxed);
+            }
+            Err(err @ StoreError::Corrupt { .. }) => {
+                return Err(Fault::Source(format!("it sent a bad blob: {err}")));
+            }
+            Err(err) => return Err(Fault::Local(err)),
+        }
+    }
+    if let Some(left_out) = batch.iter().find(|d| !got.contains(d)) {
+        return Err(Fault::Source(format!(
+            "it said it held blob {left_out}, then did not send it"
+        )));
+    }
+    Ok(())
+}
