@@ -52,6 +52,28 @@ pub enum Command {
     /// The content-addressed store: import and export folders, statistics, garbage collection.
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// Run a pool node: find peers, announce this machine, serve the control API.
+    #[command(
+        after_help = "Examples:\n  peerbuild node\n  peerbuild node --pool-key pool.key --bootstrap /ip4/192.0.2.7/tcp/4001/p2p/12D3KooW...\n  peerbuild node --slots 4 --label gpu=a100 --listen /ip4/0.0.0.0/tcp/4001\n\nStops cleanly on SIGTERM or Ctrl-C (exit status 0)."
+    )]
+    Node(Box<NodeArgs>),
+    /// Private pools: create the key that every member of a pool shares.
+    #[command(subcommand)]
+    Pool(PoolCommand),
+    /// Show the pool as the local node sees it: every peer, its slots, labels, load and the age
+    /// of its last heartbeat.
+    #[command(
+        after_help = "Examples:\n  peerbuild status\n  peerbuild status --json\n  peerbuild status --node unix:/var/lib/peerbuild/api.sock\n\nExit status: 0 shown; 3 no node is running (start one with `peerbuild node`)."
+    )]
+    Status {
+        /// The node's API: `unix:PATH` or `http://127.0.0.1:PORT` (default: $PEERBUILD_NODE,
+        /// else the node.json in the data directory).
+        #[arg(long, value_name = "URL")]
+        node: Option<String>,
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Internal: the sandbox helper process.
     #[command(name = "__sandbox-helper", hide = true)]
     SandboxHelper {
@@ -110,6 +132,58 @@ pub enum CacheCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `peerbuild pool ...`.
+#[derive(Subcommand, Debug)]
+pub enum PoolCommand {
+    /// Write a new pool key (pre-shared key) and print the command that joins another machine.
+    #[command(
+        after_help = "Examples:\n  peerbuild pool init\n  peerbuild pool init --out /etc/peerbuild/pool.key"
+    )]
+    Init {
+        /// Where to write the key (default: DATA_DIR/pool.key). An existing file is never
+        /// overwritten.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+}
+
+/// `peerbuild node`.
+#[derive(Args, Debug, Clone)]
+pub struct NodeArgs {
+    /// Listen on this address. Repeatable (default: /ip4/0.0.0.0/tcp/0, plus
+    /// /ip4/0.0.0.0/udp/0/quic-v1 without a pool key).
+    #[arg(long, value_name = "MULTIADDR")]
+    pub listen: Vec<String>,
+    /// Connect to this peer at start-up (it must end in /p2p/PEER_ID). Repeatable.
+    #[arg(long, value_name = "MULTIADDR")]
+    pub bootstrap: Vec<String>,
+    /// Join the private pool whose key is in FILE (written by `peerbuild pool init`).
+    #[arg(long, value_name = "FILE")]
+    pub pool_key: Option<PathBuf>,
+    /// Builds this node runs at once (default: the number of cores).
+    #[arg(long, value_name = "N")]
+    pub slots: Option<u32>,
+    /// Advertise a label that builds can `--require`. Repeatable.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    /// Also serve the control API on this loopback address (127.0.0.1:PORT), with the bearer
+    /// token in DATA_DIR/api.token. The Unix socket DATA_DIR/api.sock is always served.
+    #[arg(long, value_name = "ADDR")]
+    pub api: Option<std::net::SocketAddr>,
+    /// Do not discover peers on the local network by mDNS.
+    #[arg(long)]
+    pub no_mdns: bool,
+    /// Accept only these peers (and refuse every other connection). Repeatable.
+    #[arg(long, value_name = "PEER_ID")]
+    pub allow_peer: Vec<String>,
+    /// How often this node announces itself: 1s, 5s, 1m.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "5s")]
+    pub heartbeat_interval: Duration,
+    /// A peer silent for this long is taken as gone (longer than --heartbeat-interval).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "20s")]
+    pub lease: Duration,
 }
 
 /// Parses `500M`, `20G`, `1024`.
@@ -236,6 +310,13 @@ pub fn main() -> ExitCode {
         }
         Command::Cancel { build_id } => crate::records::cancel(cli.data_dir.as_deref(), &build_id),
         Command::Cache(command) => crate::cache_cli::run(cli.data_dir.as_deref(), command),
+        Command::Node(args) => crate::pool::run_node(cli.data_dir.as_deref(), *args),
+        Command::Pool(PoolCommand::Init { out }) => {
+            crate::pool::status::pool_init(cli.data_dir.as_deref(), out.as_deref())
+        }
+        Command::Status { node, json } => {
+            crate::pool::status::status(cli.data_dir.as_deref(), node.as_deref(), json)
+        }
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -8,6 +8,7 @@ pub mod data_dir;
 pub mod engine;
 pub mod events;
 pub mod ids;
+pub mod pool;
 pub mod records;
 pub mod render;
 pub mod reporter;

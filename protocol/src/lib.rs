@@ -1,8 +1,10 @@
-//! peerbuild's shared language: the buildspec model and its parser, free of I/O and of any
-//! runtime, so every other crate (and a simulator) can use it.
+//! peerbuild's shared language: the buildspec model and its parser, digests, trees and the pool's
+//! wire messages, free of I/O and of any runtime, so every other crate (and a simulator) can use
+//! it.
 
 pub mod buildspec;
 pub mod digest;
 pub mod tree;
+pub mod wire;
 
 pub use digest::Digest;

@@ -1,6 +1,8 @@
 //! Helpers for peerbuild's end-to-end tests: a scratch project on disk, the real `peerbuild`
 //! binary run against it, and a compact, stable transcript of what it did for snapshots.
 
+pub mod cluster;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};

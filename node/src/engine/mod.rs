@@ -16,7 +16,7 @@ pub mod cache;
 pub mod env;
 pub mod mask;
 pub mod reports;
-mod runtimes;
+pub mod runtimes;
 pub mod secrets;
 mod session;
 

@@ -1,6 +1,9 @@
 //! The `peerbuild` command line as users meet it: help with examples for every command, and
 //! clear usage errors. (Being an integration test of this package, it also makes
-//! `cargo test --workspace` build the binary the end-to-end suite in `tests` drives.)
+//! `cargo test --workspace` build the binary the end-to-end suite in `tests` drives.) `peers.rs`
+//! drives a real node with a hand-built libp2p peer: version refusal, malformed gossip.
+
+mod peers;
 
 use std::process::Command;
 
@@ -28,6 +31,9 @@ fn every_command_has_help_with_examples() {
         &["builds", "--help"],
         &["logs", "--help"],
         &["cancel", "--help"],
+        &["node", "--help"],
+        &["pool", "init", "--help"],
+        &["status", "--help"],
     ] {
         let (code, stdout, _) = peerbuild(command);
         assert_eq!(code, 0, "{command:?}");

@@ -2,6 +2,7 @@
 
 mod batch;
 mod conformance;
+mod pool;
 mod processes;
 mod records;
 mod refusals;

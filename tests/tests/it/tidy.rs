@@ -110,6 +110,9 @@ fn the_readme_names_every_command() {
         "peerbuild builds",
         "peerbuild logs",
         "peerbuild cancel",
+        "peerbuild node",
+        "peerbuild pool init",
+        "peerbuild status",
     ] {
         assert!(
             readme.contains(command),

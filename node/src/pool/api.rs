@@ -1,0 +1,295 @@
+//! The control API: HTTP/1.1 with JSON, served on the Unix socket `DATA_DIR/api.sock` (mode
+//! 0600, so only the node's owner can connect, and masked from sandboxes with the rest of the data
+//! directory) and, with `--api 127.0.0.1:PORT`, on loopback TCP behind the bearer token in
+//! `DATA_DIR/api.token`.
+//!
+//! Routes live in `route`: one match on method and path. Later slices add submit, builds, logs
+//! and cancel there, with their state in [`ApiState`].
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::{Bytes, Incoming};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{Semaphore, broadcast, mpsc, watch};
+use tracing::{debug, warn};
+
+use super::swarm::Shared;
+use super::view::PoolEvent;
+
+/// Event lines a client of `/v1/events` may fall behind by before it is dropped.
+const EVENTS_PER_CLIENT: usize = 256;
+/// API connections served at once; more wait in the listener's backlog.
+const MAX_API_CONNECTIONS: usize = 64;
+
+/// What the handlers read.
+pub struct ApiState {
+    pub shared: Shared,
+    /// The bearer token for loopback TCP (`None`: no TCP listener).
+    pub token: Option<String>,
+}
+
+/// Binds `socket` with mode 0600 (creating it in a private temporary name first, so it is never
+/// reachable with looser permissions), replacing a stale socket of a node that died.
+pub fn bind_unix(socket: &Path) -> Result<UnixListener> {
+    if socket.exists() {
+        // The data directory lock is held, so no live node owns it.
+        std::fs::remove_file(socket)
+            .with_context(|| format!("cannot remove the stale socket {}", socket.display()))?;
+    }
+    let staging = socket.with_extension("sock.new");
+    let _ = std::fs::remove_file(&staging);
+    // SAFETY: umask only changes this process's file creation mask; it is restored at once.
+    // (Another thread creating a file in between gets stricter permissions, never looser.)
+    let old = unsafe { libc::umask(0o177) };
+    let listener = UnixListener::bind(&staging);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let listener = listener.with_context(|| format!("cannot listen on {}", staging.display()))?;
+    std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::rename(&staging, socket)
+        .with_context(|| format!("cannot create {}", socket.display()))?;
+    Ok(listener)
+}
+
+/// Binds the loopback TCP listener; anything but a loopback address is refused.
+pub async fn bind_tcp(address: SocketAddr) -> Result<TcpListener> {
+    if !address.ip().is_loopback() {
+        anyhow::bail!(
+            "--api {address}: the control API listens on loopback only (127.0.0.1 or ::1); reach it from elsewhere through SSH"
+        );
+    }
+    TcpListener::bind(address)
+        .await
+        .with_context(|| format!("cannot listen on {address} for the API"))
+}
+
+/// Serves the Unix socket (and the TCP listener) until `shutdown` turns true.
+pub async fn serve(
+    unix: UnixListener,
+    tcp: Option<TcpListener>,
+    state: Arc<ApiState>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let limit = Arc::new(Semaphore::new(MAX_API_CONNECTIONS));
+    let unix_task = {
+        let (state, limit, mut shutdown) = (state.clone(), limit.clone(), shutdown.clone());
+        async move {
+            loop {
+                tokio::select! {
+                    accepted = unix.accept() => match accepted {
+                        Ok((stream, _)) => spawn_connection(stream, Listener::Unix, &state, &limit, &shutdown),
+                        Err(err) => warn!(error = %err, "API accept failed"),
+                    },
+                    _ = shutdown.changed() => break,
+                }
+            }
+        }
+    };
+    let tcp_task = {
+        let (state, limit, mut shutdown) = (state.clone(), limit.clone(), shutdown.clone());
+        async move {
+            let Some(tcp) = tcp else { return };
+            loop {
+                tokio::select! {
+                    accepted = tcp.accept() => match accepted {
+                        Ok((stream, _)) => spawn_connection(stream, Listener::Tcp, &state, &limit, &shutdown),
+                        Err(err) => warn!(error = %err, "API accept failed"),
+                    },
+                    _ = shutdown.changed() => break,
+                }
+            }
+        }
+    };
+    tokio::join!(unix_task, tcp_task);
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Listener {
+    Unix,
+    Tcp,
+}
+
+fn spawn_connection<S>(
+    stream: S,
+    listener: Listener,
+    state: &Arc<ApiState>,
+    limit: &Arc<Semaphore>,
+    shutdown: &watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Ok(permit) = limit.clone().try_acquire_owned() else {
+        debug!("API connection refused: too many at once");
+        return;
+    };
+    let state = state.clone();
+    let mut shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        let _permit = permit;
+        let service = service_fn(move |request| {
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(handle(&state, listener, request)) }
+        });
+        let connection = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service);
+        tokio::pin!(connection);
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(err) = result {
+                    debug!(error = %err, "API connection ended with an error");
+                }
+            }
+            // Event streams never end by themselves: the node's shutdown ends them.
+            _ = shutdown.changed() => {}
+        }
+    });
+}
+
+type ApiBody = BoxBody<Bytes, Infallible>;
+
+fn handle(state: &ApiState, listener: Listener, request: Request<Incoming>) -> Response<ApiBody> {
+    if listener == Listener::Tcp && !authorized(state, &request) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "send `Authorization: Bearer TOKEN` with the token in the node's DATA_DIR/api.token",
+        );
+    }
+    route(state, request.method(), request.uri().path())
+}
+
+fn authorized(state: &ApiState, request: &Request<Incoming>) -> bool {
+    let Some(token) = &state.token else {
+        return false;
+    };
+    let Some(header) = request.headers().get(hyper::header::AUTHORIZATION) else {
+        return false;
+    };
+    let Some(given) = header.to_str().ok().and_then(|h| h.strip_prefix("Bearer ")) else {
+        return false;
+    };
+    constant_time_eq(given.trim().as_bytes(), token.as_bytes())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The routes. Later slices add `POST /v1/builds` (submit), `GET /v1/builds`,
+/// `GET /v1/builds/{id}/logs` and `POST /v1/builds/{id}/cancel` here.
+fn route(state: &ApiState, method: &Method, path: &str) -> Response<ApiBody> {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (method, segments.as_slice()) {
+        (&Method::GET, ["v1", "status"]) => status(state),
+        (&Method::GET, ["v1", "events"]) => events(state),
+        (_, ["v1", "status" | "events"]) => error(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "no such endpoint; this node serves GET /v1/status and GET /v1/events",
+        ),
+    }
+}
+
+fn status(state: &ApiState) -> Response<ApiBody> {
+    let report = {
+        let view = state.shared.view.lock().unwrap_or_else(|p| p.into_inner());
+        view.report(Instant::now())
+    };
+    match serde_json::to_vec(&report) {
+        Ok(json) => json_response(StatusCode::OK, json),
+        Err(err) => error(StatusCode::INTERNAL_SERVER_ERROR, &err.to_string()),
+    }
+}
+
+/// A live stream of JSON lines. Each client has its own bounded queue; a client that falls
+/// behind by more than [`EVENTS_PER_CLIENT`] lines is dropped instead of buffered.
+fn events(state: &ApiState) -> Response<ApiBody> {
+    let mut receiver = state.shared.events.subscribe();
+    let (sender, lines) = mpsc::channel::<Bytes>(EVENTS_PER_CLIENT);
+    tokio::spawn(async move {
+        loop {
+            let event: PoolEvent = match receiver.recv().await {
+                Ok(event) => event,
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    debug!(missed, "event client too slow; dropped");
+                    return;
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            };
+            let Ok(mut line) = serde_json::to_vec(&event) else {
+                continue;
+            };
+            line.push(b'\n');
+            if sender.try_send(Bytes::from(line)).is_err() {
+                // Full (the client reads too slowly) or gone: either way, stop.
+                debug!("event client too slow or gone; dropped");
+                return;
+            }
+        }
+    });
+    let mut response = Response::new(EventBody { lines }.boxed());
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/x-ndjson"),
+    );
+    response
+}
+
+/// The body of `/v1/events`: whatever the per-client queue holds, until it closes.
+struct EventBody {
+    lines: mpsc::Receiver<Bytes>,
+}
+
+impl Body for EventBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.lines
+            .poll_recv(cx)
+            .map(|line| line.map(|bytes| Ok(Frame::data(bytes))))
+    }
+}
+
+fn json_response(code: StatusCode, json: Vec<u8>) -> Response<ApiBody> {
+    let mut response = Response::new(Full::new(Bytes::from(json)).boxed());
+    *response.status_mut() = code;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn error(code: StatusCode, message: &str) -> Response<ApiBody> {
+    let json = serde_json::json!({ "error": message }).to_string();
+    json_response(code, json.into_bytes())
+}
+
+/// The URL `peerbuild status --node` and node.json use for a Unix socket.
+pub fn unix_url(socket: &Path) -> String {
+    format!("unix:{}", socket.display())
+}
+
+/// A socket path from a `unix:` URL.
+pub fn unix_path(url: &str) -> Option<PathBuf> {
+    url.strip_prefix("unix://")
+        .or_else(|| url.strip_prefix("unix:"))
+        .map(PathBuf::from)
+}

@@ -1,0 +1,402 @@
+//! `Cluster`: real `peerbuild node` processes on loopback, each with its own data directory,
+//! for end-to-end tests of the pool. Ports are chosen by the system and read from each node's
+//! `node.json`; conditions are awaited with deadlines; every node is killed on drop, even when a
+//! test fails.
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{TempDir, peerbuild};
+
+/// How often test nodes heartbeat, and how long their leases are.
+pub const HEARTBEAT: &str = "1s";
+pub const LEASE: &str = "5s";
+
+/// How a node is started.
+#[derive(Clone, Debug, Default)]
+pub struct NodeOptions {
+    /// Indexes of earlier nodes to `--bootstrap` to.
+    pub bootstrap: Vec<usize>,
+    pub pool_key: Option<PathBuf>,
+    pub labels: Vec<String>,
+    pub slots: Option<u32>,
+    /// Peer ids for `--allow-peer`.
+    pub allow_peers: Vec<String>,
+    /// Also serve the API on loopback TCP (`--api 127.0.0.1:0`).
+    pub api_tcp: bool,
+    /// Run the node in this network namespace, listening on every address with mDNS on
+    /// (instead of loopback only, without mDNS).
+    pub netns: Option<String>,
+}
+
+/// A running (or stopped) node.
+pub struct Node {
+    data: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+    pub peer_id: String,
+    /// `node.json`'s `bootstrap_addresses`.
+    pub bootstrap_addresses: Vec<String>,
+}
+
+impl Node {
+    pub fn data_dir(&self) -> &Path {
+        &self.data
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// What the node wrote to standard error so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// A set of nodes on loopback, torn down on drop.
+pub struct Cluster {
+    root: TempDir,
+    nodes: Vec<Node>,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Cluster {
+    pub fn new() -> Cluster {
+        Cluster {
+            root: TempDir::new("cluster"),
+            nodes: Vec::new(),
+        }
+    }
+
+    /// A folder for test files (pool keys) that goes with the cluster.
+    pub fn scratch(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// Starts a node and waits (up to 30 s) for its node.json; returns its index.
+    pub fn start(&mut self, options: NodeOptions) -> usize {
+        let index = self.nodes.len();
+        let data = self.root.path().join(format!("node{index}"));
+        let log = self.root.path().join(format!("node{index}.log"));
+        let child = self.spawn(&data, &log, &options);
+        self.nodes.push(Node {
+            data,
+            log,
+            child: Some(child),
+            peer_id: String::new(),
+            bootstrap_addresses: Vec::new(),
+        });
+        self.await_node_file(index);
+        index
+    }
+
+    /// Starts a stopped node again on the same data directory.
+    pub fn restart(&mut self, index: usize, options: NodeOptions) {
+        assert!(self.nodes[index].child.is_none(), "node {index} still runs");
+        let (data, log) = (
+            self.nodes[index].data.clone(),
+            self.nodes[index].log.clone(),
+        );
+        let child = self.spawn(&data, &log, &options);
+        self.nodes[index].child = Some(child);
+        self.await_node_file(index);
+    }
+
+    /// The command a node of this cluster runs, for tests that expect it to refuse to start.
+    pub fn node_command(&self, data: &Path, options: &NodeOptions) -> Command {
+        let mut command = match &options.netns {
+            Some(namespace) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", namespace]).arg(peerbuild());
+                command.arg("--data-dir").arg(data).args([
+                    "node",
+                    "--listen",
+                    "/ip4/0.0.0.0/tcp/0",
+                ]);
+                command
+            }
+            None => {
+                let mut command = Command::new(peerbuild());
+                command.arg("--data-dir").arg(data).args([
+                    "node",
+                    "--listen",
+                    "/ip4/127.0.0.1/tcp/0",
+                    "--no-mdns",
+                ]);
+                command
+            }
+        };
+        command
+            .args(["--heartbeat-interval", HEARTBEAT, "--lease", LEASE])
+            .env("PEERBUILD_LOG", "info,node=debug")
+            .stdin(Stdio::null());
+        for index in &options.bootstrap {
+            let address = self.nodes[*index]
+                .bootstrap_addresses
+                .first()
+                .unwrap_or_else(|| panic!("node {index} has no address"));
+            command.args(["--bootstrap", address]);
+        }
+        if let Some(key) = &options.pool_key {
+            command.arg("--pool-key").arg(key);
+        }
+        for label in &options.labels {
+            command.args(["--label", label]);
+        }
+        if let Some(slots) = options.slots {
+            command.args(["--slots", &slots.to_string()]);
+        }
+        for peer in &options.allow_peers {
+            command.args(["--allow-peer", peer]);
+        }
+        if options.api_tcp {
+            command.args(["--api", "127.0.0.1:0"]);
+        }
+        command
+    }
+
+    fn spawn(&self, data: &Path, log: &Path, options: &NodeOptions) -> Child {
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("can create the node's log");
+        self.node_command(data, options)
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("can start peerbuild node")
+    }
+
+    fn await_node_file(&mut self, index: usize) {
+        let path = self.nodes[index].data.join("node.json");
+        let pid = self.nodes[index].pid();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&path)
+                && let Ok(json) = serde_json::from_str::<serde_json::Value>(&text)
+                && json["pid"].as_u64().map(|p| p as u32) == pid
+            {
+                let node = &mut self.nodes[index];
+                node.peer_id = json["peer_id"].as_str().unwrap_or_default().to_owned();
+                node.bootstrap_addresses = json["bootstrap_addresses"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|v| v.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                assert!(
+                    !node.bootstrap_addresses.is_empty(),
+                    "node {index} has no addresses in node.json: {text}"
+                );
+                return;
+            }
+            if let Some(status) = self.nodes[index]
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "node {index} exited with {status} before writing node.json:\n{}",
+                    self.nodes[index].log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {index} wrote no node.json within 30 s:\n{}",
+                self.nodes[index].log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn node(&self, index: usize) -> &Node {
+        &self.nodes[index]
+    }
+
+    /// `peerbuild status` against node `index`, with `args` (such as `--json`).
+    pub fn status_command(&self, index: usize, args: &[&str]) -> Output {
+        Command::new(peerbuild())
+            .arg("--data-dir")
+            .arg(&self.nodes[index].data)
+            .arg("status")
+            .args(args)
+            .env_remove("PEERBUILD_NODE")
+            .output()
+            .expect("can run peerbuild status")
+    }
+
+    /// `peerbuild status --json` of node `index`, parsed.
+    pub fn status(&self, index: usize) -> serde_json::Value {
+        let output = self.status_command(index, &["--json"]);
+        assert!(
+            output.status.success(),
+            "peerbuild status failed: {}\nnode log:\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            self.nodes[index].log()
+        );
+        serde_json::from_slice(&output.stdout).expect("status --json prints JSON")
+    }
+
+    /// The peers node `index` has heard a heartbeat from.
+    pub fn peers_heard_by(&self, index: usize) -> Vec<String> {
+        let status = self.status(index);
+        status["peers"]
+            .as_array()
+            .map(|peers| {
+                peers
+                    .iter()
+                    .filter(|p| !p["heartbeat_age_ms"].is_null())
+                    .filter_map(|p| p["peer_id"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Every peer node `index` lists (heard from or connected).
+    pub fn peers_listed_by(&self, index: usize) -> Vec<String> {
+        let status = self.status(index);
+        status["peers"]
+            .as_array()
+            .map(|peers| {
+                peers
+                    .iter()
+                    .filter_map(|p| p["peer_id"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits (up to 20 s) for the node to exit.
+    pub fn stop(&mut self, index: usize) -> ExitStatus {
+        let mut child = self.nodes[index].child.take().expect("node runs");
+        // SAFETY: kill on the pid of our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let status = child.wait().expect("wait");
+                panic!(
+                    "node {index} did not stop within 20 s of SIGTERM ({:?}):\n{}",
+                    status.signal(),
+                    self.nodes[index].log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the node with SIGKILL: no goodbye, no clean-up (a machine that died).
+    pub fn kill(&mut self, index: usize) {
+        let mut child = self.nodes[index].child.take().expect("node runs");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Every node's log, for failure messages.
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("--- node {i} ({})\n{}", n.peer_id, n.log()))
+            .collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// Waits until `condition` holds, checking every 100 ms; fails with `what` (and `context()`, such
+/// as the nodes' logs) past `deadline`.
+pub fn wait_until(
+    what: &str,
+    deadline: Instant,
+    mut condition: impl FnMut() -> bool,
+    context: impl Fn() -> String,
+) {
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}\n{}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Two network namespaces joined by a veth pair (`ip netns`, as root), removed on drop: two
+/// machines on one LAN, for mDNS (which skips the loopback interface). A pair rather than a
+/// bridge: a host bridge's traffic passes the host's iptables FORWARD chain, which Docker sets to
+/// drop.
+pub struct Lan {
+    pub namespaces: Vec<String>,
+}
+
+impl Lan {
+    /// `None` when this machine cannot make them (not root, no `ip`).
+    pub fn pair() -> Option<Lan> {
+        let tag = std::process::id() % 100_000;
+        let lan = Lan {
+            namespaces: vec![format!("pb{tag}n0"), format!("pb{tag}n1")],
+        };
+        let subnet = tag % 200 + 20;
+        let (a, b) = (&lan.namespaces[0], &lan.namespaces[1]);
+        let steps = [
+            format!("netns add {a}"),
+            format!("netns add {b}"),
+            format!("-n {a} link add pb0 type veth peer name pb1 netns {b}"),
+            format!("-n {a} addr add 10.{subnet}.0.1/24 dev pb0"),
+            format!("-n {b} addr add 10.{subnet}.0.2/24 dev pb1"),
+            format!("-n {a} link set pb0 up multicast on"),
+            format!("-n {b} link set pb1 up multicast on"),
+            format!("-n {a} link set lo up"),
+            format!("-n {b} link set lo up"),
+        ];
+        for step in steps {
+            let ok = Command::new("ip")
+                .args(step.split_whitespace())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                return None;
+            }
+        }
+        Some(lan)
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes its end of the veth pair, and with it the other end.
+        for namespace in &self.namespaces {
+            let _ = Command::new("ip")
+                .args(["netns", "delete", namespace])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
