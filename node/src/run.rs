@@ -788,10 +788,9 @@ async fn make_executor(
     allow_privileged: bool,
 ) -> Result<Arc<dyn Executor>> {
     let helper = helper_command()?;
-    let memory_limit_bytes = Some(
-        namespace_limit("PEERBUILD_SANDBOX_MEMORY_LIMIT")?.unwrap_or_else(default_memory_limit),
-    );
-    let process_limit = Some(namespace_limit("PEERBUILD_SANDBOX_PROCESS_LIMIT")?.unwrap_or(4096));
+    let memory_limit_bytes =
+        Some(env_limit("PEERBUILD_SANDBOX_MEMORY_LIMIT")?.unwrap_or_else(default_memory_limit));
+    let process_limit = Some(env_limit("PEERBUILD_SANDBOX_PROCESS_LIMIT")?.unwrap_or(4096));
     match kind {
         SandboxKind::Namespace => {
             let me = users::current();
@@ -821,8 +820,7 @@ async fn make_executor(
         SandboxKind::Wasm => {
             let config = WasmConfig {
                 cache_dir: prepared.data.root().join("wasm-cache"),
-                memory_limit_bytes: namespace_limit("PEERBUILD_SANDBOX_MEMORY_LIMIT")?
-                    .unwrap_or(4 << 30),
+                memory_limit_bytes: env_limit("PEERBUILD_SANDBOX_MEMORY_LIMIT")?.unwrap_or(4 << 30),
                 // A backstop only: the build's own output budget, a little lower, stops the
                 // build first and says why.
                 output_limit_bytes: output_limit()?.saturating_add(64 << 10),
@@ -835,12 +833,12 @@ async fn make_executor(
 
 /// The most output a build may print: `PEERBUILD_SANDBOX_OUTPUT_LIMIT`, else 256 MiB.
 fn output_limit() -> Result<u64> {
-    Ok(namespace_limit("PEERBUILD_SANDBOX_OUTPUT_LIMIT")?.unwrap_or(256 << 20))
+    Ok(env_limit("PEERBUILD_SANDBOX_OUTPUT_LIMIT")?.unwrap_or(256 << 20))
 }
 
 /// A limit from the environment, in bytes or a count, with an optional K, M or G suffix.
 /// (An interim knob until `peerbuild run` and the node's configuration have limit options.)
-fn namespace_limit(variable: &str) -> Result<Option<u64>> {
+fn env_limit(variable: &str) -> Result<Option<u64>> {
     let Some(text) = std::env::var_os(variable).filter(|v| !v.is_empty()) else {
         return Ok(None);
     };

@@ -158,8 +158,9 @@ fn miss_reason(store: &Store, cache: &Cache, key: &str, here: &[Entry]) -> Strin
 pub const STAGE: &str = ".peerbuild-cache-outside";
 
 /// Shell code, run in a subshell of the build's shell before the sandbox ends, that copies what
-/// the cache's absolute paths name into `stage`. Prints one line for each path it could not
-/// copy. `None` when the cache has no absolute paths.
+/// the cache's absolute paths name into `stage` (a base that is a link, `~/.m2 -> /data/m2`,
+/// is copied as what it points to). Prints one line for each path it could not copy. `None`
+/// when the cache has no absolute paths.
 pub fn stage_script(paths: &[String], stage: &Path) -> Option<String> {
     let bases = absolute_bases(paths);
     if bases.is_empty() {
@@ -174,7 +175,7 @@ pub fn stage_script(paths: &[String], stage: &Path) -> Option<String> {
         script.push_str(&quote(base));
     }
     script.push_str(&format!(
-        "; do\n  if [ -e \"$pb_p\" ] || [ -L \"$pb_p\" ]; then\n    command mkdir -p -- {stage}\"${{pb_p%/*}}\" && command cp -a -- \"$pb_p\" {stage}\"$pb_p\" || echo \"$pb_p (could not be copied)\"\n  fi\ndone\n)"
+        "; do\n  if [ -e \"$pb_p\" ] || [ -L \"$pb_p\" ]; then\n    command mkdir -p -- {stage}\"${{pb_p%/*}}\" && command cp -a -H -- \"$pb_p\" {stage}\"$pb_p\" || echo \"$pb_p (could not be copied)\"\n  fi\ndone\n)"
     ));
     Some(script)
 }

@@ -87,14 +87,15 @@ impl OutputBudget {
         self.limit
     }
 
-    /// Counts `bytes` of output; false once the budget is spent (this output included).
-    fn spend(&self, bytes: usize) -> bool {
+    /// Counts `bytes` of output; returns how many of them fit in the budget (all, some, or
+    /// none once it is spent).
+    fn spend(&self, bytes: usize) -> usize {
         let before = self.used.fetch_add(bytes as u64, Ordering::Relaxed);
-        let within = before.saturating_add(bytes as u64) <= self.limit;
-        if !within && before <= self.limit {
+        let fits = self.limit.saturating_sub(before).min(bytes as u64) as usize;
+        if fits < bytes && before <= self.limit {
             self.exceeded.notify_waiters();
         }
-        within
+        fits
     }
 
     fn is_spent(&self) -> bool {
@@ -1527,10 +1528,11 @@ impl PhaseOutput {
 impl OutputSink for PhaseOutput {
     fn write(&mut self, bytes: &[u8]) {
         // Past the budget nothing more is kept; the build is being stopped.
-        if !self.budget.spend(bytes.len()) {
+        let fits = self.budget.spend(bytes.len());
+        if fits == 0 {
             return;
         }
-        for line in self.lines.push(bytes, &self.masker) {
+        for line in self.lines.push(&bytes[..fits], &self.masker) {
             self.line(line);
         }
     }

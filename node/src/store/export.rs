@@ -82,11 +82,21 @@ fn fill(store: &Store, root: &Digest, dir: &Path) -> Result<Exported> {
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     // Large files are written on a thread of their own while the small ones go on, so the
     // disk is kept busy by both (a tree is usually a few big files among many small ones).
+    // When one side fails, the other stops at its next file instead of writing on in vain.
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let stopped = || failed.load(std::sync::atomic::Ordering::Relaxed);
+    let fail = |err: StoreError| {
+        failed.store(true, std::sync::atomic::Ordering::Relaxed);
+        err
+    };
     std::thread::scope(|scope| {
         let large = scope.spawn(|| {
             let mut written = Exported::default();
             for job in large {
-                written.bytes += write_chunked(store, &job, workers)?;
+                if stopped() {
+                    break;
+                }
+                written.bytes += write_chunked(store, &job, workers).map_err(fail)?;
                 written.files += 1;
             }
             Ok::<Exported, StoreError>(written)
@@ -103,19 +113,23 @@ fn fill(store: &Store, root: &Digest, dir: &Path) -> Result<Exported> {
                 Ok(bytes.len() as u64)
             },
             |written| {
-                exported.bytes += written?;
+                if stopped() {
+                    return Err(StoreError::Refused {
+                        path: dir.to_owned(),
+                        reason: "the export stopped: writing a large file failed".into(),
+                    });
+                }
+                exported.bytes += written.map_err(fail)?;
                 exported.files += 1;
                 Ok::<(), StoreError>(())
             },
         );
-        let large = large.join().unwrap_or_else(|_| {
-            Err(StoreError::Refused {
-                path: dir.to_owned(),
-                reason: "writing a large file failed unexpectedly".into(),
-            })
-        });
-        small?;
+        let large = large
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        // The large side's own error says more than the small side's "stopped".
         let large = large?;
+        small?;
         exported.bytes += large.bytes;
         exported.files += large.files;
         Ok(exported)

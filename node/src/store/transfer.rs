@@ -37,6 +37,8 @@ pub const MAX_QUERY_DIGESTS: usize = 1024;
 pub const MAX_BLOB_BYTES: u64 = 64 << 20;
 /// Requests in flight to one source at once.
 const IN_FLIGHT_PER_SOURCE: usize = 4;
+/// How long one request may take before its source is dropped for the transfer.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A boxed future, so [`BlobSource`] can be used as a trait object.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -106,6 +108,7 @@ pub struct Fetched {
 
 /// Why a transfer failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TransferError {
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -310,7 +313,10 @@ async fn assign(
             continue;
         }
         for part in missing.chunks(MAX_QUERY_DIGESTS) {
-            match source.source.has(part).await {
+            let answer = tokio::time::timeout(REQUEST_TIMEOUT, source.source.has(part))
+                .await
+                .unwrap_or_else(|_| Err("it did not answer in time".to_owned()));
+            match answer {
                 Ok(answers) if answers.len() == part.len() => {
                     for (digest, held) in part.iter().zip(answers) {
                         if held {
@@ -426,7 +432,13 @@ async fn run_round(
             });
         }
     }
-    while workers.join_next().await.is_some() {}
+    while let Some(done) = workers.join_next().await {
+        if let Err(err) = done
+            && err.is_panic()
+        {
+            std::panic::resume_unwind(err.into_panic());
+        }
+    }
     let failed = local_error.lock().unwrap_or_else(|e| e.into_inner()).take();
     match failed {
         Some(err) => Err(err),
@@ -449,7 +461,10 @@ async fn fetch_batch(
     batch: Vec<Digest>,
     totals: &Totals,
 ) -> Result<(), Fault> {
-    let received = source.source.fetch(&batch).await.map_err(Fault::Source)?;
+    let received = tokio::time::timeout(REQUEST_TIMEOUT, source.source.fetch(&batch))
+        .await
+        .unwrap_or_else(|_| Err("it did not send in time".to_owned()))
+        .map_err(Fault::Source)?;
     let asked: HashSet<Digest> = batch.iter().copied().collect();
     let mut got = HashSet::new();
     for (digest, stored) in received {

@@ -311,7 +311,7 @@ fn caches_outside_the_workspace_travel_between_builds_and_never_touch_the_host()
     // The first build fills /root/.m2 (the sandbox's, in its overlay); the second finds it
     // restored there, owned by the build's root, next to a file of its own it did not lose.
     let spec = format!(
-        "version: 0.2\nphases:\n  build:\n    commands:\n      - mkdir -p /root/.m2/repository/org && ls -ln /root/.m2/repository/org\n      - test -f /root/.m2/repository/org/lib.jar || echo {marker} > /root/.m2/repository/org/lib.jar\n      - cat /root/.m2/repository/org/lib.jar\ncache:\n  key: m2-{marker}\n  paths:\n    - '/root/.m2/**/*'\n"
+        "version: 0.2\nphases:\n  build:\n    commands:\n      - mkdir -p /root/.m2/repository/org && ls -ln /root/.m2/repository/org\n      - test -f /root/.m2/repository/org/lib.jar || echo {marker} > /root/.m2/repository/org/lib.jar\n      - cat /root/.m2/repository/org/lib.jar\nartifacts:\n  files:\n    - '**/*'\ncache:\n  key: m2-{marker}\n  paths:\n    - '/root/.m2/**/*'\n"
     );
     let project = Project::new(&[("buildspec.yml", &spec)]);
     let first = run_namespaced(&project, &[]);
@@ -321,7 +321,9 @@ fn caches_outside_the_workspace_travel_between_builds_and_never_touch_the_host()
         "{}",
         first.stdout
     );
-    let second = run_namespaced(&project, &[]);
+    let artifacts = TempDir::new("ns-m2-artifacts");
+    let out = artifacts.path().join("out");
+    let second = run_namespaced(&project, &["--artifacts", &out.display().to_string()]);
     assert_eq!(second.code, 0, "{}", second.stdout);
     assert!(
         second.stdout.contains("cache hit: restored 1 files"),
@@ -336,12 +338,14 @@ fn caches_outside_the_workspace_travel_between_builds_and_never_touch_the_host()
                 .is_ok_and(|s| !s.contains(&marker)),
         "the cache was restored onto the host's /root"
     );
-    // The staging folder never outlives the sandbox, and is never in the relative paths.
-    assert!(
-        !second.stdout.contains(".peerbuild-cache-outside"),
-        "{}",
-        second.stdout
-    );
+    // The staging folder is gone before the artifacts are collected: `**/*` finds only the
+    // build's own files.
+    let collected: Vec<_> = std::fs::read_dir(&out)
+        .expect("artifacts")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(collected, ["buildspec.yml"], "{}", second.stdout);
 }
 
 #[test]
@@ -649,7 +653,7 @@ fn the_collector_never_follows_links_out_of_the_workspace() {
     let folder = artifacts.path().join("out");
     let run = run_namespaced(&project, &["--artifacts", &folder.display().to_string()]);
     assert_eq!(run.code, 0, "{}", run.stdout);
-    // The host file is not even visible inside, so no hard link to it can be made.
+    // The workspace is a mount of its own, so no hard link to a file outside it can be made.
     assert!(run.log().contains("no-hard-link"), "{}", run.log());
     let found = file_contents(&folder);
     assert!(found.iter().any(|t| t == "mine\n"), "{found:?}");
