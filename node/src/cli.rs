@@ -166,10 +166,10 @@ pub struct RunArgs {
     /// Copy the artifacts into this folder (must be empty or absent).
     #[arg(long, value_name = "OUT_DIR")]
     pub artifacts: Option<PathBuf>,
-    /// The sandbox: host (the default for now), namespace (Linux namespaces; no outbound
-    /// network yet), docker (a container of --image through the Docker engine; no network
-    /// yet) or wasm (each command is a WASI module in the workspace and its arguments, not
-    /// shell).
+    /// The sandbox: host (the default for now), namespace (Linux namespaces; outbound network
+    /// through slirp4netns, never to this machine's own addresses), docker (a container of
+    /// --image through the Docker engine; no network yet) or wasm (each command is a WASI
+    /// module in the workspace and its arguments, not shell).
     #[arg(long, value_name = "KIND")]
     pub sandbox: Option<String>,
     /// The image the docker sandbox runs (it must be on this machine: build or `docker import`
@@ -189,6 +189,11 @@ pub struct RunArgs {
     /// container).
     #[arg(long)]
     pub allow_privileged: bool,
+    /// Give builds no network: refuse a buildspec with `peerbuild: network: true`, and run the
+    /// others with a loopback only (builds get outbound network by default). Not with --sandbox
+    /// host, which cannot cut a build off.
+    #[arg(long)]
+    pub deny_network: bool,
     /// The store's size budget; least recently used trees are dropped past it (default:
     /// $PEERBUILD_STORE_MAX_SIZE, else 20G).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]

@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use protocol::buildspec::{self, Buildspec, SandboxKind};
 use sandbox::{
     DockerConfig, DockerExecutor, Executor, HelperCommand, HostExecutor, NamespaceConfig,
-    NamespaceExecutor, SandboxError, WasmConfig, WasmExecutor,
+    NamespaceExecutor, Network, SandboxError, WasmConfig, WasmExecutor,
 };
 use tokio::sync::watch;
 
@@ -84,6 +84,8 @@ struct Prepared {
     image: Option<String>,
     /// Remarks to show once the build is announced.
     warnings: Vec<String>,
+    /// `--deny-network`: the owner gives builds no network and refuses those that ask.
+    deny_network: bool,
 }
 
 async fn run_async(data_dir: Option<&Path>, args: RunArgs) -> Result<u8> {
@@ -441,7 +443,66 @@ fn single_build(
         start_time_ms: prepared.start_time_ms,
         secrets: resolved.mask,
         privileged: member.is_some_and(|m| m.env.privileged_mode),
+        network: network_for(buildspec, prepared.deny_network)?,
     })
+}
+
+/// The build's network: `peerbuild.network`, else outbound access, as CodeBuild builds expect.
+/// Under `--deny-network` a buildspec that asks for network (`network: true`, at the top or in
+/// a phase) is refused, and one that did not ask gets none.
+fn network_for(buildspec: &Buildspec, deny_network: bool) -> Result<Network> {
+    let extension = &buildspec.peerbuild;
+    let mut asked = std::iter::once(extension.network)
+        .chain(extension.phases.iter().map(|(_, phase)| phase.network))
+        .flatten();
+    if deny_network && asked.any(|wanted| wanted) {
+        return refuse(
+            "the buildspec asks for network (peerbuild.network: true), which this node does not \
+             allow (--deny-network); set `network: false` under `peerbuild:` or run it on a node \
+             that allows network",
+        );
+    }
+    Ok(match (deny_network, extension.network) {
+        (true, _) | (false, Some(false)) => Network::Isolated,
+        (false, _) => Network::Outbound,
+    })
+}
+
+/// Remarks about network settings this sandbox or version does not act on; `--deny-network`
+/// with the `host` sandbox, which cannot cut a build off, is refused.
+fn network_warnings(
+    args: &RunArgs,
+    sandbox: SandboxKind,
+    buildspec: &Buildspec,
+) -> Result<Vec<String>> {
+    let extension = &buildspec.peerbuild;
+    let mut warnings = Vec::new();
+    if sandbox == SandboxKind::Host {
+        if args.deny_network {
+            return refuse(
+                "--deny-network needs a sandbox that can cut a build's network off (--sandbox \
+                 namespace or docker); the host sandbox shares this machine's network",
+            );
+        }
+        if extension.network == Some(false) {
+            warnings.push(
+                "peerbuild.network: false is not enforced: the host sandbox shares this machine's network"
+                    .to_owned(),
+            );
+        }
+    }
+    let session = extension.network.unwrap_or(!args.deny_network);
+    if extension
+        .phases
+        .iter()
+        .any(|(_, phase)| phase.network.is_some_and(|n| n != session))
+    {
+        warnings.push(format!(
+            "per-phase network settings under peerbuild.phases are not acted on yet; every phase {}",
+            if session { "has the build's network" } else { "runs without network" }
+        ));
+    }
+    Ok(warnings)
 }
 
 fn run_as_users(buildspec: &Buildspec, known: &HashMap<String, User>) -> HashMap<String, User> {
@@ -498,8 +559,9 @@ fn prepare(data_dir: Option<&Path>, args: &RunArgs) -> Result<Prepared> {
     let Chosen {
         sandbox,
         image,
-        warnings,
+        mut warnings,
     } = choose_sandbox(args, &buildspec)?;
+    warnings.extend(network_warnings(args, sandbox, &buildspec)?);
     check_requirements(args)?;
     let submitted = submitted_variables(args)?;
     let secrets = match &args.secrets {
@@ -563,6 +625,7 @@ fn prepare(data_dir: Option<&Path>, args: &RunArgs) -> Result<Prepared> {
         sandbox,
         image,
         warnings,
+        deny_network: args.deny_network,
     })
 }
 
