@@ -336,9 +336,10 @@ fn build_with_network(network: &str, commands: &[&str]) -> Project {
     Project::new(&[("buildspec.yml", &spec)])
 }
 
-/// A busybox command that connects to `address:port` and prints what it read, or `no answer`.
+/// A busybox command that connects to `address:port` and prints what it read, or `no answer`
+/// (`-w` bounds the connection attempt only; `timeout` bounds a connection that got through).
 fn connect(address: &str, port: u16) -> String {
-    format!("nc -w 3 {address} {port} || echo no answer from {address}")
+    format!("timeout 5 nc -w 3 {address} {port} || echo no answer from {address}")
 }
 
 #[test]
@@ -391,7 +392,7 @@ fn builds_reach_other_machines_but_never_the_host() {
     let mut commands = vec![
         connect(&outside.address, outside.port),
         // The bridge's own address on the host, the container's gateway.
-        format!("nc -w 3 {gateway} {port} || echo no answer from the gateway"),
+        format!("timeout 5 nc -w 3 {gateway} {port} || echo no answer from the gateway"),
     ];
     commands.extend(host_addresses.iter().map(|a| connect(a, port)));
     let commands: Vec<&str> = commands.iter().map(String::as_str).collect();
