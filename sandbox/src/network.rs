@@ -203,9 +203,9 @@ fn wait_ready(ready: &OwnedFd) -> Result<(), String> {
     }
 }
 
-/// Points the sandbox's `/etc/resolv.conf` at slirp4netns's DNS forwarder, in the overlay's
-/// upper layer (never on the host). An earlier session's file (or the build's own) is kept;
-/// the file is created, never opened, so no link the build left is followed.
+/// Writes the sandbox's `/etc/resolv.conf` (see [`sandbox_resolv_conf`]) in the overlay's upper
+/// layer, never on the host. An earlier session's file (or the build's own) is kept; the file is
+/// created, never opened, so no link the build left is followed.
 pub fn resolv_conf_in_upper(upper: &Path) -> Result<(), String> {
     let etc = upper.join("etc");
     match std::fs::symlink_metadata(&etc) {
@@ -229,9 +229,41 @@ pub fn resolv_conf_in_upper(upper: &Path) -> Result<(), String> {
         .mode(0o644)
         .open(&target)
         .map_err(|e| format!("cannot write {}: {e}", target.display()))?;
-    file.write_all(format!("nameserver {SLIRP_DNS}\n").as_bytes())
+    let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let upstream = std::fs::read_to_string("/run/systemd/resolve/resolv.conf").ok();
+    file.write_all(sandbox_resolv_conf(&host, upstream.as_deref()).as_bytes())
         .map_err(|e| format!("cannot write {}: {e}", target.display()))?;
     set_owner(&target, 0o644)
+}
+
+/// The sandbox's resolver configuration: slirp4netns's DNS forwarder, which sends queries to
+/// the host's first nameserver. When that one is on the host's loopback (systemd-resolved's
+/// `127.0.0.53`), the guard would reject the forwarded queries, so the sandbox asks the
+/// resolvers behind it (systemd-resolved's `upstream` file) directly instead, if there are any.
+fn sandbox_resolv_conf(host: &str, upstream: Option<&str>) -> String {
+    let nameservers = |text: &str| -> Vec<std::net::IpAddr> {
+        text.lines()
+            .filter_map(
+                |line| match line.split_whitespace().collect::<Vec<_>>()[..] {
+                    ["nameserver", address, ..] => address.parse().ok(),
+                    _ => None,
+                },
+            )
+            .collect()
+    };
+    let first_is_loopback = nameservers(host).first().is_some_and(|a| a.is_loopback());
+    let behind: Vec<_> = upstream
+        .map(nameservers)
+        .unwrap_or_default()
+        .into_iter()
+        // The sandbox has no IPv6.
+        .filter(|a| a.is_ipv4() && !a.is_loopback())
+        .take(3)
+        .collect();
+    if first_is_loopback && !behind.is_empty() {
+        return behind.iter().map(|a| format!("nameserver {a}\n")).collect();
+    }
+    format!("nameserver {SLIRP_DNS}\n")
 }
 
 /// Gives an upper-layer path to root inside the sandbox, with `mode`.
@@ -265,6 +297,26 @@ mod tests {
         {
             assert!(line.contains("inet peerbuild"), "{line}");
         }
+    }
+
+    #[test]
+    fn the_sandbox_asks_slirp_for_names_unless_the_host_resolves_on_its_loopback() {
+        let check = |host: &str, upstream: Option<&str>, expected: &str| {
+            assert_eq!(sandbox_resolv_conf(host, upstream), expected, "{host:?}");
+        };
+        check("nameserver 10.255.255.53\n", None, "nameserver 10.0.2.3\n");
+        check(
+            "# comment\nnameserver 192.168.1.1\nnameserver 127.0.0.1\n",
+            Some("nameserver 9.9.9.9\n"),
+            "nameserver 10.0.2.3\n",
+        );
+        check(
+            "nameserver 127.0.0.53\noptions edns0\n",
+            Some("nameserver 192.168.1.1\nnameserver 127.0.0.1\nnameserver 2001:db8::1\n"),
+            "nameserver 192.168.1.1\n",
+        );
+        check("nameserver 127.0.0.53\n", None, "nameserver 10.0.2.3\n");
+        check("", None, "nameserver 10.0.2.3\n");
     }
 
     #[test]
