@@ -717,6 +717,13 @@ fn an_owner_who_denies_network_refuses_builds_that_ask() {
         run.stderr
     );
     assert!(!run.stdout.contains("ran"), "{}", run.stdout);
+    // Asking in a phase is asking too.
+    let phase_asks = Project::new(&[(
+        "buildspec.yml",
+        "version: 0.2\npeerbuild:\n  phases:\n    build:\n      network: true\nphases:\n  build:\n    commands: ['echo ran']\n",
+    )]);
+    let run = run_namespaced(&phase_asks, &["--deny-network"]);
+    assert_eq!(run.code, 2, "{}{}", run.stdout, run.stderr);
     // A build that did not ask runs, without network.
     let quiet = build_of(&[&connect(&outside.address, outside.port)]);
     let run = run_namespaced(&quiet, &["--deny-network"]);
