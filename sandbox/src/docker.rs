@@ -135,6 +135,7 @@ impl DockerExecutor {
             (Some(true), true) => Enforcement::Enforced,
             _ => Enforcement::None,
         };
+        let outbound = outbound(&docker).await;
         let capabilities = Capabilities {
             filesystem: Enforcement::Enforced,
             network: Enforcement::Enforced,
@@ -143,17 +144,13 @@ impl DockerExecutor {
             cpu: limit(info.cpu_cfs_quota, config.cpu_limit_millis.is_some()),
             process_count: limit(info.pids_limit, config.process_limit.is_some()),
             process_tree_kill: Enforcement::Enforced,
-            outbound_network: false,
+            outbound_network: outbound.is_ok(),
         };
         remove_orphans(&docker).await;
-        let outbound = outbound(&docker).await;
         Ok(DockerExecutor {
             docker,
             config,
-            capabilities: Capabilities {
-                outbound_network: outbound.is_ok(),
-                ..capabilities
-            },
+            capabilities,
             outbound,
         })
     }
@@ -566,8 +563,6 @@ fn container_name() -> String {
     )
 }
 
-/// Removes session containers whose node (the pid in their label) is no longer running. Best
-/// effort: a failure leaves them for the next node.
 /// Makes sure sessions that ask for network can have it: the guard in place, and the
 /// [`DOCKER_NETWORK`] network there with the bridge the guard knows. Or why not (a line their
 /// log shows).
@@ -625,6 +620,8 @@ async fn outbound(docker: &Docker) -> Result<(), String> {
     ))
 }
 
+/// Removes session containers whose node (the pid in their label) is no longer running. Best
+/// effort: a failure leaves them for the next node.
 async fn remove_orphans(docker: &Docker) {
     let options = ListContainersOptions {
         all: true,
