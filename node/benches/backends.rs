@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use sandbox::{
     DockerConfig, DockerExecutor, Executor, HelperCommand, HostExecutor, NamespaceConfig,
-    NamespaceExecutor, OutputSink, SessionSpec, ShellKind, ShellMode, WasmConfig, WasmExecutor,
+    NamespaceExecutor, Network, OutputSink, SessionSpec, ShellKind, ShellMode, WasmConfig,
+    WasmExecutor,
 };
 
 struct Discard;
@@ -31,8 +32,9 @@ fn helper() -> HelperCommand {
     }
 }
 
-fn spec(workdir: &Path, shell: ShellKind) -> SessionSpec {
+fn spec(workdir: &Path, shell: ShellKind, network: Network) -> SessionSpec {
     SessionSpec {
+        network,
         shell,
         mode: ShellMode::Persistent,
         workdir: workdir.to_owned(),
@@ -79,7 +81,7 @@ async fn backends(root: &Path) -> Vec<Backend> {
     add(
         "host",
         Arc::new(HostExecutor::new(helper())),
-        spec(&shell_workspace, ShellKind::Bash),
+        spec(&shell_workspace, ShellKind::Bash, Network::Outbound),
         "true",
     );
     let namespace_config = NamespaceConfig {
@@ -91,10 +93,17 @@ async fn backends(root: &Path) -> Vec<Backend> {
         Ok(executor) => {
             let workspace = root.join("namespace/src");
             std::fs::create_dir_all(&workspace).expect("mkdir");
+            let executor: Arc<dyn Executor> = Arc::new(executor);
             add(
-                "namespace",
-                Arc::new(executor),
-                spec(&workspace, ShellKind::Bash),
+                "namespace (no network)",
+                executor.clone(),
+                spec(&workspace, ShellKind::Bash, Network::Isolated),
+                "true",
+            );
+            add(
+                "namespace (outbound network)",
+                executor,
+                spec(&workspace, ShellKind::Bash, Network::Outbound),
                 "true",
             );
         }
@@ -116,7 +125,7 @@ async fn backends(root: &Path) -> Vec<Backend> {
         Ok(executor) => add(
             "wasm (cached module)",
             Arc::new(executor),
-            spec(&wasm_workspace, ShellKind::Sh),
+            spec(&wasm_workspace, ShellKind::Sh, Network::Isolated),
             "nop.wat",
         ),
         Err(err) => println!("wasm: not available here: {err}"),
@@ -138,7 +147,7 @@ async fn backends(root: &Path) -> Vec<Backend> {
             add(
                 &format!("docker ({image})"),
                 Arc::new(executor),
-                spec(&workspace, ShellKind::Sh),
+                spec(&workspace, ShellKind::Sh, Network::Isolated),
                 "true",
             )
         }

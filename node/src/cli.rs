@@ -240,10 +240,11 @@ pub struct RunArgs {
     /// Copy the artifacts into this folder (must be empty or absent).
     #[arg(long, value_name = "OUT_DIR")]
     pub artifacts: Option<PathBuf>,
-    /// The sandbox: namespace (Linux namespaces; the default unless DATA_DIR/config.toml sets
-    /// another), docker (a container of --image through the Docker engine), wasm (each command
-    /// is a WASI module in the workspace and its arguments, not shell) or host (no isolation).
-    /// Your choice here beats the buildspec's; a buildspec may only ask for sandboxes that
+    /// The sandbox: namespace (Linux namespaces, outbound network through slirp4netns but never
+    /// to this machine's own addresses; the default unless DATA_DIR/config.toml sets another),
+    /// docker (a container of --image through the Docker engine), wasm (each command is a WASI
+    /// module in the workspace and its arguments, not shell) or host (no isolation). Your
+    /// choice here beats the buildspec's; a buildspec may only ask for sandboxes that
     /// config.toml's sandbox.allow lists.
     #[arg(long, value_name = "KIND")]
     pub sandbox: Option<String>,
@@ -264,6 +265,11 @@ pub struct RunArgs {
     /// container).
     #[arg(long)]
     pub allow_privileged: bool,
+    /// Give builds no network: refuse a buildspec with `peerbuild: network: true`, and run the
+    /// others with a loopback only (builds get outbound network by default). Not with --sandbox
+    /// host, which cannot cut a build off.
+    #[arg(long)]
+    pub deny_network: bool,
     /// The store's size budget; least recently used trees are dropped past it (default:
     /// $PEERBUILD_STORE_MAX_SIZE, else 20G).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]

@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use protocol::buildspec::{self, Buildspec, Placement, SandboxKind};
 use sandbox::{
     DockerConfig, DockerExecutor, Executor, HelperCommand, HostExecutor, NamespaceConfig,
-    NamespaceExecutor, SandboxError, WasmConfig, WasmExecutor,
+    NamespaceExecutor, Network, SandboxError, WasmConfig, WasmExecutor,
 };
 use tokio::sync::watch;
 
@@ -89,6 +89,9 @@ struct Prepared {
     settings: Settings,
     /// The sandboxes the buildspec's phases ask for under `peerbuild.phases`.
     phase_sandboxes: Vec<SandboxChoice>,
+    /// `--deny-network`, or `sandbox.network = false` in the owner's settings: builds get no
+    /// network, and those that ask for it are refused.
+    deny_network: bool,
 }
 
 impl Prepared {
@@ -465,7 +468,66 @@ fn single_build(
         start_time_ms: prepared.start_time_ms,
         secrets: resolved.mask,
         privileged: member.is_some_and(|m| m.env.privileged_mode),
+        network: network_for(buildspec, prepared.deny_network)?,
     })
+}
+
+/// The build's network: `peerbuild.network`, else outbound access, as CodeBuild builds expect.
+/// Under `--deny-network` a buildspec that asks for network (`network: true`, at the top or in
+/// a phase) is refused, and one that did not ask gets none.
+fn network_for(buildspec: &Buildspec, deny_network: bool) -> Result<Network> {
+    let extension = &buildspec.peerbuild;
+    let mut asked = std::iter::once(extension.network)
+        .chain(extension.phases.iter().map(|(_, phase)| phase.network))
+        .flatten();
+    if deny_network && asked.any(|wanted| wanted) {
+        return refuse(
+            "the buildspec asks for network (peerbuild.network: true), which this node does not \
+             allow (--deny-network, or sandbox.network = false in config.toml); set \
+             `network: false` under `peerbuild:` or run it on a node that allows network",
+        );
+    }
+    Ok(match (deny_network, extension.network) {
+        (true, _) | (false, Some(false)) => Network::Isolated,
+        (false, _) => Network::Outbound,
+    })
+}
+
+/// Remarks about network settings this sandbox or version does not act on; `--deny-network`
+/// with the `host` sandbox, which cannot cut a build off, is refused.
+fn network_warnings(
+    denied_by: Option<&str>,
+    sandbox: SandboxKind,
+    buildspec: &Buildspec,
+) -> Result<Vec<String>> {
+    let extension = &buildspec.peerbuild;
+    let mut warnings = Vec::new();
+    if sandbox == SandboxKind::Host {
+        if let Some(denied_by) = denied_by {
+            return refuse(format!(
+                "{denied_by} needs a sandbox that can cut a build's network off (--sandbox \
+                 namespace or docker); the host sandbox shares this machine's network"
+            ));
+        }
+        if extension.network == Some(false) {
+            warnings.push(
+                "peerbuild.network: false is not enforced: the host sandbox shares this machine's network"
+                    .to_owned(),
+            );
+        }
+    }
+    let session = extension.network.unwrap_or(denied_by.is_none());
+    if extension
+        .phases
+        .iter()
+        .any(|(_, phase)| phase.network.is_some_and(|n| n != session))
+    {
+        warnings.push(format!(
+            "per-phase network settings under peerbuild.phases are not acted on yet; every phase {}",
+            if session { "has the build's network" } else { "runs without network" }
+        ));
+    }
+    Ok(warnings)
 }
 
 fn run_as_users(buildspec: &Buildspec, known: &HashMap<String, User>) -> HashMap<String, User> {
@@ -524,9 +586,31 @@ fn prepare(data_dir: Option<&Path>, args: &RunArgs) -> Result<Prepared> {
     let Chosen {
         sandbox,
         image,
-        warnings,
+        mut warnings,
         phase_sandboxes,
     } = choose_sandbox(args, &buildspec, &settings)?;
+    let deny_network = match (args.deny_network, settings.sandbox.network) {
+        (true, _) => Some("--deny-network".to_owned()),
+        (false, false) => Some(format!(
+            "sandbox.network = false in {}",
+            settings.path.display()
+        )),
+        (false, true) => None,
+    };
+    warnings.extend(network_warnings(
+        deny_network.as_deref(),
+        sandbox,
+        &buildspec,
+    )?);
+    if let Some(denied_by) = &deny_network
+        && phase_sandboxes
+            .iter()
+            .any(|(kind, _)| *kind == SandboxKind::Host)
+    {
+        return refuse(format!(
+            "{denied_by} cannot be kept by a phase in the host sandbox (peerbuild.phases), which shares this machine's network"
+        ));
+    }
     check_requirements(args)?;
     let submitted = submitted_variables(args)?;
     let secrets = match &args.secrets {
@@ -591,6 +675,7 @@ fn prepare(data_dir: Option<&Path>, args: &RunArgs) -> Result<Prepared> {
         warnings,
         settings,
         phase_sandboxes,
+        deny_network: deny_network.is_some(),
     })
 }
 
@@ -695,11 +780,6 @@ fn choose_sandbox(args: &RunArgs, buildspec: &Buildspec, settings: &Settings) ->
                 "{at}.placement `separate` is not acted on yet (it needs a pool): the phase runs with the rest of the build"
             ));
         }
-        if settings_of_phase.network.is_some() {
-            warnings.push(format!(
-                "{at}.network is not acted on yet: the phase gets the build's network"
-            ));
-        }
     }
     Ok(Chosen {
         sandbox,
@@ -799,7 +879,13 @@ async fn make_executor(
                 memory_limit_bytes,
                 process_limit,
             };
-            Ok(Arc::new(NamespaceExecutor::new(helper, config)?))
+            let executor = NamespaceExecutor::new(helper, config).with_context(|| {
+                format!(
+                    "builds run in the namespace sandbox unless told otherwise; to run this one without isolation, pass --sandbox host (or set sandbox.default in {})",
+                    prepared.settings.path.display()
+                )
+            })?;
+            Ok(Arc::new(executor))
         }
         SandboxKind::Docker => {
             let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;

@@ -14,8 +14,10 @@
 //! every process in it.
 //!
 //! What a container gets: the workspace bound read-write at its own path (and peerbuild's tool
-//! folder read-only), nothing else of the host; no network (`network none`; builds that need the
-//! network come later with a `--network` policy); every capability dropped, `no-new-privileges`;
+//! folder read-only), nothing else of the host; no network (`network none`), or for sessions that
+//! ask for it the `peerbuild` Docker network, a bridge named [`DOCKER_BRIDGE`] with no traffic
+//! between containers, whose packets to any address of the host itself the guard drops (see
+//! `network.rs`); every capability dropped, `no-new-privileges`;
 //! memory, CPU and process limits; never the Docker socket; privileged only when the build asks
 //! for `privileged-mode` and the owner allows it. It runs as the node's own uid (or the `run-as`
 //! uid), so files the build writes into the workspace are the node's to clean up. Changes to the
@@ -30,17 +32,21 @@ use std::time::Duration;
 
 use bollard::Docker;
 use bollard::exec::{CreateExecOptions, StartExecOptions};
-use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType};
+use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType, NetworkCreateRequest};
 use bollard::query_parameters::{
     CreateContainerOptions, ListContainersOptions, RemoveContainerOptions,
 };
 use tokio::net::unix::pipe;
 
+use crate::network::{DOCKER_BRIDGE, install_guard};
 use crate::shell::{Requests, ShellProcess, ShellSession};
 use crate::{
-    BoxFuture, Capabilities, Enforcement, Executor, SandboxError, Session, SessionSpec, ShellKind,
-    helper::DRIVER,
+    BoxFuture, Capabilities, Enforcement, Executor, Network, SandboxError, Session, SessionSpec,
+    ShellKind, helper::DRIVER,
 };
+
+/// The Docker network of sessions with outbound network; its bridge is [`DOCKER_BRIDGE`].
+pub const DOCKER_NETWORK: &str = "peerbuild";
 
 /// Where the session folder (the three FIFOs) is bound inside the container.
 pub const SESSION_MOUNT: &str = "/.peerbuild";
@@ -62,6 +68,7 @@ const KEEP_ALIVE: &str = "while :; do sleep 3600; done";
 /// requests FIFO opens, both are open), then runs the driver in bash when the build wants bash
 /// and the image has it, else in `/bin/sh`, saying so in the build's log.
 const PRELUDE: &str = r#"exec >"$1/output" 2>&1 3>"$1/replies" <"$1/requests"
+if [ -n "$4" ]; then echo "peerbuild: $4"; fi
 if [ "$3" = bash ]; then
   if command -v bash >/dev/null 2>&1; then exec bash -c "$2" peerbuild; fi
   echo "peerbuild: the image has no bash; the build's shell is /bin/sh"
@@ -90,6 +97,8 @@ pub struct DockerExecutor {
     docker: Docker,
     config: DockerConfig,
     capabilities: Capabilities,
+    /// Whether sessions that ask for network get the guarded network, or why not.
+    outbound: Result<(), String>,
 }
 
 impl DockerExecutor {
@@ -126,6 +135,7 @@ impl DockerExecutor {
             (Some(true), true) => Enforcement::Enforced,
             _ => Enforcement::None,
         };
+        let outbound = outbound(&docker).await;
         let capabilities = Capabilities {
             filesystem: Enforcement::Enforced,
             network: Enforcement::Enforced,
@@ -134,12 +144,14 @@ impl DockerExecutor {
             cpu: limit(info.cpu_cfs_quota, config.cpu_limit_millis.is_some()),
             process_count: limit(info.pids_limit, config.process_limit.is_some()),
             process_tree_kill: Enforcement::Enforced,
+            outbound_network: outbound.is_ok(),
         };
         remove_orphans(&docker).await;
         Ok(DockerExecutor {
             docker,
             config,
             capabilities,
+            outbound,
         })
     }
 
@@ -150,6 +162,10 @@ impl DockerExecutor {
         session_folder: &Path,
         user: &str,
     ) -> ContainerCreateBody {
+        let network = match (spec.network, &self.outbound) {
+            (Network::Outbound, Ok(())) => DOCKER_NETWORK,
+            _ => "none",
+        };
         let bind = |source: &Path, target: &Path, read_only: bool| Mount {
             source: Some(source.display().to_string()),
             target: Some(target.display().to_string()),
@@ -171,7 +187,7 @@ impl DockerExecutor {
         let signed = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         let host_config = HostConfig {
             mounts: Some(mounts),
-            network_mode: Some("none".into()),
+            network_mode: Some(network.into()),
             cap_drop: Some(vec!["ALL".into()]),
             security_opt: Some(vec!["no-new-privileges".into()]),
             privileged: Some(spec.privileged && config.allow_privileged),
@@ -276,6 +292,16 @@ impl DockerExecutor {
         }
     }
 
+    /// The line the session's log starts with when it asked for network and cannot have it.
+    fn network_note(&self, spec: &SessionSpec) -> String {
+        match (spec.network, &self.outbound) {
+            (Network::Outbound, Err(reason)) => {
+                format!("outbound network unavailable: {reason}")
+            }
+            _ => String::new(),
+        }
+    }
+
     /// Starts the container and the shell in it, and opens the requests FIFO once the shell has
     /// opened all three.
     async fn start_shell(
@@ -313,6 +339,7 @@ impl DockerExecutor {
                         SESSION_MOUNT.to_owned(),
                         DRIVER.to_owned(),
                         shell.to_owned(),
+                        self.network_note(spec),
                     ]),
                     env: Some(env),
                     user: Some(user.to_owned()),
@@ -534,6 +561,63 @@ fn container_name() -> String {
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// Makes sure sessions that ask for network can have it: the guard in place, and the
+/// [`DOCKER_NETWORK`] network there with the bridge the guard knows. Or why not (a line their
+/// log shows).
+async fn outbound(docker: &Docker) -> Result<(), String> {
+    install_guard().map_err(|reason| {
+        format!("the host's own addresses cannot be guarded from the build ({reason})")
+    })?;
+    // Two rounds: another node may create the network between our look and our creation.
+    for _ in 0..2 {
+        match docker.inspect_network(DOCKER_NETWORK, None).await {
+            Ok(network) => {
+                let options = network.options.unwrap_or_default();
+                let bridge = options.get("com.docker.network.bridge.name");
+                return match (network.driver.as_deref(), bridge) {
+                    (Some("bridge"), Some(name)) if name == DOCKER_BRIDGE => Ok(()),
+                    _ => Err(format!(
+                        "the Docker network `{DOCKER_NETWORK}` is not the one peerbuild makes \
+                         (a bridge named {DOCKER_BRIDGE}); remove it (docker network rm \
+                         {DOCKER_NETWORK})"
+                    )),
+                };
+            }
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => {}
+            Err(e) => return Err(format!("cannot look up the Docker network: {e}")),
+        }
+        let options = HashMap::from([
+            (
+                "com.docker.network.bridge.name".to_owned(),
+                DOCKER_BRIDGE.to_owned(),
+            ),
+            // Builds running at once do not reach each other.
+            (
+                "com.docker.network.bridge.enable_icc".to_owned(),
+                "false".to_owned(),
+            ),
+        ]);
+        let request = NetworkCreateRequest {
+            name: DOCKER_NETWORK.to_owned(),
+            driver: Some("bridge".to_owned()),
+            options: Some(options),
+            ..Default::default()
+        };
+        match docker.create_network(request).await {
+            Ok(_) => return Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 409, ..
+            }) => continue,
+            Err(e) => return Err(format!("cannot create the Docker network: {e}")),
+        }
+    }
+    Err(format!(
+        "the Docker network `{DOCKER_NETWORK}` cannot be created"
+    ))
 }
 
 /// Removes session containers whose node (the pid in their label) is no longer running. Best

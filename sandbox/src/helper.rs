@@ -39,6 +39,8 @@ struct Options {
     isolation: Option<Isolation>,
     /// Print what the sandbox enforced on standard output (the executor's start-up probe).
     report: bool,
+    /// Lines for the build's log, printed before the shell starts.
+    notes: Vec<String>,
 }
 
 /// Builds the helper's arguments for a session (the inverse of `parse_options`).
@@ -84,7 +86,16 @@ pub(crate) fn isolation_arguments(isolation: &Isolation) -> Vec<OsString> {
     if let Some(count) = isolation.process_limit {
         args.extend(["--processes".into(), count.to_string().into()]);
     }
+    if let isolate::Network::Slirp(program) = &isolation.network {
+        args.extend(["--slirp".into(), program.as_os_str().to_owned()]);
+    }
     args
+}
+
+/// The arguments that make the helper print `note` in the build's log before the shell
+/// starts (as `peerbuild: NOTE`).
+pub(crate) fn note_arguments(note: &str) -> Vec<OsString> {
+    vec!["--note".into(), note.into()]
 }
 
 fn parse_options(args: Vec<OsString>) -> Result<Options, String> {
@@ -96,6 +107,7 @@ fn parse_options(args: Vec<OsString>) -> Result<Options, String> {
         groups: Vec::new(),
         isolation: None,
         report: false,
+        notes: Vec::new(),
     };
     let mut args = args.into_iter();
     while let Some(flag) = args.next() {
@@ -137,6 +149,11 @@ fn parse_options(args: Vec<OsString>) -> Result<Options, String> {
                     .get_or_insert_with(Isolation::default)
                     .process_limit = Some(big(&text())?)
             }
+            Some("--slirp") => {
+                isolation.get_or_insert_with(Isolation::default).network =
+                    isolate::Network::Slirp(value.into())
+            }
+            Some("--note") => options.notes.push(text()),
             Some("--report") => options.report = value == "yes",
             _ => return Err(format!("unknown option {}", flag.to_string_lossy())),
         }
@@ -159,6 +176,9 @@ pub fn main(args: Vec<OsString>) -> i32 {
     // SAFETY: prctl with these arguments only changes this process's attributes.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     let signals = block_signals();
+    for note in &options.notes {
+        eprintln!("peerbuild: {note}");
+    }
     if let Some(isolation) = &options.isolation {
         return run_isolated(&options, isolation, &signals);
     }
@@ -420,11 +440,14 @@ mod tests {
             masked: vec![PathBuf::from("/data"), PathBuf::from("/srv/keys")],
             memory_limit_bytes: Some(1 << 30),
             process_limit: Some(512),
+            network: isolate::Network::Slirp(PathBuf::from("/usr/bin/slirp4netns")),
         };
         let mut args = arguments("sh", std::path::Path::new("/w"), None);
         args.extend(isolation_arguments(&isolation));
+        args.extend(note_arguments("outbound network unavailable: no"));
         let options = parse_options(args).expect("parses");
         assert_eq!(options.isolation, Some(isolation));
+        assert_eq!(options.notes, ["outbound network unavailable: no"]);
         let err = parse_options(vec!["--isolate".into(), "docker".into()]).err();
         assert_eq!(err.as_deref(), Some("unknown sandbox docker"));
     }

@@ -40,6 +40,7 @@ impl Executor for HostExecutor {
             cpu: Enforcement::None,
             process_count: Enforcement::None,
             process_tree_kill: Enforcement::Enforced,
+            outbound_network: true,
         }
     }
 

@@ -7,7 +7,9 @@
 //! 1. joins the session's cgroups (or sets rlimits where no cgroup is delegated);
 //! 2. unshares the mount, network, IPC, UTS and cgroup namespaces, still as host root, so that
 //!    every mount it makes belongs to a mount namespace the build has no power over: the build
-//!    can never unmount a mask;
+//!    can never unmount a mask; brings the loopback up and, when the session has outbound
+//!    network, waits while the helper starts slirp4netns on the new network namespace (see
+//!    `network.rs`);
 //! 3. mounts the root: an overlay whose lower layer is the host's `/` through an idmapped mount
 //!    and whose upper layer is the session's `upper` folder (kept until the node removes it, so
 //!    caches outside the workspace can be collected), then a fresh `/proc`, `/sys`, `/dev` and a
@@ -41,6 +43,7 @@ use crate::layers::{
     Layout, SCRUBBED, check_path, default_masks, is_given, mask_in_upper, scrub_in_upper,
     shift_tree,
 };
+use crate::network::{Slirp, resolv_conf_in_upper, start_slirp};
 
 /// The host uid (and gid) that root inside the sandbox is.
 pub const HOST_ID_BASE: u32 = 100_000;
@@ -56,6 +59,17 @@ pub struct Isolation {
     pub masked: Vec<PathBuf>,
     pub memory_limit_bytes: Option<u64>,
     pub process_limit: Option<u64>,
+    pub network: Network,
+}
+
+/// The sandbox's network.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Network {
+    /// A loopback only.
+    #[default]
+    Loopback,
+    /// Outbound access through this slirp4netns program, behind the host's guard.
+    Slirp(PathBuf),
 }
 
 /// The sandbox as started: its init's host pid, and what to clean up once it is gone.
@@ -64,6 +78,9 @@ pub struct Started {
     cgroups: Cgroups,
     pub memory: Applied,
     pub processes: Applied,
+    /// The session's slirp4netns, when it has outbound network; the helper's supervision kills
+    /// it with its other children, and it exits by itself once this is dropped.
+    _slirp: Option<Slirp>,
 }
 
 impl Started {
@@ -103,9 +120,19 @@ pub fn start(
     for path in SCRUBBED {
         scrub_in_upper(&layout.upper, Path::new(path))?;
     }
+    let uplink = match &isolation.network {
+        Network::Loopback => None,
+        Network::Slirp(program) => {
+            resolv_conf_in_upper(&layout.upper)?;
+            Some((program.as_path(), Uplink::new()?))
+        }
+    };
     let user_namespace = user_namespace()?;
     let host_namespaces = namespace_ids()?;
     let (report_read, report_write) = pipe()?;
+    // The helper's own pid namespace, to go back to for slirp4netns once init is forked.
+    let host_pid_namespace = fs::File::open("/proc/self/ns/pid")
+        .map_err(|e| format!("cannot open the pid namespace: {e}"))?;
     // SAFETY: unshare only changes which pid namespace this process's next child is created in.
     if unsafe { libc::unshare(libc::CLONE_NEWPID) } < 0 {
         return Err(os_error("cannot create a pid namespace"));
@@ -128,15 +155,19 @@ pub fn start(
             user_namespace: &user_namespace,
             cgroups: &cgroups,
             host_namespaces: &host_namespaces,
+            uplink: uplink.map(|(_, uplink)| uplink.into_init_side()),
         };
         init_main(&plan, report_write);
     }
     drop(report_write);
+    let slirp = uplink
+        .and_then(|(program, uplink)| connect_uplink(program, uplink, pid, &host_pid_namespace));
     let started = Started {
         init_pid: pid,
         cgroups,
         memory,
         processes,
+        _slirp: slirp,
     };
     let mut report = String::new();
     let _ = fs::File::from(report_read).read_to_string(&mut report);
@@ -233,6 +264,100 @@ struct Plan<'a> {
     user_namespace: &'a OwnedFd,
     cgroups: &'a Cgroups,
     host_namespaces: &'a NamespaceIds,
+    /// Set when the session has outbound network: init waits on it for slirp4netns.
+    uplink: Option<InitUplink>,
+}
+
+/// The two pipes through which init and the helper agree on when slirp4netns starts: init says
+/// its network namespace exists, the helper answers once slirp4netns configured it (or failed).
+struct Uplink {
+    unshared_read: OwnedFd,
+    unshared_write: OwnedFd,
+    configured_read: OwnedFd,
+    configured_write: OwnedFd,
+}
+
+/// Init's ends of an [`Uplink`].
+struct InitUplink {
+    unshared: OwnedFd,
+    configured: OwnedFd,
+}
+
+impl Uplink {
+    fn new() -> Result<Uplink, String> {
+        let (unshared_read, unshared_write) = pipe()?;
+        let (configured_read, configured_write) = pipe()?;
+        Ok(Uplink {
+            unshared_read,
+            unshared_write,
+            configured_read,
+            configured_write,
+        })
+    }
+
+    /// Keeps init's ends and closes the helper's, so that each side sees the other go.
+    fn into_init_side(self) -> InitUplink {
+        InitUplink {
+            unshared: self.unshared_write,
+            configured: self.configured_read,
+        }
+    }
+}
+
+/// The helper's side: waits until init has its network namespace, starts slirp4netns on it
+/// from the host's pid namespace (never inside the sandbox's), and lets init go on. A
+/// slirp4netns that fails costs the session its outbound network, never the session: the
+/// reason goes to the build's log.
+fn connect_uplink(
+    program: &Path,
+    uplink: Uplink,
+    init_pid: i32,
+    host_pid_namespace: &fs::File,
+) -> Option<Slirp> {
+    let Uplink {
+        unshared_read,
+        unshared_write,
+        configured_read,
+        configured_write,
+    } = uplink;
+    drop(unshared_write);
+    drop(configured_read);
+    let mut byte = [0u8; 1];
+    if fs::File::from(unshared_read).read_exact(&mut byte).is_err() {
+        // Init failed before its network namespace existed; its report says why.
+        return None;
+    }
+    // SAFETY: setns only changes the pid namespace of this process's next children.
+    let slirp = if unsafe { libc::setns(host_pid_namespace.as_raw_fd(), libc::CLONE_NEWPID) } < 0 {
+        Err(os_error("cannot return to the host's pid namespace"))
+    } else {
+        start_slirp(program, init_pid)
+    };
+    let slirp = match slirp {
+        Ok(slirp) => Some(slirp),
+        Err(reason) => {
+            eprintln!("peerbuild: outbound network unavailable: {reason}");
+            None
+        }
+    };
+    let _ = fs::File::from(configured_write).write_all(b"1");
+    slirp
+}
+
+/// Init's side of [`connect_uplink`].
+fn wait_for_uplink(uplink: &InitUplink) -> Result<(), String> {
+    // SAFETY: plain writes and reads of one byte on descriptors init owns.
+    let (wrote, read) = unsafe {
+        let byte = [b'1'];
+        let wrote = libc::write(uplink.unshared.as_raw_fd(), byte.as_ptr().cast(), 1);
+        let mut answer = [0u8; 1];
+        let read = libc::read(uplink.configured.as_raw_fd(), answer.as_mut_ptr().cast(), 1);
+        (wrote, read)
+    };
+    if wrote != 1 || read != 1 {
+        return Err("the helper went away while the network was set up".into());
+    }
+    Ok(())
 }
 
 /// The sandbox's init: sets the sandbox up, starts the shell, reaps orphans, and exits with the
@@ -285,6 +410,9 @@ fn set_up(plan: &Plan) -> Result<(), String> {
         return Err(os_error("cannot set the sandbox's host name"));
     }
     loopback_up()?;
+    if let Some(uplink) = &plan.uplink {
+        wait_for_uplink(uplink)?;
+    }
     let workspace = clone_mount(plan.workdir, None)?;
     // peerbuild's own tools for the build (`codebuild-hash-files`), read-only beside the
     // workspace, as every backend has them.

@@ -16,6 +16,7 @@ mod host;
 mod isolate;
 mod layers;
 mod namespace;
+mod network;
 mod shell;
 mod wasm;
 
@@ -90,6 +91,20 @@ pub struct SessionSpec {
     /// when its owner allows it ([`DockerConfig::allow_privileged`]); otherwise it refuses the
     /// session. `host` is unconfined anyway; `namespace` never grants it.
     pub privileged: bool,
+    /// Whether the build may reach other machines.
+    pub network: Network,
+}
+
+/// A session's network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Network {
+    /// No network but the session's own loopback (`network: false`).
+    Isolated,
+    /// Outbound access to other machines, never to the host's own addresses: `namespace`
+    /// gives it through slirp4netns behind the host's guard, `docker` through its guarded
+    /// bridge; where a backend cannot guard the host, the session is isolated and its log says
+    /// why ([`Capabilities::outbound_network`]). `host` always shares the host's network.
+    Outbound,
 }
 
 /// How a command ended.
@@ -149,6 +164,9 @@ pub struct Capabilities {
     pub process_count: Enforcement,
     /// Whether every process a session started is dead once it ends.
     pub process_tree_kill: Enforcement,
+    /// Whether sessions that ask for [`Network::Outbound`] get it. `network` says how well the
+    /// host is kept out of reach either way.
+    pub outbound_network: bool,
 }
 
 /// Errors at the executor boundary.

@@ -5,17 +5,19 @@
 //! Root inside is uid 100000 on the host. The root folder is the host's under a writable
 //! overlay whose upper folder lives next to the workspace ([`NamespaceExecutor::overlay_upper`])
 //! and goes when the node removes the workspace's folder; `/root`, `/home` and the paths the node
-//! names are masked; the workspace is read-write at its own path; `/tmp` is private; the network
-//! is loopback only (outbound access is not provided yet).
+//! names are masked; the workspace is read-write at its own path; `/tmp` is private. The network
+//! is the sandbox's own loopback, and for sessions that ask for it outbound access through
+//! slirp4netns, with the host's own addresses out of reach (see `network.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::helper::{self, EXIT_CANNOT_START, START_FAILURE};
 use crate::host::spawn_helper;
-use crate::isolate::Isolation;
+use crate::isolate::{self, Isolation};
+use crate::network::{find_program, install_guard};
 use crate::{
-    BoxFuture, Capabilities, Enforcement, Executor, HelperCommand, SandboxError, Session,
+    BoxFuture, Capabilities, Enforcement, Executor, HelperCommand, Network, SandboxError, Session,
     SessionSpec,
 };
 
@@ -37,12 +39,15 @@ pub struct NamespaceExecutor {
     helper: HelperCommand,
     config: NamespaceConfig,
     capabilities: Capabilities,
+    /// The slirp4netns that gives sessions outbound network, or why there is none.
+    outbound: Result<PathBuf, String>,
 }
 
 impl NamespaceExecutor {
     /// Checks that this machine can build the sandbox by building one (the helper runs
-    /// `/bin/true` in it), and learns which limits it enforces. Blocks while the probe runs,
-    /// a few milliseconds.
+    /// `/bin/true` in it), and learns which limits it enforces; looks for slirp4netns and
+    /// installs the guard that keeps it from the host's own addresses (without both, sessions
+    /// get no outbound network). Blocks while the probe runs, a few milliseconds.
     pub fn new(helper: HelperCommand, config: NamespaceConfig) -> Result<Self, SandboxError> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
@@ -59,20 +64,24 @@ impl NamespaceExecutor {
             "rlimit" => Enforcement::BestEffort,
             _ => Enforcement::None,
         };
+        let outbound = outbound();
         let capabilities = Capabilities {
             filesystem: Enforcement::Enforced,
-            // Isolated: the session has its own network namespace with only a loopback.
+            // The session has its own network namespace: a loopback only, or outbound access
+            // that never reaches the host's own addresses.
             network: Enforcement::Enforced,
             processes: Enforcement::Enforced,
             memory: limit(&probe.memory),
             cpu: Enforcement::None,
             process_count: limit(&probe.processes),
             process_tree_kill: Enforcement::Enforced,
+            outbound_network: outbound.is_ok(),
         };
         Ok(NamespaceExecutor {
             helper,
             config,
             capabilities,
+            outbound,
         })
     }
 
@@ -86,8 +95,22 @@ impl NamespaceExecutor {
     }
 }
 
+/// The slirp4netns for sessions with outbound network, once the guard is in place; or why
+/// sessions get none (a line their log shows).
+fn outbound() -> Result<PathBuf, String> {
+    let slirp = find_program("slirp4netns").ok_or("install slirp4netns")?;
+    install_guard().map_err(|reason| {
+        format!("the host's own addresses cannot be guarded from the build ({reason})")
+    })?;
+    Ok(slirp)
+}
+
 /// What the helper is asked to build for a session in `workdir`.
-fn isolation(config: &NamespaceConfig, workdir: &Path) -> Result<Isolation, SandboxError> {
+fn isolation(
+    config: &NamespaceConfig,
+    workdir: &Path,
+    network: isolate::Network,
+) -> Result<Isolation, SandboxError> {
     let base = sandbox_folder(workdir).ok_or_else(|| SandboxError::Unavailable {
         backend: "namespace",
         reason: format!("the workspace {} has no parent folder", workdir.display()),
@@ -97,6 +120,7 @@ fn isolation(config: &NamespaceConfig, workdir: &Path) -> Result<Isolation, Sand
         masked: config.masked.clone(),
         memory_limit_bytes: config.memory_limit_bytes,
         process_limit: config.process_limit,
+        network,
     })
 }
 
@@ -119,8 +143,20 @@ impl Executor for NamespaceExecutor {
         spec: &'a SessionSpec,
     ) -> BoxFuture<'a, Result<Box<dyn Session>, SandboxError>> {
         Box::pin(async move {
-            let isolation = isolation(&self.config, &spec.workdir)?;
-            spawn_helper(&self.helper, helper::isolation_arguments(&isolation), spec)
+            let (network, note) = match (spec.network, &self.outbound) {
+                (Network::Isolated, _) => (isolate::Network::Loopback, None),
+                (Network::Outbound, Ok(slirp)) => (isolate::Network::Slirp(slirp.clone()), None),
+                (Network::Outbound, Err(reason)) => (
+                    isolate::Network::Loopback,
+                    Some(format!("outbound network unavailable: {reason}")),
+                ),
+            };
+            let isolation = isolation(&self.config, &spec.workdir, network)?;
+            let mut arguments = helper::isolation_arguments(&isolation);
+            if let Some(note) = note {
+                arguments.extend(helper::note_arguments(&note));
+            }
+            spawn_helper(&self.helper, arguments, spec)
         })
     }
 
@@ -148,7 +184,7 @@ fn probe(helper: &HelperCommand, config: &NamespaceConfig) -> Result<Probe, Sand
     let workdir = folder.join("src");
     std::fs::create_dir_all(&workdir)
         .map_err(|e| unavailable(format!("cannot create {}: {e}", workdir.display())))?;
-    let isolation = isolation(config, &workdir)?;
+    let isolation = isolation(config, &workdir, isolate::Network::Loopback)?;
     let output = Command::new(&helper.program)
         .args(&helper.args)
         .args(helper::arguments("/bin/true", &workdir, None))

@@ -205,6 +205,7 @@ impl Executor for WasmExecutor {
             // Not applicable: a module cannot start processes at all.
             process_count: Enforcement::Enforced,
             process_tree_kill: Enforcement::Enforced,
+            outbound_network: false,
         }
     }
 
@@ -802,6 +803,7 @@ mod tests {
             env: vec![],
             run_as: None,
             privileged: false,
+            network: crate::Network::Isolated,
         }
     }
 

@@ -439,6 +439,125 @@ pub fn ensure_test_user() {
     );
 }
 
+/// A machine "outside" this host for network tests: a network namespace joined to the host's
+/// by a veth pair (`10.231.N.1` on the host, `10.231.N.2` outside), with a TCP server outside
+/// that answers every connection with [`Outside::GREETING`]. Torn down when dropped.
+pub struct Outside {
+    namespace: String,
+    host_link: String,
+    server: Option<std::process::Child>,
+    /// The host's end of the link: an address local to the host that is not loopback.
+    pub host_address: String,
+    /// The server's address and port, reachable from the host.
+    pub address: String,
+    pub port: u16,
+}
+
+impl Outside {
+    pub const GREETING: &'static str = "hello from outside";
+
+    /// Builds it; panics with the failing command when this machine cannot (not root, no `ip`).
+    pub fn new() -> Outside {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = (std::process::id() as usize * 7 + NEXT.fetch_add(1, Ordering::SeqCst)) % 250 + 1;
+        let label = format!("{}x{n}", std::process::id() % 10_000);
+        let mut outside = Outside {
+            namespace: format!("pbout-{label}"),
+            host_link: format!("pbh{label}"),
+            server: None,
+            host_address: format!("10.231.{n}.1"),
+            address: format!("10.231.{n}.2"),
+            port: 8000 + n as u16,
+        };
+        let (ns, host_link) = (outside.namespace.clone(), outside.host_link.clone());
+        let peer = format!("pbo{label}");
+        let host_cidr = format!("{}/30", outside.host_address);
+        let outside_cidr = format!("{}/30", outside.address);
+        ip(&["netns", "add", &ns]);
+        ip(&[
+            "link", "add", &host_link, "type", "veth", "peer", "name", &peer,
+        ]);
+        ip(&["link", "set", &peer, "netns", &ns]);
+        ip(&["addr", "add", &host_cidr, "dev", &host_link]);
+        ip(&["link", "set", &host_link, "up"]);
+        ip(&["-n", &ns, "addr", "add", &outside_cidr, "dev", &peer]);
+        ip(&["-n", &ns, "link", "set", &peer, "up"]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        let server = format!(
+            "import socket\n\
+             s = socket.socket()\n\
+             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+             s.bind(('{}', {}))\n\
+             s.listen(16)\n\
+             while True:\n    c, _ = s.accept()\n    c.sendall(b'{}\\n')\n    c.close()\n",
+            outside.address,
+            outside.port,
+            Outside::GREETING
+        );
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns, "python3", "-c", &server])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start the outside server (python3)");
+        outside.server = Some(child);
+        let target = format!("{}:{}", outside.address, outside.port);
+        wait_for("the outside server", Duration::from_secs(10), || {
+            std::net::TcpStream::connect(&target).is_ok()
+        });
+        outside
+    }
+}
+
+impl Default for Outside {
+    fn default() -> Self {
+        Outside::new()
+    }
+}
+
+fn ip(args: &[&str]) {
+    let output = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("run ip (package iproute2)");
+    assert!(
+        output.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+        for args in [
+            vec!["link", "del", self.host_link.as_str()],
+            vec!["netns", "del", self.namespace.as_str()],
+        ] {
+            let _ = Command::new("ip").args(&args).output();
+        }
+    }
+}
+
+/// The host's address on its default route's interface (not loopback), if it has one.
+pub fn default_route_address() -> Option<String> {
+    let output = Command::new("ip")
+        .args(["-4", "route", "get", "192.0.2.200"])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let mut words = text.split_whitespace();
+    words.find(|w| *w == "src")?;
+    words
+        .next()
+        .filter(|a| !a.starts_with("127."))
+        .map(str::to_owned)
+}
+
 #[cfg(test)]
 mod tests {
     use super::normalize_ids;

@@ -143,6 +143,8 @@ pub struct Build {
     pub secrets: Vec<String>,
     /// The batch member asks for CodeBuild's `privileged-mode` (already allowed by the owner).
     pub privileged: bool,
+    /// Whether the build may reach other machines (already allowed by the owner).
+    pub network: sandbox::Network,
 }
 
 /// What every build on this node shares.
@@ -367,6 +369,7 @@ impl Run<'_> {
                     env: env.into_vec(),
                     run_as: None,
                     privileged: self.build.privileged,
+                    network: self.build.network,
                 };
                 self.sessions = Some(Sessions::new(
                     self.node.executor.clone(),

@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
 use expect_test::expect;
-use tests::{Project, Run, TempDir};
+use tests::{Outside, Project, Run, TempDir};
 
 /// The test image: busybox only, so `/bin/sh` is busybox's ash and there is no bash.
 const IMAGE: &str = "peerbuild-test-busybox:1";
@@ -333,18 +333,40 @@ fn a_shell_that_exits_is_replaced() {
     assert_gone(&container_of(&run.log()));
 }
 
+/// A project like [`build_of`]'s, whose buildspec also says `peerbuild: network: VALUE`.
+fn build_with_network(network: &str, commands: &[&str]) -> Project {
+    let mut spec = format!(
+        "version: 0.2\nenv:\n  shell: sh\npeerbuild:\n  network: {network}\nphases:\n  build:\n    commands:\n"
+    );
+    for command in commands {
+        spec.push_str(&format!("      - '{}'\n", command.replace('\'', "''")));
+    }
+    Project::new(&[("buildspec.yml", &spec)])
+}
+
+/// A busybox command that connects to `address:port` and prints what it read, or `no answer`
+/// (`-w` bounds the connection attempt only; `timeout` bounds a connection that got through).
+fn connect(address: &str, port: u16) -> String {
+    format!("timeout 5 nc -w 3 {address} {port} || echo no answer from {address}")
+}
+
 #[test]
-fn there_is_no_network() {
+fn network_false_means_no_network() {
     if !available() {
         return;
     }
     let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
     listener.set_nonblocking(true).expect("non-blocking");
     let port = listener.local_addr().expect("address").port();
-    let project = build_of(&[
-        &format!("echo hello | nc -w 2 127.0.0.1 {port} && echo connected || echo refused"),
-        "ls /sys/class/net | tr \"\\n\" \" \"; echo",
-    ]);
+    let outside = Outside::new();
+    let project = build_with_network(
+        "false",
+        &[
+            &format!("echo hello | nc -w 2 127.0.0.1 {port} && echo connected || echo refused"),
+            "ls /sys/class/net | tr \"\\n\" \" \"; echo",
+            &connect(&outside.address, outside.port),
+        ],
+    );
     let run = run_docker(&project, &[]);
     let out = run.log();
     assert!(
@@ -353,8 +375,50 @@ fn there_is_no_network() {
     );
     assert!(out.lines().any(|l| l.trim() == "lo"), "interfaces: {out}");
     assert!(
+        out.contains(&format!("no answer from {}", outside.address)),
+        "{out}"
+    );
+    assert!(
         listener.accept().is_err(),
         "the build reached the host's loopback"
+    );
+}
+
+#[test]
+fn builds_reach_other_machines_but_never_the_host() {
+    if !available() {
+        return;
+    }
+    let outside = Outside::new();
+    // A service on every address of the host, as the pool's port is.
+    let listener = TcpListener::bind("0.0.0.0:0").expect("listen");
+    listener.set_nonblocking(true).expect("non-blocking");
+    let port = listener.local_addr().expect("address").port();
+    let mut host_addresses = vec![outside.host_address.clone()];
+    host_addresses.extend(tests::default_route_address());
+    let gateway = "$(ip route | awk \"/default/ {print \\$3}\")";
+    let mut commands = vec![
+        connect(&outside.address, outside.port),
+        // The bridge's own address on the host, the container's gateway.
+        format!("timeout 5 nc -w 3 {gateway} {port} || echo no answer from the gateway"),
+    ];
+    commands.extend(host_addresses.iter().map(|a| connect(a, port)));
+    let commands: Vec<&str> = commands.iter().map(String::as_str).collect();
+    let run = run_docker(&build_of(&commands), &[]);
+    assert_eq!(run.code, 0, "{}", run.stdout);
+    let log = run.log();
+    // The network works (the outside machine answers), so what fails is the guard's doing.
+    assert!(log.starts_with(Outside::GREETING), "{log}");
+    assert!(log.contains("no answer from the gateway"), "{log}");
+    for address in &host_addresses {
+        assert!(
+            log.contains(&format!("no answer from {address}")),
+            "the build reached the host at {address}: {log}"
+        );
+    }
+    assert!(
+        listener.accept().is_err(),
+        "the build reached a service on the host's own addresses"
     );
 }
 

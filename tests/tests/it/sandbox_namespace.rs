@@ -8,9 +8,10 @@
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use expect_test::expect;
-use tests::{Project, Run, TempDir, processes_with};
+use tests::{Outside, Project, Run, TempDir, processes_with};
 
 /// Whether this machine builds namespace sandboxes, checked once with a trivial build.
 fn available() -> bool {
@@ -843,4 +844,208 @@ fn the_buildspec_chooses_the_sandbox_and_the_command_line_overrides_it() {
     let host = project.run(&["--sandbox", "host"]);
     assert!(host.stdout.contains("sandbox=host"), "{}", host.stdout);
     assert!(host.stdout.contains("uid map 0"), "{}", host.stdout);
+}
+
+/// A shell command that connects to `address:port` and prints what it read, or `no answer`.
+/// The connection is given a few seconds: the guard may drop rather than refuse.
+fn connect(address: &str, port: u16) -> String {
+    format!(
+        "timeout 5 bash -c \"exec 3<>/dev/tcp/{address}/{port} && cat <&3\" 2>/dev/null || echo no answer from {address}"
+    )
+}
+
+/// A project whose buildspec has `peerbuild: network: VALUE` and runs `commands`.
+fn build_with_network(network: &str, commands: &[&str]) -> Project {
+    let mut spec = format!(
+        "version: 0.2\npeerbuild:\n  network: {network}\nphases:\n  build:\n    commands:\n"
+    );
+    for command in commands {
+        spec.push_str(&format!("      - {}\n", yaml_string(command)));
+    }
+    Project::new(&[("buildspec.yml", &spec)])
+}
+
+#[test]
+fn builds_reach_other_machines_by_default() {
+    if !available() {
+        return;
+    }
+    let outside = Outside::new();
+    let project = build_of(&[
+        &connect(&outside.address, outside.port),
+        // slirp4netns's forwarder, or the resolvers behind a host's loopback resolver.
+        "grep -q ^nameserver /etc/resolv.conf && ! grep -q \"^nameserver 127\\.\" /etc/resolv.conf && echo resolver reachable",
+    ]);
+    let run = run_namespaced(&project, &[]);
+    assert_eq!(run.code, 0, "{}", run.stdout);
+    assert_eq!(
+        run.log(),
+        format!("{}\nresolver reachable", Outside::GREETING),
+        "the build did not reach the outside machine"
+    );
+    // The sandbox's resolv.conf lives in its overlay, never on the host.
+    let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    assert!(!host.contains("10.0.2.3"), "the host's resolv.conf changed");
+}
+
+#[test]
+fn the_hosts_own_addresses_are_out_of_reach() {
+    if !available() {
+        return;
+    }
+    let outside = Outside::new();
+    // A service on every address of the host, as the pool's port is.
+    let listener = TcpListener::bind("0.0.0.0:0").expect("listen");
+    listener.set_nonblocking(true).expect("non-blocking");
+    let port = listener.local_addr().expect("address").port();
+    let mut host_addresses = vec![outside.host_address.clone(), "10.0.2.2".to_owned()];
+    host_addresses.extend(tests::default_route_address());
+    let mut commands = vec![connect(&outside.address, outside.port)];
+    commands.extend(host_addresses.iter().map(|a| connect(a, port)));
+    let commands: Vec<&str> = commands.iter().map(String::as_str).collect();
+    let run = run_namespaced(&build_of(&commands), &[]);
+    assert_eq!(run.code, 0, "{}", run.stdout);
+    let log = run.log();
+    // The network works (the outside machine answers), so what fails is the guard's doing.
+    assert!(log.starts_with(Outside::GREETING), "{log}");
+    for address in &host_addresses {
+        assert!(
+            log.contains(&format!("no answer from {address}")),
+            "the build reached the host at {address}: {log}"
+        );
+    }
+    assert!(
+        listener.accept().is_err(),
+        "the build reached a service on the host's own addresses"
+    );
+}
+
+#[test]
+fn network_false_cuts_the_build_off() {
+    if !available() {
+        return;
+    }
+    let outside = Outside::new();
+    let project = build_with_network("false", &[&connect(&outside.address, outside.port)]);
+    let run = run_namespaced(&project, &[]);
+    assert_eq!(run.code, 0, "{}", run.stdout);
+    assert_eq!(run.log(), format!("no answer from {}", outside.address));
+}
+
+#[test]
+fn an_owner_who_denies_network_refuses_builds_that_ask() {
+    if !available() {
+        return;
+    }
+    let outside = Outside::new();
+    let asks = build_with_network("true", &["echo ran"]);
+    let run = run_namespaced(&asks, &["--deny-network"]);
+    assert_eq!(run.code, 2, "{}", run.stdout);
+    assert!(
+        run.stderr.contains("asks for network") && run.stderr.contains("--deny-network"),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.stdout.contains("ran"), "{}", run.stdout);
+    // Asking in a phase is asking too.
+    let phase_asks = Project::new(&[(
+        "buildspec.yml",
+        "version: 0.2\npeerbuild:\n  phases:\n    build:\n      network: true\nphases:\n  build:\n    commands: ['echo ran']\n",
+    )]);
+    let run = run_namespaced(&phase_asks, &["--deny-network"]);
+    assert_eq!(run.code, 2, "{}{}", run.stdout, run.stderr);
+    // A build that did not ask runs, without network.
+    let quiet = build_of(&[&connect(&outside.address, outside.port)]);
+    let run = run_namespaced(&quiet, &["--deny-network"]);
+    assert_eq!(run.code, 0, "{}", run.stdout);
+    assert_eq!(run.log(), format!("no answer from {}", outside.address));
+    // The host sandbox cannot cut a build off, so it does not pretend to.
+    let run = quiet.run(&["--sandbox", "host", "--deny-network"]);
+    assert_eq!(run.code, 2, "{}", run.stdout);
+}
+
+#[test]
+fn slirp_runs_in_the_guards_group_and_dies_with_the_session() {
+    if !available() {
+        return;
+    }
+    let marker = tests::marker("ns-slirp");
+    let project = build_of(&[&format!("sh -c \"sleep 2; : {marker}\" && echo slept")]);
+    let slirps = std::thread::scope(|scope| {
+        let build = scope.spawn(|| run_namespaced(&project, &[]));
+        let mut found = Vec::new();
+        tests::wait_for("the build's slirp4netns", Duration::from_secs(20), || {
+            found = processes_with(&marker)
+                .into_iter()
+                .filter_map(helper_of)
+                .flat_map(slirps_of)
+                .collect();
+            !found.is_empty() || build.is_finished()
+        });
+        let run = build.join().expect("the build thread");
+        assert_eq!(run.code, 0, "{}", run.stdout);
+        found
+    });
+    assert!(!slirps.is_empty(), "no slirp4netns served the build");
+    for pid in slirps {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        assert!(
+            !status.contains("slirp4netns") || status.contains("State:\tZ"),
+            "slirp4netns {pid} outlived the build"
+        );
+    }
+}
+
+/// The sandbox helper above a process of the build: the last ancestor running
+/// `__sandbox-helper` (the sandbox's init, forked from the helper, runs it too).
+fn helper_of(pid: i32) -> Option<i32> {
+    let is_helper = |pid: i32| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains("__sandbox-helper"))
+    };
+    let mut pid = pid;
+    let mut helper = None;
+    for _ in 0..16 {
+        if is_helper(pid) {
+            helper = Some(pid);
+        } else if helper.is_some() {
+            break;
+        }
+        pid = parent_of(pid)?;
+    }
+    helper
+}
+
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// The slirp4netns children of `helper`, checked to run in the guard's group (165535).
+fn slirps_of(helper: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let pids: Vec<i32> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| parent_of(*pid) == Some(helper))
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "slirp4netns")
+        })
+        .collect();
+    for pid in &pids {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let gid = status.lines().find(|l| l.starts_with("Gid:")).unwrap_or("");
+        assert!(
+            gid.split_whitespace().skip(1).all(|g| g == "165535"),
+            "slirp4netns {pid} runs outside the guard's group: {gid}"
+        );
+    }
+    pids
 }
