@@ -468,14 +468,15 @@ fn single_build(
         start_time_ms: prepared.start_time_ms,
         secrets: resolved.mask,
         privileged: member.is_some_and(|m| m.env.privileged_mode),
-        network: network_for(buildspec, prepared.deny_network)?,
+        network: network_for(buildspec, prepared.sandbox, prepared.deny_network)?,
     })
 }
 
-/// The build's network: `peerbuild.network`, else outbound access, as CodeBuild builds expect.
+/// The build's network: `peerbuild.network`, else outbound access as CodeBuild builds expect
+/// (but for `docker`, whose containers get a network only when the buildspec asks for it).
 /// Under `--deny-network` a buildspec that asks for network (`network: true`, at the top or in
 /// a phase) is refused, and one that did not ask gets none.
-fn network_for(buildspec: &Buildspec, deny_network: bool) -> Result<Network> {
+fn network_for(buildspec: &Buildspec, sandbox: SandboxKind, deny_network: bool) -> Result<Network> {
     let extension = &buildspec.peerbuild;
     let mut asked = std::iter::once(extension.network)
         .chain(extension.phases.iter().map(|(_, phase)| phase.network))
@@ -489,6 +490,7 @@ fn network_for(buildspec: &Buildspec, deny_network: bool) -> Result<Network> {
     }
     Ok(match (deny_network, extension.network) {
         (true, _) | (false, Some(false)) => Network::Isolated,
+        (false, None) if sandbox == SandboxKind::Docker => Network::Isolated,
         (false, _) => Network::Outbound,
     })
 }

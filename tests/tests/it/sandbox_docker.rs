@@ -382,6 +382,14 @@ fn network_false_means_no_network() {
         listener.accept().is_err(),
         "the build reached the host's loopback"
     );
+    // A docker build that does not ask for network gets none.
+    let run = run_docker(&build_of(&[&connect(&outside.address, outside.port)]), &[]);
+    assert!(
+        run.log()
+            .contains(&format!("no answer from {}", outside.address)),
+        "{}",
+        run.log()
+    );
 }
 
 #[test]
@@ -404,7 +412,7 @@ fn builds_reach_other_machines_but_never_the_host() {
     ];
     commands.extend(host_addresses.iter().map(|a| connect(a, port)));
     let commands: Vec<&str> = commands.iter().map(String::as_str).collect();
-    let run = run_docker(&build_of(&commands), &[]);
+    let run = run_docker(&build_with_network("true", &commands), &[]);
     assert_eq!(run.code, 0, "{}", run.stdout);
     let log = run.log();
     // The network works (the outside machine answers), so what fails is the guard's doing.
