@@ -88,6 +88,7 @@ async fn backends(root: &Path) -> Vec<Backend> {
         masked: vec![root.to_owned()],
         memory_limit_bytes: Some(1 << 30),
         process_limit: Some(1024),
+        root: None,
     };
     match NamespaceExecutor::new(helper(), namespace_config) {
         Ok(executor) => {

@@ -721,33 +721,32 @@ fn choose_sandbox(args: &RunArgs, buildspec: &Buildspec, settings: &Settings) ->
         .or(buildspec.peerbuild.sandbox)
         .unwrap_or(settings.sandbox.default);
     let mut warnings = Vec::new();
-    let image = if sandbox == SandboxKind::Docker {
-        match args
-            .image
-            .clone()
-            .or_else(|| buildspec.peerbuild.image.clone())
-        {
-            Some(image) if !image.trim().is_empty() => Some(image),
-            _ => {
-                return refuse(
-                    "the docker sandbox needs an image: pass --image NAME or set peerbuild.image in the buildspec",
-                );
-            }
+    let asked_image = args
+        .image
+        .clone()
+        .or_else(|| buildspec.peerbuild.image.clone());
+    let image = match (sandbox, asked_image) {
+        (SandboxKind::Docker, Some(image)) if !image.trim().is_empty() => Some(image),
+        (SandboxKind::Docker, _) => {
+            return refuse(
+                "the docker sandbox needs an image: pass --image NAME or set peerbuild.image in the buildspec",
+            );
         }
-    } else {
-        if let Some(image) = &args.image {
+        (SandboxKind::Namespace, Some(image)) => Some(root_folder(&image, "--image")?),
+        (_, None) => None,
+        (_, Some(image)) if args.image.is_some() => {
             return refuse(format!(
-                "--image {image} needs the docker sandbox (--sandbox docker); the {} sandbox uses this machine's files",
+                "--image {image} needs the docker or namespace sandbox; the {} sandbox uses this machine's files",
                 sandbox.key()
             ));
         }
-        if let Some(image) = &buildspec.peerbuild.image {
+        (_, Some(image)) => {
             warnings.push(format!(
                 "peerbuild.image `{image}` is not used: the {} sandbox uses this machine's files",
                 sandbox.key()
             ));
+            None
         }
-        None
     };
     let mut phase_sandboxes = Vec::new();
     for (phase, settings_of_phase) in &buildspec.peerbuild.phases {
@@ -768,9 +767,13 @@ fn choose_sandbox(args: &RunArgs, buildspec: &Buildspec, settings: &Settings) ->
                     "{at}: the docker sandbox needs an image: set {at}.image"
                 ));
             }
+            (SandboxKind::Namespace, Some(phase_image)) => {
+                Some(root_folder(phase_image, &format!("{at}.image"))?)
+            }
+            (SandboxKind::Namespace, None) if sandbox == SandboxKind::Namespace => image.clone(),
             (_, Some(phase_image)) => {
                 return refuse(format!(
-                    "{at}.image `{phase_image}` needs the docker sandbox; the {} sandbox uses this machine's files",
+                    "{at}.image `{phase_image}` needs the docker or namespace sandbox; the {} sandbox uses this machine's files",
                     kind.key()
                 ));
             }
@@ -789,6 +792,18 @@ fn choose_sandbox(args: &RunArgs, buildspec: &Buildspec, settings: &Settings) ->
         warnings,
         phase_sandboxes,
     })
+}
+
+/// The `namespace` sandbox's image: an image's root folder on this machine, as an absolute
+/// path (`docker export` of a container, or a `debootstrap` folder, unpacked).
+fn root_folder(image: &str, what: &str) -> Result<String> {
+    let path = Path::new(image);
+    if !path.is_absolute() || !path.join("bin/sh").exists() {
+        return refuse(format!(
+            "{what} `{image}`: the namespace sandbox takes an image's root folder, an absolute path to a folder holding bin/sh; for a Docker image, use the docker sandbox"
+        ));
+    }
+    Ok(image.to_owned())
 }
 
 /// Refuses `--require` labels this machine, the only peer, lacks.
@@ -880,6 +895,7 @@ async fn make_executor(
                 masked: vec![prepared.data.root().to_owned(), PathBuf::from(&me.home)],
                 memory_limit_bytes,
                 process_limit,
+                root: image.as_ref().map(PathBuf::from),
             };
             let executor = NamespaceExecutor::new(helper, config).with_context(|| {
                 format!(

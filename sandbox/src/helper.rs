@@ -89,6 +89,9 @@ pub(crate) fn isolation_arguments(isolation: &Isolation) -> Vec<OsString> {
     if let isolate::Network::Slirp(program) = &isolation.network {
         args.extend(["--slirp".into(), program.as_os_str().to_owned()]);
     }
+    if let Some(root) = &isolation.root {
+        args.extend(["--root".into(), root.as_os_str().to_owned()]);
+    }
     args
 }
 
@@ -152,6 +155,9 @@ fn parse_options(args: Vec<OsString>) -> Result<Options, String> {
             Some("--slirp") => {
                 isolation.get_or_insert_with(Isolation::default).network =
                     isolate::Network::Slirp(value.into())
+            }
+            Some("--root") => {
+                isolation.get_or_insert_with(Isolation::default).root = Some(value.into())
             }
             Some("--note") => options.notes.push(text()),
             Some("--report") => options.report = value == "yes",
@@ -441,6 +447,7 @@ mod tests {
             memory_limit_bytes: Some(1 << 30),
             process_limit: Some(512),
             network: isolate::Network::Slirp(PathBuf::from("/usr/bin/slirp4netns")),
+            root: Some(PathBuf::from("/images/debian")),
         };
         let mut args = arguments("sh", std::path::Path::new("/w"), None);
         args.extend(isolation_arguments(&isolation));

@@ -10,7 +10,8 @@
 //!    can never unmount a mask; brings the loopback up and, when the session has outbound
 //!    network, waits while the helper starts slirp4netns on the new network namespace (see
 //!    `network.rs`);
-//! 3. mounts the root: an overlay whose lower layer is the host's `/` through an idmapped mount
+//! 3. mounts the root: an overlay whose lower layer is the host's `/` (or an image's root
+//!    folder) through an idmapped mount
 //!    and whose upper layer is the session's `upper` folder (kept until the node removes it, so
 //!    caches outside the workspace can be collected), then a fresh `/proc`, `/sys`, `/dev` and a
 //!    private `/tmp` and `/run`, and the workspace read-write at its own path; home folders,
@@ -60,6 +61,9 @@ pub struct Isolation {
     pub memory_limit_bytes: Option<u64>,
     pub process_limit: Option<u64>,
     pub network: Network,
+    /// The root folder the overlay is built over: an image's root file system, or (`None`)
+    /// the host's `/`.
+    pub root: Option<PathBuf>,
 }
 
 /// The sandbox's network.
@@ -149,6 +153,7 @@ pub fn start(
         drop(report_read);
         let plan = Plan {
             layout: &layout,
+            root: isolation.root.as_deref().unwrap_or(Path::new("/")),
             workdir,
             shell,
             identity,
@@ -258,6 +263,8 @@ fn namespace_ids() -> Result<NamespaceIds, String> {
 /// Everything init needs, prepared by the helper before the fork.
 struct Plan<'a> {
     layout: &'a Layout,
+    /// The lower layer: the host's `/` or an image's root folder.
+    root: &'a Path,
     workdir: &'a Path,
     shell: &'a str,
     identity: &'a Identity,
@@ -444,7 +451,7 @@ fn set_up(plan: &Plan) -> Result<(), String> {
 
 fn build_root(plan: &Plan) -> Result<(), String> {
     let layout = plan.layout;
-    let lower = clone_mount(Path::new("/"), Some(plan.user_namespace))?;
+    let lower = clone_mount(plan.root, Some(plan.user_namespace))?;
     attach(&lower, &layout.lower)?;
     // Overlay options are comma-separated and layers colon-separated, so the layers are named
     // relative to the sandbox folder: its own path may hold any character.
@@ -459,6 +466,14 @@ fn build_root(plan: &Plan) -> Result<(), String> {
     )?;
     let root = &layout.root;
     let inside = |path: &str| root.join(path);
+    // An image's root folder may lack the mount points (the host's never does); they are made
+    // in the upper layer, which is the session's.
+    for point in ["proc", "sys", "dev", "tmp", "run"] {
+        if fs::symlink_metadata(inside(point)).is_err() {
+            fs::create_dir(inside(point))
+                .map_err(|e| format!("cannot create /{point} in the sandbox: {e}"))?;
+        }
+    }
     let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     mount(Some("proc"), &inside("proc"), Some("proc"), flags, None)?;
     mount(

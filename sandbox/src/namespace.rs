@@ -18,7 +18,7 @@ use crate::isolate::{self, Isolation};
 use crate::network::{find_program, install_guard};
 use crate::{
     BoxFuture, Capabilities, Enforcement, Executor, HelperCommand, Network, SandboxError, Session,
-    SessionSpec,
+    SessionSpec, ShellKind,
 };
 
 /// What the node asks of every `namespace` session.
@@ -31,6 +31,9 @@ pub struct NamespaceConfig {
     pub memory_limit_bytes: Option<u64>,
     /// The most processes (and threads) a session may have at once.
     pub process_limit: Option<u64>,
+    /// An image's root folder to build the sandbox's root over, instead of the host's `/`
+    /// (an absolute path to a folder holding a Linux root file system with `/bin/sh`).
+    pub root: Option<PathBuf>,
 }
 
 /// Runs sessions in namespace sandboxes through the helper process.
@@ -56,6 +59,17 @@ impl NamespaceExecutor {
                 reason: "it needs peerbuild to run as root, to map the build's root to an \
                          unprivileged host uid and to mount the host's root under an overlay"
                     .into(),
+            });
+        }
+        if let Some(root) = &config.root
+            && (!root.is_absolute() || !root.join("bin/sh").exists())
+        {
+            return Err(SandboxError::Unavailable {
+                backend: "namespace",
+                reason: format!(
+                    "{} is not an image's root folder (an absolute path to a folder with bin/sh)",
+                    root.display()
+                ),
             });
         }
         let probe = probe(&helper, &config)?;
@@ -121,7 +135,15 @@ fn isolation(
         memory_limit_bytes: config.memory_limit_bytes,
         process_limit: config.process_limit,
         network,
+        root: config.root.clone(),
     })
+}
+
+/// Whether an image's root folder has bash where a shell looks for it.
+fn has_bash(root: &Path) -> bool {
+    ["bin/bash", "usr/bin/bash", "usr/local/bin/bash"]
+        .iter()
+        .any(|path| root.join(path).symlink_metadata().is_ok())
 }
 
 /// The folder that holds a session's overlay layers and mount points.
@@ -155,6 +177,20 @@ impl Executor for NamespaceExecutor {
             let mut arguments = helper::isolation_arguments(&isolation);
             if let Some(note) = note {
                 arguments.extend(helper::note_arguments(&note));
+            }
+            // An image without bash runs the build in its /bin/sh, as docker does.
+            if spec.shell == ShellKind::Bash
+                && let Some(root) = &self.config.root
+                && !has_bash(root)
+            {
+                arguments.extend(helper::note_arguments(
+                    "the image has no bash; the build's shell is /bin/sh",
+                ));
+                let spec = SessionSpec {
+                    shell: ShellKind::Sh,
+                    ..spec.clone()
+                };
+                return spawn_helper(&self.helper, arguments, &spec);
             }
             spawn_helper(&self.helper, arguments, spec)
         })

@@ -374,6 +374,7 @@ impl Lan {
             format!("-n {a} link set lo up"),
             format!("-n {b} link set lo up"),
         ];
+        let _serial = crate::netns_setup_lock();
         for step in steps {
             let ok = Command::new("ip")
                 .args(step.split_whitespace())
@@ -392,6 +393,7 @@ impl Lan {
 impl Drop for Lan {
     fn drop(&mut self) {
         // Deleting a namespace deletes its end of the veth pair, and with it the other end.
+        let _serial = crate::netns_setup_lock();
         for namespace in &self.namespaces {
             let _ = Command::new("ip")
                 .args(["netns", "delete", namespace])

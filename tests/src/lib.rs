@@ -473,6 +473,7 @@ impl Outside {
         let peer = format!("pbo{label}");
         let host_cidr = format!("{}/30", outside.host_address);
         let outside_cidr = format!("{}/30", outside.address);
+        let serial = netns_setup_lock();
         ip(&["netns", "add", &ns]);
         ip(&[
             "link", "add", &host_link, "type", "veth", "peer", "name", &peer,
@@ -483,6 +484,7 @@ impl Outside {
         ip(&["-n", &ns, "addr", "add", &outside_cidr, "dev", &peer]);
         ip(&["-n", &ns, "link", "set", &peer, "up"]);
         ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        drop(serial);
         let server = format!(
             "import socket\n\
              s = socket.socket()\n\
@@ -515,6 +517,13 @@ impl Default for Outside {
     }
 }
 
+/// Held while network namespaces are set up or removed: `ip netns add` and `delete` remount
+/// `/run/netns`, and an `ip -n` meanwhile can fail (EINVAL).
+pub fn netns_setup_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn ip(args: &[&str]) {
     let output = Command::new("ip")
         .args(args)
@@ -534,6 +543,7 @@ impl Drop for Outside {
             let _ = server.kill();
             let _ = server.wait();
         }
+        let _serial = netns_setup_lock();
         for args in [
             vec!["link", "del", self.host_link.as_str()],
             vec!["netns", "del", self.namespace.as_str()],
@@ -556,6 +566,40 @@ pub fn default_route_address() -> Option<String> {
         .next()
         .filter(|a| !a.starts_with("127."))
         .map(str::to_owned)
+}
+
+/// Where Debian's `busybox-static` installs the binary.
+pub const BUSYBOX: &str = "/bin/busybox";
+
+/// Fills `root` with a minimal image root file system: the static busybox and its applet
+/// links in `bin/`, `/tmp`, and `etc/passwd` and `etc/group` naming root.
+pub fn busybox_root(root: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    if !Path::new(BUSYBOX).exists() {
+        return Err(format!(
+            "{BUSYBOX} is missing: apt-get install busybox-static"
+        ));
+    }
+    let bin = root.join("bin");
+    for folder in ["bin", "tmp", "etc", "root"] {
+        std::fs::create_dir_all(root.join(folder)).map_err(|e| e.to_string())?;
+    }
+    std::fs::copy(BUSYBOX, bin.join("busybox")).map_err(|e| e.to_string())?;
+    let applets = Command::new(BUSYBOX)
+        .arg("--list")
+        .output()
+        .map_err(|e| e.to_string())?;
+    for applet in String::from_utf8_lossy(&applets.stdout).lines() {
+        if applet != "busybox" {
+            std::os::unix::fs::symlink("busybox", bin.join(applet)).map_err(|e| e.to_string())?;
+        }
+    }
+    std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777))
+        .map_err(|e| e.to_string())?;
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")
+        .map_err(|e| e.to_string())?;
+    std::fs::write(root.join("etc/group"), "root:x:0:\n").map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 #[cfg(test)]

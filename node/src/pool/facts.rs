@@ -56,6 +56,7 @@ pub fn detect_sandboxes(data_dir: PathBuf) -> Vec<Sandbox> {
     }];
     let home = std::env::var_os("HOME").map(PathBuf::from);
     let config = NamespaceConfig {
+        root: None,
         masked: [Some(data_dir), home].into_iter().flatten().collect(),
         memory_limit_bytes: None,
         process_limit: Some(4096),

@@ -18,9 +18,6 @@ use tests::{Outside, Project, Run, TempDir};
 /// The test image: busybox only, so `/bin/sh` is busybox's ash and there is no bash.
 const IMAGE: &str = "peerbuild-test-busybox:1";
 
-/// Where Debian's `busybox-static` installs the binary.
-const BUSYBOX: &str = "/bin/busybox";
-
 /// Whether the engine answers and the test image exists (importing it if needed), checked once.
 fn available() -> bool {
     static AVAILABLE: OnceLock<Result<(), String>> = OnceLock::new();
@@ -58,38 +55,8 @@ fn prepare_image() -> Result<(), String> {
     if docker(&["image", "inspect", IMAGE]).is_ok() {
         return Ok(());
     }
-    if !std::path::Path::new(BUSYBOX).exists() {
-        return Err(format!(
-            "{BUSYBOX} is missing: apt-get install busybox-static"
-        ));
-    }
     let root = TempDir::new("docker-image");
-    let bin = root.path().join("bin");
-    for folder in ["bin", "tmp", "etc", "root"] {
-        std::fs::create_dir_all(root.path().join(folder)).map_err(|e| e.to_string())?;
-    }
-    std::fs::copy(BUSYBOX, bin.join("busybox")).map_err(|e| e.to_string())?;
-    let applets = Command::new(BUSYBOX)
-        .arg("--list")
-        .output()
-        .map_err(|e| e.to_string())?;
-    for applet in String::from_utf8_lossy(&applets.stdout).lines() {
-        if applet != "busybox" {
-            std::os::unix::fs::symlink("busybox", bin.join(applet)).map_err(|e| e.to_string())?;
-        }
-    }
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let tmp = root.path().join("tmp");
-        std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o1777))
-            .map_err(|e| e.to_string())?;
-    }
-    std::fs::write(
-        root.path().join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\n",
-    )
-    .map_err(|e| e.to_string())?;
-    std::fs::write(root.path().join("etc/group"), "root:x:0:\n").map_err(|e| e.to_string())?;
+    tests::busybox_root(root.path())?;
     let mut tar = Command::new("tar")
         .arg("-C")
         .arg(root.path())
@@ -706,7 +673,7 @@ fn images_are_chosen_and_checked_before_anything_runs() {
     let image_elsewhere = project.run(&["--sandbox", "host", "--image", IMAGE]);
     expect![[r#"
         exit 2
-        stderr: peerbuild: --image peerbuild-test-busybox:1 needs the docker sandbox (--sandbox docker); the host sandbox uses this machine's files"#]]
+        stderr: peerbuild: --image peerbuild-test-busybox:1 needs the docker or namespace sandbox; the host sandbox uses this machine's files"#]]
     .assert_eq(&image_elsewhere.transcript());
     if !available() {
         return;

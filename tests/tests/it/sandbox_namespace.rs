@@ -775,6 +775,47 @@ fn phases_in_other_sandboxes_share_the_workspace_both_ways() {
     );
 }
 
+#[test]
+fn an_image_root_folder_is_the_sandboxs_root() {
+    if !available() {
+        return;
+    }
+    // An image root folder: busybox only (no bash, no /usr), owned by root as an unpacked
+    // image is.
+    let image = TempDir::new("ns-image");
+    tests::busybox_root(image.path()).expect("a busybox root folder");
+    let project = build_of(&[
+        "ls /",
+        "test -e /usr/bin || echo no-usr",
+        "echo written > /etc/inside && cat /etc/inside",
+        "echo $CODEBUILD_BUILD_IMAGE",
+    ]);
+    let root = image.path().display().to_string();
+    let run = run_namespaced(&project, &["--image", &root]);
+    assert_eq!(run.code, 0, "{}", run.transcript());
+    let log = run.log();
+    assert!(log.contains("no-usr") && log.contains("written"), "{log}");
+    assert!(log.lines().any(|l| l == root), "{log}");
+    assert!(
+        run.transcript()
+            .contains("the image has no bash; the build's shell is /bin/sh"),
+        "{}",
+        run.transcript()
+    );
+    // The image is only the lower layer: nothing the build wrote reached it.
+    assert!(!image.path().join("etc/inside").exists());
+    // Not a root folder: refused before anything runs.
+    let refused = run_namespaced(&project, &["--image", "busybox:latest"]);
+    assert_eq!(refused.code, 2, "{}", refused.stderr);
+    assert!(
+        refused
+            .stderr
+            .contains("the namespace sandbox takes an image's root folder"),
+        "{}",
+        refused.stderr
+    );
+}
+
 /// The contents of every regular file under `dir` (symlinks are not followed).
 fn file_contents(dir: &std::path::Path) -> Vec<String> {
     let mut found = Vec::new();
