@@ -248,8 +248,10 @@ pub struct RunArgs {
     /// config.toml's sandbox.allow lists.
     #[arg(long, value_name = "KIND")]
     pub sandbox: Option<String>,
-    /// The image the docker sandbox runs (it must be on this machine: build or `docker import`
-    /// it); overrides the buildspec's peerbuild.image. Only with --sandbox docker.
+    /// The image: for the docker sandbox, a Docker image on this machine (build or `docker
+    /// import` it; it overrides the buildspec's peerbuild.image); for the namespace sandbox,
+    /// an image's root folder on this machine (an absolute path to a folder holding bin/sh,
+    /// which only you can choose, never a buildspec).
     #[arg(long, value_name = "NAME")]
     pub image: Option<String>,
     /// Run only on a peer with this label. Repeatable.

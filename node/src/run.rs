@@ -3,6 +3,7 @@
 //! pool, shows it live, keeps its record, and exits with DESIGN.md's status.
 
 use std::collections::HashMap;
+use std::fs;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -732,7 +733,8 @@ fn choose_sandbox(args: &RunArgs, buildspec: &Buildspec, settings: &Settings) ->
                 "the docker sandbox needs an image: pass --image NAME or set peerbuild.image in the buildspec",
             );
         }
-        (SandboxKind::Namespace, Some(image)) => Some(root_folder(&image, "--image")?),
+        // A root folder names files on this machine: only the owner may choose one.
+        (SandboxKind::Namespace, Some(image)) if args.image.is_some() => Some(root_folder(&image)?),
         (_, None) => None,
         (_, Some(image)) if args.image.is_some() => {
             return refuse(format!(
@@ -767,13 +769,10 @@ fn choose_sandbox(args: &RunArgs, buildspec: &Buildspec, settings: &Settings) ->
                     "{at}: the docker sandbox needs an image: set {at}.image"
                 ));
             }
-            (SandboxKind::Namespace, Some(phase_image)) => {
-                Some(root_folder(phase_image, &format!("{at}.image"))?)
-            }
-            (SandboxKind::Namespace, None) if sandbox == SandboxKind::Namespace => image.clone(),
+            (SandboxKind::Namespace, _) if sandbox == SandboxKind::Namespace => image.clone(),
             (_, Some(phase_image)) => {
                 return refuse(format!(
-                    "{at}.image `{phase_image}` needs the docker or namespace sandbox; the {} sandbox uses this machine's files",
+                    "{at}.image `{phase_image}` needs the docker sandbox; the {} sandbox uses this machine's files (a namespace sandbox's root folder is the owner's choice: --image)",
                     kind.key()
                 ));
             }
@@ -794,13 +793,14 @@ fn choose_sandbox(args: &RunArgs, buildspec: &Buildspec, settings: &Settings) ->
     })
 }
 
-/// The `namespace` sandbox's image: an image's root folder on this machine, as an absolute
-/// path (`docker export` of a container, or a `debootstrap` folder, unpacked).
-fn root_folder(image: &str, what: &str) -> Result<String> {
+/// The `namespace` sandbox's `--image`: an image's root folder on this machine, as an
+/// absolute path (`docker export` of a container, or a `debootstrap` folder, unpacked).
+fn root_folder(image: &str) -> Result<String> {
     let path = Path::new(image);
-    if !path.is_absolute() || !path.join("bin/sh").exists() {
+    let is_folder = fs::symlink_metadata(path).is_ok_and(|m| m.is_dir());
+    if !path.is_absolute() || !is_folder || fs::symlink_metadata(path.join("bin/sh")).is_err() {
         return refuse(format!(
-            "{what} `{image}`: the namespace sandbox takes an image's root folder, an absolute path to a folder holding bin/sh; for a Docker image, use the docker sandbox"
+            "--image `{image}`: the namespace sandbox takes an image's root folder, an absolute path to a folder holding bin/sh; for a Docker image, use the docker sandbox"
         ));
     }
     Ok(image.to_owned())

@@ -118,11 +118,15 @@ pub fn start(
         shift_tree(workdir)?;
     }
     let layout = Layout::create(&isolation.base)?;
-    for path in default_masks().iter().chain(&isolation.masked) {
-        mask_in_upper(&layout.upper, path)?;
-    }
-    for path in SCRUBBED {
-        scrub_in_upper(&layout.upper, Path::new(path))?;
+    // Over an image's root folder nothing of the host is there to hide (and the image's own
+    // /root, /home and password files must stay as they are).
+    if isolation.root.is_none() {
+        for path in default_masks().iter().chain(&isolation.masked) {
+            mask_in_upper(&layout.upper, path)?;
+        }
+        for path in SCRUBBED {
+            scrub_in_upper(&layout.upper, Path::new(path))?;
+        }
     }
     let uplink = match &isolation.network {
         Network::Loopback => None,
@@ -469,9 +473,11 @@ fn build_root(plan: &Plan) -> Result<(), String> {
     // An image's root folder may lack the mount points (the host's never does); they are made
     // in the upper layer, which is the session's.
     for point in ["proc", "sys", "dev", "tmp", "run"] {
-        if fs::symlink_metadata(inside(point)).is_err() {
-            fs::create_dir(inside(point))
-                .map_err(|e| format!("cannot create /{point} in the sandbox: {e}"))?;
+        match fs::symlink_metadata(inside(point)) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => return Err(format!("the image's /{point} is not a folder")),
+            Err(_) => fs::create_dir(inside(point))
+                .map_err(|e| format!("cannot create /{point} in the sandbox: {e}"))?,
         }
     }
     let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;

@@ -39,16 +39,44 @@ pub const SLIRP_DNS: &str = "10.0.2.3";
 /// How long the helper waits for slirp4netns to configure the sandbox's interface.
 const SLIRP_READY_WAIT_MS: i32 = 10_000;
 
+/// Host bridges whose addresses (containers, virtual machines, other builds' containers) a
+/// build must not reach through slirp4netns, which connects from the host itself and so is not
+/// held back by the forwarding rules that isolate those networks.
+const HOST_BRIDGES: [&str; 8] = [
+    DOCKER_BRIDGE,
+    "docker0",
+    "br-*",
+    "virbr*",
+    "lxcbr*",
+    "cni*",
+    "podman*",
+    "incusbr*",
+];
+
 /// The guard: created, or replaced as a whole, in one nftables transaction (declaring the
-/// table first makes the `delete` succeed when it did not exist yet).
+/// table first makes the `delete` succeed when it did not exist yet). Its chains run before
+/// NAT (priority -300), so a port a container publishes on the host is judged by the host
+/// address it was asked for, not the container address Docker rewrites it to.
 fn guard_rules() -> String {
+    let mut slirp = format!(
+        "\t\tmeta skgid {SLIRP_GID} fib daddr type {{ local, broadcast, multicast }} reject\n"
+    );
+    for bridge in HOST_BRIDGES {
+        slirp.push_str(&format!(
+            "\t\tmeta skgid {SLIRP_GID} oifname \"{bridge}\" reject\n"
+        ));
+    }
     format!(
         "table {GUARD_TABLE}\n\
          delete table {GUARD_TABLE}\n\
          table {GUARD_TABLE} {{\n\
          \tchain output {{\n\
-         \t\ttype filter hook output priority 0; policy accept;\n\
-         \t\tmeta skgid {SLIRP_GID} fib daddr type {{ local, broadcast, multicast }} reject\n\
+         \t\ttype filter hook output priority -300; policy accept;\n\
+         {slirp}\
+         \t}}\n\
+         \tchain prerouting {{\n\
+         \t\ttype filter hook prerouting priority -300; policy accept;\n\
+         \t\tiifname \"{DOCKER_BRIDGE}\" fib daddr type {{ local, broadcast, multicast }} drop\n\
          \t}}\n\
          \tchain input {{\n\
          \t\ttype filter hook input priority 0; policy accept;\n\
@@ -296,6 +324,34 @@ mod tests {
             .filter(|l| l.starts_with("table") || l.starts_with("delete"))
         {
             assert!(line.contains("inet peerbuild"), "{line}");
+        }
+        // nftables itself accepts them (checked, not applied), wherever it is installed.
+        match find_program("nft") {
+            Some(nft) => {
+                let mut child = Command::new(nft)
+                    .args(["-c", "-f", "-"])
+                    .stdin(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("nft runs");
+                child
+                    .stdin
+                    .take()
+                    .expect("stdin")
+                    .write_all(rules.as_bytes())
+                    .expect("write the rules");
+                let output = child.wait_with_output().expect("nft ends");
+                assert!(
+                    output.status.success(),
+                    "nft refuses the guard: {}\n{rules}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+            None => assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "nft must be installed under CI"
+            ),
         }
     }
 

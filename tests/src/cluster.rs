@@ -114,8 +114,8 @@ impl Cluster {
     pub fn node_command(&self, data: &Path, options: &NodeOptions) -> Command {
         let mut command = match &options.netns {
             Some(namespace) => {
-                let mut command = Command::new("ip");
-                command.args(["netns", "exec", namespace]).arg(peerbuild());
+                let mut command = Command::new(peerbuild());
+                crate::enter_netns(&mut command, namespace);
                 command.arg("--data-dir").arg(data).args([
                     "node",
                     "--listen",

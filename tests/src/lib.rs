@@ -496,8 +496,10 @@ impl Outside {
             outside.port,
             Outside::GREETING
         );
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns, "python3", "-c", &server])
+        let mut server_command = Command::new("python3");
+        enter_netns(&mut server_command, &ns);
+        let child = server_command
+            .args(["-c", &server])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
@@ -522,6 +524,29 @@ impl Default for Outside {
 pub fn netns_setup_lock() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Makes `command` start inside the network namespace `namespace` (from `ip netns add`): it
+/// enters it itself, with `setns` on a descriptor opened under [`netns_setup_lock`], rather
+/// than through `ip netns exec`, whose own lookup races with other tests' set-up.
+pub fn enter_netns(command: &mut Command, namespace: &str) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let file = {
+        let _serial = netns_setup_lock();
+        std::fs::File::open(format!("/run/netns/{namespace}"))
+            .unwrap_or_else(|e| panic!("open the network namespace {namespace}: {e}"))
+    };
+    // SAFETY: between fork and exec the closure only calls setns(2) on a descriptor it owns;
+    // it allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 fn ip(args: &[&str]) {

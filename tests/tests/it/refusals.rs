@@ -228,7 +228,7 @@ fn per_phase_sandboxes_are_checked_before_anything_runs() {
         ),
         (
             "sandbox: wasm\n      image: busybox",
-            "peerbuild.phases.build.image `busybox` needs the docker or namespace sandbox; the wasm sandbox uses this machine's files",
+            "peerbuild.phases.build.image `busybox` needs the docker sandbox; the wasm sandbox uses this machine's files",
         ),
     ];
     for (settings, message) in cases {

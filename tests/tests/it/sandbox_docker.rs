@@ -764,3 +764,94 @@ fn containers_left_by_a_node_that_died_are_removed_by_the_next() {
     assert_eq!(next.code, 0, "{}", next.stdout);
     assert_gone(&container);
 }
+
+/// A container on this machine, removed when dropped.
+struct Container(String);
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = docker(&["rm", "-f", &self.0]);
+    }
+}
+
+/// A namespace build (whose outbound traffic leaves from the host itself, through slirp4netns)
+/// reaches neither a container on the host's bridge nor a port a container publishes on the
+/// host's addresses (which Docker rewrites to the container before ordinary filters look).
+#[test]
+fn a_namespace_build_reaches_no_container_on_this_machine() {
+    if !available() {
+        return;
+    }
+    let marker = tests::marker("container-greeting");
+    let id = docker(&[
+        "run",
+        "-d",
+        "-p",
+        "8080",
+        IMAGE,
+        "sh",
+        "-c",
+        &format!("while true; do echo {marker} | nc -l -p 8080; done"),
+    ])
+    .expect("a container starts");
+    let container = Container(id.trim().to_owned());
+    let address = docker(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+        &container.0,
+    ])
+    .expect("inspect")
+    .trim()
+    .to_owned();
+    let published = docker(&["port", &container.0, "8080/tcp"]).expect("port");
+    let host_port: u16 = published
+        .lines()
+        .find_map(|l| l.strip_prefix("0.0.0.0:"))
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no published port in {published}"));
+    // The container answers the host itself, so a failure below is the guard's doing.
+    let from_host = Command::new("bash")
+        .args([
+            "-c",
+            &format!("timeout 5 bash -c 'exec 3<>/dev/tcp/{address}/8080 && head -1 <&3'"),
+        ])
+        .output()
+        .expect("bash");
+    assert!(
+        String::from_utf8_lossy(&from_host.stdout).contains(&marker),
+        "the container does not answer the host"
+    );
+    let outside = Outside::new();
+    let mut targets = vec![
+        (outside.address.clone(), outside.port),
+        (address.clone(), 8080),
+    ];
+    targets.extend(tests::default_route_address().map(|a| (a, host_port)));
+    let commands: Vec<String> = targets
+        .iter()
+        .map(|(a, p)| {
+            format!("timeout 5 bash -c \"exec 3<>/dev/tcp/{a}/{p} && head -1 <&3\" 2>/dev/null || echo no answer from {a}:{p}")
+        })
+        .collect();
+    let mut spec = String::from("version: 0.2\nphases:\n  build:\n    commands:\n");
+    for command in &commands {
+        spec.push_str(&format!("      - '{}'\n", command.replace('\'', "''")));
+    }
+    let project = Project::new(&[("buildspec.yml", &spec)]);
+    let run = project.run(&["--sandbox", "namespace"]);
+    assert_eq!(run.code, 0, "{}", run.transcript());
+    let log = run.log();
+    // The network works (the outside machine answers), so what fails is the guard's doing.
+    assert!(log.starts_with(Outside::GREETING), "{log}");
+    assert!(
+        !log.contains(&marker),
+        "the build reached a container: {log}"
+    );
+    for (address, port) in &targets[1..] {
+        assert!(
+            log.contains(&format!("no answer from {address}:{port}")),
+            "{log}"
+        );
+    }
+}
