@@ -44,7 +44,7 @@ use crate::layers::{
     Layout, SCRUBBED, check_path, default_masks, is_given, mask_in_upper, scrub_in_upper,
     shift_tree,
 };
-use crate::network::{Slirp, resolv_conf_in_upper, start_slirp};
+use crate::network::{Slirp, install_guard, resolv_conf_in_upper, start_slirp};
 
 /// The host uid (and gid) that root inside the sandbox is.
 pub const HOST_ID_BASE: u32 = 100_000;
@@ -333,16 +333,26 @@ fn connect_uplink(
     } = uplink;
     drop(unshared_write);
     drop(configured_read);
+    // The guard is put in place again for every session (while init builds the sandbox): the
+    // ruleset may have been flushed since the executor installed it, and slirp4netns must
+    // never run unguarded.
+    let guard = install_guard();
     let mut byte = [0u8; 1];
     if fs::File::from(unshared_read).read_exact(&mut byte).is_err() {
         // Init failed before its network namespace existed; its report says why.
         return None;
     }
-    // SAFETY: setns only changes the pid namespace of this process's next children.
-    let slirp = if unsafe { libc::setns(host_pid_namespace.as_raw_fd(), libc::CLONE_NEWPID) } < 0 {
-        Err(os_error("cannot return to the host's pid namespace"))
-    } else {
-        start_slirp(program, init_pid)
+    let slirp = match guard {
+        Err(reason) => Err(format!(
+            "the host's own addresses cannot be guarded from the build ({reason})"
+        )),
+        // SAFETY: setns only changes the pid namespace of this process's next children.
+        Ok(())
+            if unsafe { libc::setns(host_pid_namespace.as_raw_fd(), libc::CLONE_NEWPID) } < 0 =>
+        {
+            Err(os_error("cannot return to the host's pid namespace"))
+        }
+        Ok(()) => start_slirp(program, init_pid),
     };
     let slirp = match slirp {
         Ok(slirp) => Some(slirp),

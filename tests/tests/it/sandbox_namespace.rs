@@ -1090,3 +1090,51 @@ fn slirps_of(helper: i32) -> Vec<i32> {
     }
     pids
 }
+
+/// The guard is put back for every session: a ruleset flushed while a build runs (an
+/// nftables reload) never leaves a later session's slirp4netns unguarded.
+#[test]
+fn a_flushed_guard_is_restored_before_the_next_session() {
+    if !available() {
+        return;
+    }
+    let outside = Outside::new();
+    let listener = TcpListener::bind("0.0.0.0:0").expect("listen");
+    listener.set_nonblocking(true).expect("non-blocking");
+    let port = listener.local_addr().expect("address").port();
+    let host = tests::default_route_address().unwrap_or_else(|| outside.host_address.clone());
+    // The first shell waits, then exits: the build phase starts a new session, after the test
+    // has deleted the guard's table.
+    let project = build_with_network(
+        "true",
+        &[
+            "sleep 3",
+            "exit 0",
+            &connect(&outside.address, outside.port),
+            &connect(&host, port),
+        ],
+    );
+    let child = project
+        .command()
+        .args(["run", "src", "--json", "--sandbox", "namespace"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("peerbuild runs");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let deleted = Command::new("nft")
+        .args(["delete", "table", "inet", "peerbuild"])
+        .status()
+        .expect("nft runs");
+    assert!(deleted.success(), "the guard was not there to delete");
+    let output = child.wait_with_output().expect("peerbuild ends");
+    let run = Run::new(output, &project);
+    assert_eq!(run.code, 0, "{}", run.transcript());
+    let log = run.log();
+    assert!(log.starts_with(Outside::GREETING), "{log}");
+    assert!(
+        log.contains(&format!("no answer from {host}")),
+        "the build reached the host at {host} after the guard was flushed: {log}"
+    );
+    assert!(listener.accept().is_err());
+}
