@@ -175,6 +175,23 @@ fn write_settings(dir: &Path, settings: &[(&str, &str)]) -> Result<(), String> {
     Ok(())
 }
 
+/// How many processes the kernel has killed for want of memory in the session cgroup of the
+/// helper `helper_pid`, read by the node (the helper makes its cgroups under the node's own);
+/// `None` where the session has no memory cgroup (`host`, rlimits, a session that ended).
+pub(crate) fn oom_kills(helper_pid: u32) -> Option<u64> {
+    let own = fs::read_to_string("/proc/self/cgroup").ok()?;
+    let name = format!("peerbuild-{helper_pid}");
+    let text = v1_dir(&own, "memory", &name)
+        .and_then(|dir| fs::read_to_string(dir.join("memory.oom_control")).ok())
+        .or_else(|| {
+            v2_dir(&own, "memory", &name)
+                .and_then(|dir| fs::read_to_string(dir.join("memory.events")).ok())
+        })?;
+    text.lines()
+        .find_map(|line| line.strip_prefix("oom_kill "))
+        .and_then(|count| count.trim().parse().ok())
+}
+
 /// The v1 hierarchy holding `controller`, if it is mounted where systemd and Docker put it.
 fn v1_dir(own: &str, controller: &str, name: &str) -> Option<PathBuf> {
     own.lines().find_map(|line| {

@@ -258,4 +258,11 @@ pub trait Session: Send {
 
     /// Kills every process of the session and waits until they are gone.
     fn terminate(&mut self) -> BoxFuture<'_, Result<(), SandboxError>>;
+
+    /// How many of the session's processes the kernel has killed for want of memory so far,
+    /// where the backend can tell (`namespace`, through its memory cgroup): compared before
+    /// and after a command, it tells an out-of-memory kill from any other SIGKILL.
+    fn oom_kills(&self) -> Option<u64> {
+        None
+    }
 }

@@ -32,6 +32,11 @@ pub(crate) trait ShellProcess: Send {
     fn terminate(&mut self) -> BoxFuture<'_, Result<(), SandboxError>>;
     /// The session was dropped while running: starts killing it without waiting.
     fn abandon(&mut self);
+    /// How many of the session's processes the kernel killed for want of memory so far, where
+    /// the backend can tell.
+    fn oom_kills(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Where requests are written.
@@ -231,6 +236,10 @@ impl ShellProcess for HelperProcess {
     fn abandon(&mut self) {
         signal_helper(&self.helper, libc::SIGTERM);
     }
+
+    fn oom_kills(&self) -> Option<u64> {
+        crate::cgroups::oom_kills(self.helper.id()?)
+    }
 }
 
 fn exit_code(status: std::process::ExitStatus) -> i32 {
@@ -348,6 +357,10 @@ impl Session for ShellSession {
             self.ended.get_or_insert(128 + libc::SIGTERM);
             terminated
         })
+    }
+
+    fn oom_kills(&self) -> Option<u64> {
+        self.process.oom_kills()
     }
 }
 

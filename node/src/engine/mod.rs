@@ -781,9 +781,25 @@ impl Run<'_> {
             build.member.clone(),
             name.report_name(),
         );
+        let oom_before = session.oom_kills();
         let outcome = limits.guard(session.run(command, &mut output)).await;
         output.finish();
+        let oom_after = session.oom_kills();
         append_tail(&mut self.tail, &output.text);
+        // The first command of a session may start before the sandbox's cgroup exists.
+        let before = oom_before.unwrap_or(0);
+        if let Some(after) = oom_after
+            && after > before
+        {
+            self.note(
+                Level::Warning,
+                format!(
+                    "`{}`: the kernel killed {} of its processes for want of memory: the sandbox's processes together passed its memory limit (PEERBUILD_SANDBOX_MEMORY_LIMIT)",
+                    first_line(command),
+                    after - before
+                ),
+            );
+        }
         match outcome {
             Err(interrupt) => Step::Interrupted(interrupt),
             Ok(Err(err)) => Step::Fault(format!("the sandbox failed: {err}")),

@@ -487,6 +487,11 @@ fn memory_past_the_limit_is_refused() {
         steps < 8,
         "allocated {steps} x 16 MiB under a 128 MiB limit"
     );
+    // The kill is reported as what it was, not only as a status 137.
+    assert!(
+        stdout.contains("the kernel killed 1 of its processes for want of memory"),
+        "{stdout}"
+    );
 }
 
 const GROW: &str = "\
