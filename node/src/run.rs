@@ -90,9 +90,9 @@ struct Prepared {
     settings: Settings,
     /// The sandboxes the buildspec's phases ask for under `peerbuild.phases`.
     phase_sandboxes: Vec<SandboxChoice>,
-    /// `--deny-network`, or `sandbox.network = false` in the owner's settings: builds get no
-    /// network, and those that ask for it are refused.
-    deny_network: bool,
+    /// What denies builds the network, if anything (`--deny-network`, or `sandbox.network =
+    /// false` in the owner's settings): builds get none, and those that ask are refused.
+    denied_network: Option<String>,
 }
 
 impl Prepared {
@@ -469,7 +469,11 @@ fn single_build(
         start_time_ms: prepared.start_time_ms,
         secrets: resolved.mask,
         privileged: member.is_some_and(|m| m.env.privileged_mode),
-        network: network_for(buildspec, prepared.sandbox, prepared.deny_network)?,
+        network: network_for(
+            buildspec,
+            prepared.sandbox,
+            prepared.denied_network.as_deref(),
+        )?,
     })
 }
 
@@ -477,22 +481,28 @@ fn single_build(
 /// (but for `docker`, whose containers get a network only when the buildspec asks for it).
 /// Under `--deny-network` a buildspec that asks for network (`network: true`, at the top or in
 /// a phase) is refused, and one that did not ask gets none.
-fn network_for(buildspec: &Buildspec, sandbox: SandboxKind, deny_network: bool) -> Result<Network> {
+fn network_for(
+    buildspec: &Buildspec,
+    sandbox: SandboxKind,
+    denied_by: Option<&str>,
+) -> Result<Network> {
     let extension = &buildspec.peerbuild;
     let mut asked = std::iter::once(extension.network)
         .chain(extension.phases.iter().map(|(_, phase)| phase.network))
         .flatten();
-    if deny_network && asked.any(|wanted| wanted) {
-        return refuse(
+    if let Some(denied_by) = denied_by
+        && asked.any(|wanted| wanted)
+    {
+        return refuse(format!(
             "the buildspec asks for network (peerbuild.network: true), which this node does not \
-             allow (--deny-network, or sandbox.network = false in config.toml); set \
-             `network: false` under `peerbuild:` or run it on a node that allows network",
-        );
+             allow ({denied_by}); set `network: false` under `peerbuild:` or run it on a node \
+             that allows network"
+        ));
     }
-    Ok(match (deny_network, extension.network) {
-        (true, _) | (false, Some(false)) => Network::Isolated,
-        (false, None) if sandbox == SandboxKind::Docker => Network::Isolated,
-        (false, _) => Network::Outbound,
+    Ok(match (denied_by, extension.network) {
+        (Some(_), _) | (None, Some(false)) => Network::Isolated,
+        (None, None) if sandbox == SandboxKind::Docker => Network::Isolated,
+        (None, _) => Network::Outbound,
     })
 }
 
@@ -678,7 +688,7 @@ fn prepare(data_dir: Option<&Path>, args: &RunArgs) -> Result<Prepared> {
         warnings,
         settings,
         phase_sandboxes,
-        deny_network: deny_network.is_some(),
+        denied_network: deny_network,
     })
 }
 

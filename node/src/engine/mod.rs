@@ -1506,6 +1506,8 @@ struct PhaseOutput {
     phase: &'static str,
     lines: LineBuffer,
     text: String,
+    /// The output budget ran out in the middle of this output.
+    cut: bool,
 }
 
 impl PhaseOutput {
@@ -1523,6 +1525,7 @@ impl PhaseOutput {
             phase,
             lines: LineBuffer::default(),
             text: String::new(),
+            cut: false,
         }
     }
 
@@ -1538,7 +1541,11 @@ impl PhaseOutput {
     }
 
     fn finish(&mut self) {
-        if let Some(rest) = self.lines.flush() {
+        // A line the budget cut short is dropped: its end, which may hold the rest of a secret
+        // the masker would have recognised, never came.
+        if let Some(rest) = self.lines.flush()
+            && !self.cut
+        {
             self.line(rest);
         }
     }
@@ -1548,6 +1555,9 @@ impl OutputSink for PhaseOutput {
     fn write(&mut self, bytes: &[u8]) {
         // Past the budget nothing more is kept; the build is being stopped.
         let fits = self.budget.spend(bytes.len());
+        if fits < bytes.len() {
+            self.cut = true;
+        }
         if fits == 0 {
             return;
         }
@@ -1686,4 +1696,19 @@ fn chown_tree(path: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::OutputBudget;
+
+    #[test]
+    fn the_output_budget_keeps_what_fits_and_no_more() {
+        let budget = OutputBudget::new(10);
+        assert_eq!(budget.spend(4), 4);
+        assert!(!budget.is_spent());
+        assert_eq!(budget.spend(8), 6);
+        assert!(budget.is_spent());
+        assert_eq!(budget.spend(3), 0);
+    }
 }

@@ -1143,3 +1143,31 @@ fn a_flushed_guard_is_restored_before_the_next_session() {
     );
     assert!(listener.accept().is_err());
 }
+
+/// `sandbox.network = false` in the owner's settings denies the network as `--deny-network`
+/// does, and the refusal names the setting.
+#[test]
+fn the_owners_settings_can_deny_the_network() {
+    if !available() {
+        return;
+    }
+    let project = build_with_network("true", &["echo ran"]);
+    std::fs::create_dir_all(project.data()).expect("data dir");
+    std::fs::write(
+        project.data().join("config.toml"),
+        "[sandbox]\nnetwork = false\n",
+    )
+    .expect("config");
+    let run = run_namespaced(&project, &[]);
+    assert_eq!(run.code, 2, "{}", run.transcript());
+    assert!(!run.stdout.contains("\"line\":\"ran\""), "{}", run.stdout);
+    let stderr = run
+        .stderr
+        .replace(&project.data().display().to_string(), "<DATA>");
+    assert!(
+        stderr.contains(
+            "which this node does not allow (sandbox.network = false in <DATA>/config.toml)"
+        ),
+        "{stderr}"
+    );
+}
