@@ -357,6 +357,7 @@ pub struct Lan {
 impl Lan {
     /// `None` when this machine cannot make them (not root, no `ip`).
     pub fn pair() -> Option<Lan> {
+        crate::ensure_test_packages();
         let tag = std::process::id() % 100_000;
         let lan = Lan {
             namespaces: vec![format!("pb{tag}n0"), format!("pb{tag}n1")],

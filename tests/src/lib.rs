@@ -439,6 +439,53 @@ pub fn ensure_test_user() {
     );
 }
 
+/// The Debian packages the sandbox and pool tests use, by a program each provides.
+const TEST_PACKAGES: [(&str, &str); 4] = [
+    ("/bin/busybox", "busybox-static"),
+    ("/usr/bin/slirp4netns", "slirp4netns"),
+    ("/usr/sbin/nft", "nftables"),
+    ("/usr/sbin/ip", "iproute2"),
+];
+
+/// Installs (once per test run, as root, with apt-get) whichever of the packages the sandbox
+/// and pool tests use is missing, so `cargo test --workspace` sets a new machine up by itself
+/// as `.ci/run` does. Best effort: a machine without apt-get or root keeps what it has, and
+/// the tests that need a missing tool say so.
+pub fn ensure_test_packages() {
+    static DONE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    DONE.get_or_init(|| {
+        let missing: Vec<&str> = TEST_PACKAGES
+            .iter()
+            .filter(|(program, _)| !Path::new(program).exists())
+            .map(|(_, package)| *package)
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        eprintln!("installing what the tests need: {}", missing.join(" "));
+        let quiet = |command: &mut Command| {
+            command
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let _ = quiet(Command::new("apt-get").args(["update", "-q"]));
+        let installed = quiet(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing),
+        );
+        if !installed {
+            eprintln!(
+                "could not install {} (run .ci/run as root)",
+                missing.join(" ")
+            );
+        }
+    });
+}
+
 /// A machine "outside" this host for network tests: a network namespace joined to the host's
 /// by a veth pair (`10.231.N.1` on the host, `10.231.N.2` outside), with a TCP server outside
 /// that answers every connection with [`Outside::GREETING`]. Torn down when dropped.
@@ -458,6 +505,7 @@ impl Outside {
 
     /// Builds it; panics with the failing command when this machine cannot (not root, no `ip`).
     pub fn new() -> Outside {
+        ensure_test_packages();
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let n = (std::process::id() as usize * 7 + NEXT.fetch_add(1, Ordering::SeqCst)) % 250 + 1;
         let label = format!("{}x{n}", std::process::id() % 10_000);
@@ -600,6 +648,7 @@ pub const BUSYBOX: &str = "/bin/busybox";
 /// links in `bin/`, `/tmp`, and `etc/passwd` and `etc/group` naming root.
 pub fn busybox_root(root: &Path) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
+    ensure_test_packages();
     if !Path::new(BUSYBOX).exists() {
         return Err(format!(
             "{BUSYBOX} is missing: apt-get install busybox-static"

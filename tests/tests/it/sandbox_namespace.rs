@@ -17,6 +17,8 @@ use tests::{Outside, Project, Run, TempDir, processes_with};
 fn available() -> bool {
     static AVAILABLE: OnceLock<Result<(), String>> = OnceLock::new();
     let verdict = AVAILABLE.get_or_init(|| {
+        // The network tests need slirp4netns and nft, and the probe builds a sandbox now.
+        tests::ensure_test_packages();
         let project = Project::new(&[(
             "buildspec.yml",
             "version: 0.2\nphases:\n  build:\n    commands: ['true']\n",
