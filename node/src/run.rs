@@ -957,17 +957,10 @@ fn env_limit(variable: &str) -> Result<Option<u64>> {
         return Ok(None);
     };
     let text = text.to_string_lossy();
-    let (digits, scale) = match text.char_indices().last() {
-        Some((i, 'K' | 'k')) => (&text[..i], 1 << 10),
-        Some((i, 'M' | 'm')) => (&text[..i], 1 << 20),
-        Some((i, 'G' | 'g')) => (&text[..i], 1 << 30),
-        _ => (&text[..], 1),
-    };
-    match digits.parse::<u64>() {
-        Ok(n) if n > 0 => Ok(Some(n.saturating_mul(scale))),
-        _ => refuse(format!(
-            "{variable}={text}: expected a positive number, with K, M or G"
-        )),
+    match crate::cli::parse_size(&text) {
+        Ok(n) if n > 0 => Ok(Some(n)),
+        Ok(_) => refuse(format!("{variable}={text}: expected a positive size")),
+        Err(reason) => refuse(format!("{variable}={reason}")),
     }
 }
 

@@ -175,19 +175,23 @@ fn write_settings(dir: &Path, settings: &[(&str, &str)]) -> Result<(), String> {
     Ok(())
 }
 
-/// How many processes the kernel has killed for want of memory in the session cgroup of the
-/// helper `helper_pid`, read by the node (the helper makes its cgroups under the node's own);
-/// `None` where the session has no memory cgroup (`host`, rlimits, a session that ended).
-pub(crate) fn oom_kills(helper_pid: u32) -> Option<u64> {
+/// The file that counts out-of-memory kills in the session cgroup of the helper `helper_pid`
+/// (v1 `memory.oom_control`, v2 `memory.events`), found by the node, under whose cgroup the
+/// helper makes its own; `None` where there is no such cgroup (`host`, rlimits, or not yet).
+pub(crate) fn oom_events_file(helper_pid: u32) -> Option<PathBuf> {
     let own = fs::read_to_string("/proc/self/cgroup").ok()?;
     let name = format!("peerbuild-{helper_pid}");
-    let text = v1_dir(&own, "memory", &name)
-        .and_then(|dir| fs::read_to_string(dir.join("memory.oom_control")).ok())
-        .or_else(|| {
-            v2_dir(&own, "memory", &name)
-                .and_then(|dir| fs::read_to_string(dir.join("memory.events")).ok())
-        })?;
-    text.lines()
+    let v1 = v1_dir(&own, "memory", &name).map(|dir| dir.join("memory.oom_control"));
+    let v2 = || v2_dir(&own, "memory", &name).map(|dir| dir.join("memory.events"));
+    v1.filter(|file| file.exists())
+        .or_else(|| v2().filter(|file| file.exists()))
+}
+
+/// The `oom_kill` count in a file [`oom_events_file`] found.
+pub(crate) fn oom_kills(file: &Path) -> Option<u64> {
+    fs::read_to_string(file)
+        .ok()?
+        .lines()
         .find_map(|line| line.strip_prefix("oom_kill "))
         .and_then(|count| count.trim().parse().ok())
 }

@@ -3,8 +3,8 @@
 //! like and why it is built that way).
 //!
 //! Root inside is uid 100000 on the host. The root folder is the host's under a writable
-//! overlay whose upper folder lives next to the workspace ([`NamespaceExecutor::overlay_upper`])
-//! and goes when the node removes the workspace's folder; `/root`, `/home` and the paths the node
+//! overlay whose upper folder lives next to the workspace and goes when the node removes the
+//! workspace's folder; `/root`, `/home` and the paths the node
 //! names are masked; the workspace is read-write at its own path; `/tmp` is private. The network
 //! is the sandbox's own loopback, and for sessions that ask for it outbound access through
 //! slirp4netns, with the host's own addresses out of reach (see `network.rs`).
@@ -97,15 +97,6 @@ impl NamespaceExecutor {
             capabilities,
             outbound,
         })
-    }
-
-    /// The overlay's upper folder of the sessions whose workspace is `workdir`: everything a
-    /// build wrote outside its workspace (`/root/.m2`, `/usr/local`), as a tree whose files are
-    /// owned by uid 100000 + the owner inside. It outlives the sessions, so that caches can be
-    /// collected from it; it lives in the workspace's parent folder and goes with it. `None`
-    /// when `workdir` has no parent.
-    pub fn overlay_upper(workdir: &Path) -> Option<PathBuf> {
-        Some(sandbox_folder(workdir)?.join("upper"))
     }
 }
 
@@ -296,14 +287,5 @@ mod tests {
         );
         assert!(parse_probe("").is_none());
         assert!(parse_probe("memory=none").is_none());
-    }
-
-    #[test]
-    fn the_upper_folder_sits_next_to_the_workspace() {
-        assert_eq!(
-            NamespaceExecutor::overlay_upper(Path::new("/data/work/b1/src")),
-            Some(PathBuf::from("/data/work/b1/sandbox/upper"))
-        );
-        assert_eq!(NamespaceExecutor::overlay_upper(Path::new("/")), None);
     }
 }

@@ -79,7 +79,10 @@ impl ShellSession {
     ) -> Result<Self, SandboxError> {
         let requests = helper.stdin.take().map(|stdin| Box::pin(stdin) as Requests);
         Ok(ShellSession {
-            process: Box::new(HelperProcess { helper }),
+            process: Box::new(HelperProcess {
+                helper,
+                oom_events: std::sync::OnceLock::new(),
+            }),
             requests,
             output: pipe::Receiver::from_owned_fd(output).map_err(SandboxError::Io)?,
             output_open: true,
@@ -199,6 +202,8 @@ impl ShellSession {
 /// A shell started by the helper process (`host` and `namespace`).
 struct HelperProcess {
     helper: Child,
+    /// Where the session's out-of-memory kills are counted, once the helper made its cgroup.
+    oom_events: std::sync::OnceLock<std::path::PathBuf>,
 }
 
 impl ShellProcess for HelperProcess {
@@ -238,7 +243,14 @@ impl ShellProcess for HelperProcess {
     }
 
     fn oom_kills(&self) -> Option<u64> {
-        crate::cgroups::oom_kills(self.helper.id()?)
+        let file = match self.oom_events.get() {
+            Some(file) => file,
+            None => {
+                let found = crate::cgroups::oom_events_file(self.helper.id()?)?;
+                self.oom_events.get_or_init(|| found)
+            }
+        };
+        crate::cgroups::oom_kills(file)
     }
 }
 

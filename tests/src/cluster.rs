@@ -250,27 +250,23 @@ impl Cluster {
 
     /// The peers node `index` has heard a heartbeat from.
     pub fn peers_heard_by(&self, index: usize) -> Vec<String> {
-        let status = self.status(index);
-        status["peers"]
-            .as_array()
-            .map(|peers| {
-                peers
-                    .iter()
-                    .filter(|p| !p["heartbeat_age_ms"].is_null())
-                    .filter_map(|p| p["peer_id"].as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default()
+        self.peers_of(index, |p| !p["heartbeat_age_ms"].is_null())
     }
 
     /// Every peer node `index` lists (heard from or connected).
     pub fn peers_listed_by(&self, index: usize) -> Vec<String> {
+        self.peers_of(index, |_| true)
+    }
+
+    /// The ids of the peers in node `index`'s status that `keep` accepts.
+    fn peers_of(&self, index: usize, keep: impl Fn(&serde_json::Value) -> bool) -> Vec<String> {
         let status = self.status(index);
         status["peers"]
             .as_array()
             .map(|peers| {
                 peers
                     .iter()
+                    .filter(|p| keep(p))
                     .filter_map(|p| p["peer_id"].as_str().map(str::to_owned))
                     .collect()
             })

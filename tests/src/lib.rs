@@ -439,6 +439,83 @@ pub fn ensure_test_user() {
     );
 }
 
+/// The backend conformance build: one buildspec every shell sandbox runs (`host`, `namespace`,
+/// `docker`), so each backend's test compares the same transcript: the working directory, a
+/// `cd` and an exported variable carried across phases, a workspace write the node collects,
+/// exit statuses, `CODEBUILD_BUILD_SUCCEEDING`, and which sandbox and image ran it.
+pub const BACKEND_CONFORMANCE: &str = r#"
+version: 0.2
+phases:
+  install:
+    commands:
+      - test "$PWD" = "$CODEBUILD_SRC_DIR" && echo starts in the workspace
+      - mkdir -p sub && cd sub
+      - export GREETING=hello
+  build:
+    commands:
+      - basename "$PWD"
+      - echo "$GREETING"
+      - echo made inside > "$CODEBUILD_SRC_DIR/out.txt"
+      - id -u
+      - sh -c 'exit 3'
+  post_build:
+    commands:
+      - echo "succeeding=$CODEBUILD_BUILD_SUCCEEDING"
+      - echo "sandbox=$PEERBUILD_SANDBOX image=$CODEBUILD_BUILD_IMAGE"
+artifacts:
+  files: [out.txt]
+"#;
+
+/// What [`BACKEND_CONFORMANCE`] must show on every backend: the same transcript, but for the
+/// sandbox and image it names and, where the image has no bash, the line saying so.
+pub fn backend_conformance_transcript(sandbox: &str, image: &str, no_bash: bool) -> String {
+    let note = if no_bash {
+        "| peerbuild: the image has no bash; the build's shell is /bin/sh\n"
+    } else {
+        ""
+    };
+    format!(
+        "exit 1
+$ test \"$PWD\" = \"$CODEBUILD_SRC_DIR\" && echo starts in the workspace
+{note}| starts in the workspace
+$ mkdir -p sub && cd sub
+$ export GREETING=hello
+INSTALL SUCCEEDED
+$ basename \"$PWD\"
+| sub
+$ echo \"$GREETING\"
+| hello
+$ echo made inside > \"$CODEBUILD_SRC_DIR/out.txt\"
+$ id -u
+| 0
+$ sh -c 'exit 3'
+BUILD FAILED: Error while executing command: sh -c 'exit 3'. Reason: exit status 3
+note: POST_BUILD runs although the build has failed, as in CodeBuild; CODEBUILD_BUILD_SUCCEEDING is 0
+$ echo \"succeeding=$CODEBUILD_BUILD_SUCCEEDING\"
+| succeeding=0
+$ echo \"sandbox=$PEERBUILD_SANDBOX image=$CODEBUILD_BUILD_IMAGE\"
+| sandbox={sandbox} image={image}
+POST_BUILD SUCCEEDED
+UPLOAD_ARTIFACTS SUCCEEDED
+result FAILED: BUILD: command `sh -c 'exit 3'` exited with status 3
+artifact primary: 1 files"
+    )
+}
+
+/// Runs [`BACKEND_CONFORMANCE`] with `args` (which choose the sandbox); returns the run's
+/// transcript and the artifact the build wrote.
+pub fn backend_conformance(args: &[&str]) -> (String, String) {
+    let project = Project::new(&[("buildspec.yml", BACKEND_CONFORMANCE)]);
+    let artifacts = TempDir::new("conformance-artifacts");
+    let folder = artifacts.path().join("out");
+    let mut all = args.to_vec();
+    let folder_arg = folder.display().to_string();
+    all.extend(["--artifacts", &folder_arg]);
+    let run = project.run(&all);
+    let copied = std::fs::read_to_string(folder.join("out.txt")).unwrap_or_default();
+    (run.transcript(), copied)
+}
+
 /// The Debian packages the sandbox and pool tests use, by a program each provides.
 const TEST_PACKAGES: [(&str, &str); 4] = [
     ("/bin/busybox", "busybox-static"),

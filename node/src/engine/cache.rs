@@ -325,9 +325,12 @@ pub fn save(
     let version = version(&cache.paths);
     let dir = cache_dir(store).join(&version);
     let name = format!("{}.json", &blake3::hash(key.as_bytes()).to_hex()[..32]);
-    if live_entry(store, &dir.join(&name)) {
+    let target = dir.join(&name);
+    if live_entry(store, &target) {
         return Ok((Saved::AlreadyThere, Vec::new()));
     }
+    // An entry left unreadable or without its tree (gc, a crash) is no entry: it is replaced.
+    let _ = fs::remove_file(&target);
     let (relative, absolute, warnings) = select(workspace, outside, &cache.paths);
     if relative.is_none() && absolute.is_none() {
         return Ok((Saved::NothingMatched, warnings));
@@ -363,11 +366,6 @@ pub fn save(
     };
     fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let json = serde_json::to_vec_pretty(&entry).map_err(|e| e.to_string())?;
-    let target = dir.join(&name);
-    // An entry left unreadable or without its tree (gc, a crash) is no entry: replace it.
-    if target.exists() && !live_entry(store, &target) {
-        let _ = fs::remove_file(&target);
-    }
     // Written whole to a temporary file, then published with link(2), which never replaces:
     // of two builds saving one key at once exactly one wins, and no reader sees half an entry.
     let temporary = store.temporary_path("cache-entry");

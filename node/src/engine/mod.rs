@@ -328,10 +328,10 @@ impl Run<'_> {
         // not a cache is saved, so it never reaches the artifacts).
         let outside = workspace.take_stage();
         if self.end.is_none()
-            && let Some(mut staged) = staged_cache
+            && let Some(staged) = staged_cache
         {
-            staged.outside = staged.outside.and(outside.clone());
-            self.save_cache(&workspace, staged).await;
+            let outside = outside.as_deref().filter(|_| staged.outside_staged);
+            self.save_cache(&workspace, staged, outside).await;
         }
         if let Some(outside) = &outside {
             remove_tree(outside);
@@ -1123,7 +1123,7 @@ impl Run<'_> {
             return Some(StagedCache {
                 cache,
                 key,
-                outside: None,
+                outside_staged: false,
             });
         };
         let user = self.top_user();
@@ -1132,8 +1132,8 @@ impl Run<'_> {
                 for line in captured.stdout.lines() {
                     self.note(Level::Warning, format!("cache: {line}"));
                 }
-                let outside = (captured.status == 0).then_some(stage);
-                if outside.is_none() {
+                let outside_staged = captured.status == 0;
+                if !outside_staged {
                     self.note(
                         Level::Warning,
                         "cache: the paths outside the workspace could not be staged; they are not saved",
@@ -1142,7 +1142,7 @@ impl Run<'_> {
                 Some(StagedCache {
                     cache,
                     key,
-                    outside,
+                    outside_staged,
                 })
             }
             Err(step) => {
@@ -1152,15 +1152,18 @@ impl Run<'_> {
         }
     }
 
-    /// Saves the cache after a successful build, once the sandbox is gone; an existing entry
-    /// for the key is never replaced.
-    async fn save_cache(&mut self, workspace: &Workspace, staged: StagedCache) {
+    /// Saves the cache after a successful build, once the sandbox is gone, its paths outside the
+    /// workspace read from `outside` (the staging folder taken out of the workspace); an
+    /// existing entry for the key is never replaced.
+    async fn save_cache(
+        &mut self,
+        workspace: &Workspace,
+        staged: StagedCache,
+        outside: Option<&Path>,
+    ) {
         let started = Instant::now();
-        let StagedCache {
-            cache,
-            key,
-            outside,
-        } = staged;
+        let StagedCache { cache, key, .. } = staged;
+        let outside = outside.map(Path::to_owned);
         let store = self.node.store.clone();
         let workspace_path = workspace.path().to_owned();
         let scratch = workspace.scratch("cache-save");
@@ -1567,12 +1570,12 @@ impl OutputSink for PhaseOutput {
     }
 }
 
-/// A cache to save once the sandbox has ended: its evaluated key, and where its paths outside
+/// A cache to save once the sandbox has ended: its evaluated key, and whether its paths outside
 /// the workspace were staged.
 struct StagedCache {
     cache: Cache,
     key: String,
-    outside: Option<PathBuf>,
+    outside_staged: bool,
 }
 
 /// A build's working folder, removed when dropped.

@@ -980,3 +980,14 @@ fn a_build_that_times_out_after_its_phases_saves_no_cache() {
         run.transcript()
     );
 }
+
+/// The backend conformance build (the one every shell sandbox runs) on `host`.
+#[test]
+fn the_backend_conformance_build_runs_on_the_host() {
+    let (transcript, copied) = tests::backend_conformance(&["--sandbox", "host"]);
+    assert_eq!(
+        transcript,
+        tests::backend_conformance_transcript("host", "host", false)
+    );
+    assert_eq!(copied, "made inside\n");
+}

@@ -10,7 +10,6 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use expect_test::expect;
 use tests::{Outside, Project, Run, TempDir, processes_with};
 
 /// Whether this machine builds namespace sandboxes, checked once with a trivial build.
@@ -106,58 +105,11 @@ fn ordinary_behaviours_hold_inside() {
     if !available() {
         return;
     }
-    let project = Project::new(&[(
-        "buildspec.yml",
-        r#"
-version: 0.2
-phases:
-  install:
-    commands:
-      - test "$PWD" = "$CODEBUILD_SRC_DIR" && echo starts in the workspace
-      - mkdir -p sub && cd sub
-      - export GREETING=hello
-  build:
-    commands:
-      - basename "$PWD"
-      - echo "$GREETING"
-      - echo made inside > "$CODEBUILD_SRC_DIR/out.txt"
-      - id -u
-      - sh -c 'exit 3'
-  post_build:
-    commands:
-      - echo "succeeding=$CODEBUILD_BUILD_SUCCEEDING"
-artifacts:
-  files: [out.txt]
-"#,
-    )]);
-    let artifacts = TempDir::new("ns-artifacts");
-    let folder = artifacts.path().join("out");
-    let run = run_namespaced(&project, &["--artifacts", &folder.display().to_string()]);
-    expect![[r#"
-        exit 1
-        $ test "$PWD" = "$CODEBUILD_SRC_DIR" && echo starts in the workspace
-        | starts in the workspace
-        $ mkdir -p sub && cd sub
-        $ export GREETING=hello
-        INSTALL SUCCEEDED
-        $ basename "$PWD"
-        | sub
-        $ echo "$GREETING"
-        | hello
-        $ echo made inside > "$CODEBUILD_SRC_DIR/out.txt"
-        $ id -u
-        | 0
-        $ sh -c 'exit 3'
-        BUILD FAILED: Error while executing command: sh -c 'exit 3'. Reason: exit status 3
-        note: POST_BUILD runs although the build has failed, as in CodeBuild; CODEBUILD_BUILD_SUCCEEDING is 0
-        $ echo "succeeding=$CODEBUILD_BUILD_SUCCEEDING"
-        | succeeding=0
-        POST_BUILD SUCCEEDED
-        UPLOAD_ARTIFACTS SUCCEEDED
-        result FAILED: BUILD: command `sh -c 'exit 3'` exited with status 3
-        artifact primary: 1 files"#]]
-    .assert_eq(&run.transcript());
-    let copied = std::fs::read_to_string(folder.join("out.txt")).expect("the artifact");
+    let (transcript, copied) = tests::backend_conformance(&["--sandbox", "namespace"]);
+    assert_eq!(
+        transcript,
+        tests::backend_conformance_transcript("namespace", "host", false)
+    );
     assert_eq!(copied, "made inside\n");
 }
 
