@@ -16,6 +16,36 @@ pub fn open_store(data_dir: Option<&Path>) -> Result<Store> {
     Store::open(&path).with_context(|| format!("cannot open the store at {}", path.display()))
 }
 
+/// When the store lacks any part of the tree `digest` and a node runs on the data directory,
+/// has the node fetch it from its peers (into the store both share). `None` when nothing was
+/// missing or no node runs (the export then says what is missing).
+fn fetch_from_pool(
+    store: &Store,
+    data_dir: Option<&Path>,
+    digest: &protocol::Digest,
+) -> Result<Option<crate::pool::shared_cache::TreeFetched>> {
+    let complete = crate::store::transfer::missing(store, digest).is_ok_and(|m| m.is_empty());
+    if complete {
+        return Ok(None);
+    }
+    let data = DataDir::open(data_dir)?;
+    let Some(pool) = crate::pool::client::ApiPoolCache::on_data_dir(data.root()) else {
+        return Ok(None);
+    };
+    eprintln!("peerbuild: {digest} is not all in this store; fetching it from the pool");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start a runtime")?;
+    let fetched = runtime
+        .block_on(pool.fetch_tree(*digest))
+        .with_context(|| format!("cannot fetch {digest} from the pool"))?;
+    for dropped in &fetched.dropped {
+        eprintln!("peerbuild: dropped from the transfer: {dropped}");
+    }
+    Ok(Some(fetched))
+}
+
 /// Shows how many bytes an operation has moved, on standard error, while it runs, when standard
 /// error is a terminal; cleared when dropped.
 struct Progress {
@@ -101,6 +131,7 @@ pub fn run(data_dir: Option<&Path>, command: CacheCommand) -> Result<u8> {
         }
         CacheCommand::Export { digest, dir, json } => {
             let started = Instant::now();
+            let fetched = fetch_from_pool(&store, data_dir, &digest)?;
             let progress = Progress::start(&store, "exporting");
             let exported = export::export(&store, &digest, &dir)
                 .with_context(|| format!("cannot export {digest} into {}", dir.display()));
@@ -115,7 +146,7 @@ pub fn run(data_dir: Option<&Path>, command: CacheCommand) -> Result<u8> {
             if json {
                 println!(
                     "{}",
-                    serde_json::json!({"exported": exported, "duration_ms": started.elapsed().as_millis() as u64})
+                    serde_json::json!({"exported": exported, "fetched": fetched, "duration_ms": started.elapsed().as_millis() as u64})
                 );
             } else {
                 println!(

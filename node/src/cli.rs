@@ -95,7 +95,8 @@ pub enum CacheCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Write a stored tree into a new or empty folder.
+    /// Write a stored tree into a new or empty folder. A tree this store lacks is fetched from
+    /// the pool first when a node runs on this data directory.
     #[command(after_help = "Examples:\n  peerbuild cache export 3f2a...9c/1234 ./restored")]
     Export {
         digest: protocol::Digest,

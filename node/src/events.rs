@@ -159,6 +159,9 @@ pub struct CacheRecord {
     /// Why a restore missed or a save stored nothing.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub reason: Option<String>,
+    /// The peers a restored entry was fetched from (empty: it was in this node's store).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub peers: Vec<String>,
 }
 
 impl CacheRecord {
@@ -173,6 +176,7 @@ impl CacheRecord {
             bytes: 0,
             duration_ms,
             reason: None,
+            peers: Vec::new(),
         }
     }
 }

@@ -131,6 +131,8 @@ async fn run_async(data_dir: Option<&Path>, args: RunArgs) -> Result<u8> {
         reporter: reporter.clone(),
         peer: peer_name(),
         me: users::current(),
+        pool_cache: crate::pool::client::ApiPoolCache::on_data_dir(prepared.data.root())
+            .map(|cache| Arc::new(cache) as Arc<dyn crate::engine::cache::PoolCache>),
     };
     let (stop_sender, stop) = watch::channel(None);
     let limits = Limits {

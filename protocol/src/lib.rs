@@ -3,6 +3,7 @@
 //! it.
 
 pub mod buildspec;
+pub mod cas;
 pub mod digest;
 pub mod tree;
 pub mod wire;

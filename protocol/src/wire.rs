@@ -28,6 +28,9 @@ pub const KAD_PROTOCOL: &str = "/peerbuild/kad/1";
 /// The gossipsub topic of heartbeats and other pool announcements.
 pub const POOL_TOPIC: &str = "peerbuild/pool/1";
 
+/// The gossipsub topic of build events: cache entries saved (later: task states, results).
+pub const EVENTS_TOPIC: &str = "peerbuild/events/1";
+
 /// The largest pool message a node sends or accepts (gossipsub itself refuses anything over its
 /// transmit limit before decoding; this is the same bound for the payload).
 pub const MAX_POOL_MESSAGE_BYTES: usize = 16 * 1024;
@@ -44,7 +47,7 @@ pub const MAX_TEXT_BYTES: usize = 256;
 /// reordered), so an older node reads the kind first and ignores one it does not know: this is
 /// how a message grows new fields without a format version bump (a `Heartbeat2` beside
 /// `Heartbeat`, sent side by side until old nodes are gone).
-pub const POOL_MESSAGE_KINDS: u32 = 2;
+pub const POOL_MESSAGE_KINDS: u32 = 3;
 
 /// Everything said on the pool topic.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -54,6 +57,11 @@ pub enum PoolMessage {
     Heartbeat(Heartbeat),
     /// A peer shutting down cleanly: forget it now rather than when its lease runs out.
     Leaving { peer_id: String },
+    /// A peer saved a cache entry and holds its tree (on the events topic).
+    CacheSaved {
+        peer_id: String,
+        entry: crate::cas::CacheEntry,
+    },
 }
 
 impl PoolMessage {
@@ -62,6 +70,7 @@ impl PoolMessage {
         match self {
             PoolMessage::Heartbeat(heartbeat) => &heartbeat.peer_id,
             PoolMessage::Leaving { peer_id } => peer_id,
+            PoolMessage::CacheSaved { peer_id, .. } => peer_id,
         }
     }
 }
@@ -217,6 +226,10 @@ fn check_limits(message: &PoolMessage) -> Result<(), WireError> {
     match message {
         PoolMessage::Heartbeat(heartbeat) => check_heartbeat(heartbeat),
         PoolMessage::Leaving { peer_id } => check_text("peer_id", peer_id),
+        PoolMessage::CacheSaved { peer_id, entry } => {
+            check_text("peer_id", peer_id)?;
+            crate::cas::check_cache_entry(entry)
+        }
     }
 }
 
@@ -395,6 +408,19 @@ mod tests {
         };
         let bytes = encode_pool_message(&leaving).expect("encodes");
         assert_eq!(decode_pool_message(&bytes), Ok(leaving));
+        let saved = PoolMessage::CacheSaved {
+            peer_id: "12D3KooWExample".into(),
+            entry: crate::cas::CacheEntry {
+                key: "k".into(),
+                paths: vec!["out/**/*".into()],
+                os: "linux".into(),
+                arch: "x86_64".into(),
+                tree: crate::Digest::of(b"t"),
+                created_ms: 1,
+            },
+        };
+        let bytes = encode_pool_message(&saved).expect("encodes");
+        assert_eq!(decode_pool_message(&bytes), Ok(saved));
     }
 
     #[test]

@@ -224,6 +224,39 @@ impl Cluster {
         &self.nodes[index]
     }
 
+    /// `peerbuild run SRC --json ARGS` of `project` on node `index`'s data directory: the build
+    /// runs beside that node and uses the pool through it.
+    pub fn run_on(&self, index: usize, project: &crate::Project, args: &[&str]) -> crate::Run {
+        let output = Command::new(peerbuild())
+            .arg("--data-dir")
+            .arg(&self.nodes[index].data)
+            .arg("run")
+            .arg(project.src())
+            .arg("--json")
+            .args(args)
+            .env_remove("PEERBUILD_NODE")
+            .env_remove("PEERBUILD_DATA_DIR")
+            .current_dir(project.root())
+            .stdin(Stdio::null())
+            .output()
+            .expect("peerbuild runs");
+        crate::Run::new(output, project)
+    }
+
+    /// `peerbuild --data-dir NODE_DATA cache ARGS` on node `index`'s data directory.
+    pub fn cache_on(&self, index: usize, args: &[&str]) -> Output {
+        Command::new(peerbuild())
+            .arg("--data-dir")
+            .arg(&self.nodes[index].data)
+            .arg("cache")
+            .args(args)
+            .env_remove("PEERBUILD_NODE")
+            .env_remove("PEERBUILD_DATA_DIR")
+            .stdin(Stdio::null())
+            .output()
+            .expect("peerbuild cache runs")
+    }
+
     /// `peerbuild status` against node `index`, with `args` (such as `--json`).
     pub fn status_command(&self, index: usize, args: &[&str]) -> Output {
         Command::new(peerbuild())

@@ -26,10 +26,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use protocol::Digest;
 use protocol::buildspec::{ArtifactSet, Cache};
+use protocol::cas::CacheEntry;
 use serde::{Deserialize, Serialize};
 
 use super::artifacts;
 use super::session::quote;
+use crate::store::transfer::BoxFuture;
 use crate::store::{Store, export, import};
 
 /// A saved entry.
@@ -57,17 +59,148 @@ fn paths_key(paths: &[String]) -> Vec<String> {
     sorted
 }
 
-/// The cache's version: its set of paths, OS and CPU architecture.
+/// The cache's version on this machine: its set of paths, this OS and CPU architecture.
 pub fn version(paths: &[String]) -> String {
+    version_for(paths, std::env::consts::OS, std::env::consts::ARCH)
+}
+
+/// The version of a cache of `paths` saved on `os`/`arch` (32 hex digits).
+pub fn version_for(paths: &[String], os: &str, arch: &str) -> String {
     let mut hasher = blake3::Hasher::new();
     for path in paths_key(paths) {
         hasher.update(path.as_bytes());
         hasher.update(b"\0");
     }
-    hasher.update(std::env::consts::OS.as_bytes());
+    hasher.update(os.as_bytes());
     hasher.update(b"\0");
-    hasher.update(std::env::consts::ARCH.as_bytes());
+    hasher.update(arch.as_bytes());
     hasher.finalize().to_hex()[..32].to_owned()
+}
+
+impl Entry {
+    /// The entry as the pool's wire carries it; `None` if its tree digest does not parse.
+    pub fn to_wire(&self) -> Option<CacheEntry> {
+        Some(CacheEntry {
+            key: self.key.clone(),
+            paths: self.paths.clone(),
+            os: self.os.clone(),
+            arch: self.arch.clone(),
+            tree: self.tree.parse().ok()?,
+            created_ms: self.created_ms,
+        })
+    }
+
+    pub fn from_wire(entry: &CacheEntry) -> Entry {
+        Entry {
+            key: entry.key.clone(),
+            paths: entry.paths.clone(),
+            os: entry.os.clone(),
+            arch: entry.arch.clone(),
+            tree: entry.tree.to_string(),
+            created_ms: entry.created_ms,
+        }
+    }
+
+    /// Its version, computed from its own paths and platform.
+    pub fn version(&self) -> String {
+        version_for(&self.paths, &self.os, &self.arch)
+    }
+}
+
+/// The pool's side of the cache, when a node is running: it looks keys up among the entries
+/// its peers announced (or asks them), fetches the tree of one into this store, and tells the
+/// pool about entries saved here. The engine knows only this seam.
+pub trait PoolCache: Send + Sync {
+    /// Finds an entry for `request` in the pool and, when one is found, fetches its tree and
+    /// keeps the entry in this store (so [`lookup`] finds it next).
+    fn find<'a>(&'a self, request: &'a FindRequest) -> BoxFuture<'a, Result<Found, String>>;
+    /// Tells the pool this store holds `entry`.
+    fn announce<'a>(&'a self, entry: &'a Entry) -> BoxFuture<'a, Result<(), String>>;
+}
+
+/// A cache lookup asked of the pool.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FindRequest {
+    pub paths: Vec<String>,
+    pub key: String,
+    pub fallbacks: Vec<String>,
+}
+
+/// What the pool found.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Found {
+    /// An entry, now in this store, fetched from `peer`s.
+    Fetched {
+        entry: Entry,
+        peers: Vec<String>,
+        transferred_bytes: u64,
+        blobs: u64,
+        /// Peers dropped from the transfer (a bad blob, no answer), with why.
+        #[serde(default)]
+        dropped: Vec<String>,
+    },
+    /// No peer has an entry for the key or its fallback prefixes.
+    Nothing { reason: String },
+}
+
+/// The entries of `version` in this store whose keys start with `prefix` and whose trees are
+/// here, newest first, at most `max` (what a peer's `CacheEntries` request gets).
+pub fn entries_with_prefix(store: &Store, version: &str, prefix: &str, max: usize) -> Vec<Entry> {
+    if version.len() != 32 || !version.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Vec::new();
+    }
+    let mut here = entries_in(&cache_dir(store).join(version));
+    here.retain(|e| {
+        e.key.starts_with(prefix) && e.tree.parse::<Digest>().is_ok_and(|d| store.holds(&d))
+    });
+    here.sort_by_key(|e| std::cmp::Reverse(e.created_ms));
+    here.truncate(max);
+    here
+}
+
+/// Keeps `entry` (whose tree is in the store already, as a root) in this store's cache index.
+/// `Ok(false)` when an entry for its key exists already: entries never change.
+pub fn adopt(store: &Store, entry: &Entry) -> Result<bool, String> {
+    let tree: Digest = entry
+        .tree
+        .parse()
+        .map_err(|e: protocol::digest::DigestParseError| e.to_string())?;
+    if !store.holds(&tree) {
+        return Err(format!("the entry's tree {tree} is not in the store"));
+    }
+    let target = entry_path(store, &entry.version(), &entry.key);
+    if live_entry(store, &target) {
+        return Ok(false);
+    }
+    let _ = fs::remove_file(&target);
+    publish(store, entry, &target)
+}
+
+fn entry_path(store: &Store, version: &str, key: &str) -> PathBuf {
+    let name = format!("{}.json", &blake3::hash(key.as_bytes()).to_hex()[..32]);
+    cache_dir(store).join(version).join(name)
+}
+
+/// Writes `entry` at `target` unless one is there. Written whole to a temporary file, then
+/// published with link(2), which never replaces: of two builds saving one key at once exactly
+/// one wins, and no reader sees half an entry.
+fn publish(store: &Store, entry: &Entry, target: &Path) -> Result<bool, String> {
+    if let Some(dir) = target.parent() {
+        fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let json = serde_json::to_vec_pretty(entry).map_err(|e| e.to_string())?;
+    let temporary = store.temporary_path("cache-entry");
+    fs::File::create(&temporary)
+        .and_then(|mut file| file.write_all(&json))
+        .map_err(|e| format!("{}: {e}", temporary.display()))?;
+    let published = fs::hard_link(&temporary, target);
+    let _ = fs::remove_file(&temporary);
+    match published {
+        Ok(()) => Ok(true),
+        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(err) => Err(err.to_string()),
+    }
 }
 
 fn cache_dir(store: &Store) -> PathBuf {
@@ -103,7 +236,7 @@ pub fn lookup(store: &Store, cache: &Cache, key: &str, fallbacks: &[String]) -> 
     let version = version(&cache.paths);
     let mut here = entries_in(&cache_dir(store).join(&version));
     // An entry whose tree gc removed is no entry.
-    here.retain(|e| e.tree.parse::<Digest>().is_ok_and(|d| store.contains(&d)));
+    here.retain(|e| e.tree.parse::<Digest>().is_ok_and(|d| store.holds(&d)));
     here.sort_by_key(|e| std::cmp::Reverse(e.created_ms));
     if let Some(entry) = here.iter().find(|e| e.key == key) {
         return Lookup::Hit {
@@ -307,7 +440,11 @@ fn select(
 
 /// What a save did.
 pub enum Saved {
-    Stored { files: u64, bytes: u64 },
+    Stored {
+        files: u64,
+        bytes: u64,
+        entry: Entry,
+    },
     AlreadyThere,
     NothingMatched,
 }
@@ -322,10 +459,7 @@ pub fn save(
     outside: Option<&Path>,
     scratch: &Path,
 ) -> Result<(Saved, Vec<String>), String> {
-    let version = version(&cache.paths);
-    let dir = cache_dir(store).join(&version);
-    let name = format!("{}.json", &blake3::hash(key.as_bytes()).to_hex()[..32]);
-    let target = dir.join(&name);
+    let target = entry_path(store, &version(&cache.paths), key);
     if live_entry(store, &target) {
         return Ok((Saved::AlreadyThere, Vec::new()));
     }
@@ -364,22 +498,17 @@ pub fn save(
             .unwrap_or(Duration::ZERO)
             .as_millis() as u64,
     };
-    fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let json = serde_json::to_vec_pretty(&entry).map_err(|e| e.to_string())?;
-    // Written whole to a temporary file, then published with link(2), which never replaces:
-    // of two builds saving one key at once exactly one wins, and no reader sees half an entry.
-    let temporary = store.temporary_path("cache-entry");
-    fs::File::create(&temporary)
-        .and_then(|mut file| file.write_all(&json))
-        .map_err(|e| format!("{}: {e}", temporary.display()))?;
-    let published = fs::hard_link(&temporary, &target);
-    let _ = fs::remove_file(&temporary);
-    match published {
-        Ok(()) => Ok((Saved::Stored { files, bytes }, warnings)),
-        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
-            Ok((Saved::AlreadyThere, warnings))
-        }
-        Err(err) => Err(err.to_string()),
+    if publish(store, &entry, &target)? {
+        Ok((
+            Saved::Stored {
+                files,
+                bytes,
+                entry,
+            },
+            warnings,
+        ))
+    } else {
+        Ok((Saved::AlreadyThere, warnings))
     }
 }
 
@@ -389,7 +518,7 @@ fn live_entry(store: &Store, path: &Path) -> bool {
         .ok()
         .and_then(|bytes| serde_json::from_slice::<Entry>(&bytes).ok())
         .and_then(|entry| entry.tree.parse::<Digest>().ok())
-        .is_some_and(|tree| store.contains(&tree))
+        .is_some_and(|tree| store.holds(&tree))
 }
 
 /// What a restore did.

@@ -158,6 +158,8 @@ pub struct Node {
     /// The peer that runs builds here, as results name it.
     pub peer: String,
     pub me: User,
+    /// The pool's cache, when a node is running: asked on a miss, told of every save.
+    pub pool_cache: Option<Arc<dyn cache::PoolCache>>,
 }
 
 /// A sandbox and, for `docker`, its image.
@@ -986,22 +988,58 @@ impl Run<'_> {
                 Err(step) => return self.cache_interrupted(step),
             }
         }
-        let cache = cache.clone();
-        let store = self.node.store.clone();
-        let workspace_path = workspace.path().to_owned();
-        let scratch = workspace.scratch("cache-restore");
-        let lookup_key = key.clone();
-        let outcome = tokio::task::spawn_blocking(move || {
-            match cache::lookup(&store, &cache, &lookup_key, &fallbacks) {
-                cache::Lookup::Hit { entry, .. } => {
-                    let restored = cache::restore(&store, &entry, &workspace_path, &scratch);
-                    restored.map(|restored| (entry.key, restored))
+        let mut from_peers = None;
+        let mut found = self.lookup(cache, &key, &fallbacks).await;
+        // The pool is asked unless this store has the key itself; a fallback found here still
+        // loses to the key itself held by a peer.
+        let exact_here = matches!(found, cache::Lookup::Hit { exact: true, .. });
+        if let (false, Some(pool)) = (exact_here, self.node.pool_cache.clone()) {
+            let hit_here = matches!(found, cache::Lookup::Hit { .. });
+            let request = cache::FindRequest {
+                paths: cache.paths.clone(),
+                key: key.clone(),
+                fallbacks: if hit_here {
+                    Vec::new()
+                } else {
+                    fallbacks.clone()
+                },
+            };
+            match self.limits.guard(pool.find(&request)).await {
+                Ok(Ok(cache::Found::Fetched {
+                    peers,
+                    transferred_bytes,
+                    dropped,
+                    ..
+                })) => {
+                    for why in dropped {
+                        self.note(
+                            Level::Warning,
+                            format!("cache: a peer was dropped from the transfer ({why})"),
+                        );
+                    }
+                    from_peers = Some((peers, transferred_bytes));
+                    found = self.lookup(cache, &key, &fallbacks).await;
                 }
-                cache::Lookup::Miss { reason } => Err(reason),
+                Ok(Ok(cache::Found::Nothing {
+                    reason: pool_reason,
+                })) => {
+                    if let cache::Lookup::Miss { reason } = &mut found {
+                        *reason = format!("{reason}; in the pool: {pool_reason}");
+                    }
+                }
+                Ok(Err(err)) => {
+                    self.note(
+                        Level::Warning,
+                        format!("cache: the pool could not be asked ({err})"),
+                    );
+                }
+                Err(interrupt) => return self.interrupted(interrupt),
             }
-        })
-        .await
-        .unwrap_or_else(|join| Err(join.to_string()));
+        }
+        let outcome = match found {
+            cache::Lookup::Hit { entry, .. } => self.stage_entry(workspace, entry).await,
+            cache::Lookup::Miss { reason } => Err(reason),
+        };
         let outcome = match outcome {
             Ok((matched, restored)) => {
                 // The session has started: files written into its workspace now must be made
@@ -1028,11 +1066,21 @@ impl Run<'_> {
                         hit: true,
                         files,
                         bytes,
+                        peers: from_peers
+                            .as_ref()
+                            .map(|(peers, _)| peers.clone())
+                            .unwrap_or_default(),
                         ..CacheRecord::new("restore", &key, duration_ms)
                     },
-                    format!(
-                        "cache hit: restored {files} files ({bytes} bytes) from key `{matched}` in {duration_ms} ms"
-                    ),
+                    match &from_peers {
+                        None => format!(
+                            "cache hit: restored {files} files ({bytes} bytes) from key `{matched}` in {duration_ms} ms"
+                        ),
+                        Some((peers, transferred)) => format!(
+                            "cache hit: restored {files} files ({bytes} bytes) from key `{matched}` in {duration_ms} ms, fetched from {} ({transferred} bytes transferred)",
+                            peers.join(", ")
+                        ),
+                    },
                 )
             }
             Err(reason) => (
@@ -1045,6 +1093,35 @@ impl Run<'_> {
         };
         self.note(Level::Info, message);
         self.caches.push(record);
+    }
+
+    /// Looks the key, then each fallback prefix, up in this store.
+    async fn lookup(&self, cache: &Cache, key: &str, fallbacks: &[String]) -> cache::Lookup {
+        let cache = cache.clone();
+        let store = self.node.store.clone();
+        let (key, fallbacks) = (key.to_owned(), fallbacks.to_vec());
+        tokio::task::spawn_blocking(move || cache::lookup(&store, &cache, &key, &fallbacks))
+            .await
+            .unwrap_or_else(|join| cache::Lookup::Miss {
+                reason: join.to_string(),
+            })
+    }
+
+    /// Stages an entry of this store in the workspace, for the build's shell to merge.
+    async fn stage_entry(
+        &self,
+        workspace: &Workspace,
+        entry: cache::Entry,
+    ) -> Result<(String, cache::Restored), String> {
+        let store = self.node.store.clone();
+        let workspace_path = workspace.path().to_owned();
+        let scratch = workspace.scratch("cache-restore");
+        tokio::task::spawn_blocking(move || {
+            let restored = cache::restore(&store, &entry, &workspace_path, &scratch);
+            restored.map(|restored| (entry.key, restored))
+        })
+        .await
+        .unwrap_or_else(|join| Err(join.to_string()))
     }
 
     /// The cache's key, evaluated; `None` (with a note) when the buildspec gives none.
@@ -1188,8 +1265,20 @@ impl Run<'_> {
                     self.note(Level::Warning, format!("cache: {warning}"));
                 }
                 match saved {
-                    cache::Saved::Stored { files, bytes } => {
+                    cache::Saved::Stored {
+                        files,
+                        bytes,
+                        entry,
+                    } => {
                         (record.files, record.bytes) = (files, bytes);
+                        if let Some(pool) = &self.node.pool_cache
+                            && let Err(err) = pool.announce(&entry).await
+                        {
+                            self.note(
+                                Level::Warning,
+                                format!("cache: saved here, but the pool was not told ({err})"),
+                            );
+                        }
                         format!(
                             "cache saved: {files} files ({bytes} bytes) under key `{key}` in {duration_ms} ms"
                         )

@@ -27,8 +27,10 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Semaphore, broadcast, mpsc, watch};
 use tracing::{debug, warn};
 
+use super::shared_cache::NodeCache;
 use super::swarm::Shared;
 use super::view::PoolEvent;
+use crate::engine::cache::{Entry, FindRequest, PoolCache};
 
 /// Event lines a client of `/v1/events` may fall behind by before it is dropped.
 const EVENTS_PER_CLIENT: usize = 256;
@@ -40,7 +42,12 @@ pub struct ApiState {
     pub shared: Shared,
     /// The bearer token for loopback TCP (`None`: no TCP listener).
     pub token: Option<String>,
+    /// The pool's shared cache.
+    pub cache: Arc<NodeCache>,
 }
+
+/// The largest request body the API reads.
+const MAX_REQUEST_BODY_BYTES: usize = 256 * 1024;
 
 /// Binds `socket` with mode 0600 (creating it in a private temporary name first, so it is never
 /// reachable with looser permissions), replacing a stale socket of a node that died.
@@ -142,7 +149,7 @@ fn spawn_connection<S>(
         let _permit = permit;
         let service = service_fn(move |request| {
             let state = state.clone();
-            async move { Ok::<_, Infallible>(handle(&state, listener, request)) }
+            async move { Ok::<_, Infallible>(handle(&state, listener, request).await) }
         });
         let connection = hyper::server::conn::http1::Builder::new()
             .serve_connection(TokioIo::new(stream), service);
@@ -161,14 +168,18 @@ fn spawn_connection<S>(
 
 type ApiBody = BoxBody<Bytes, Infallible>;
 
-fn handle(state: &ApiState, listener: Listener, request: Request<Incoming>) -> Response<ApiBody> {
+async fn handle(
+    state: &ApiState,
+    listener: Listener,
+    request: Request<Incoming>,
+) -> Response<ApiBody> {
     if listener == Listener::Tcp && !authorized(state, &request) {
         return error(
             StatusCode::UNAUTHORIZED,
             "send `Authorization: Bearer TOKEN` with the token in the node's DATA_DIR/api.token",
         );
     }
-    route(state, request.method(), request.uri().path())
+    route(state, request).await
 }
 
 fn authorized(state: &ApiState, request: &Request<Incoming>) -> bool {
@@ -190,16 +201,92 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// The routes. Later slices add `POST /v1/builds` (submit), `GET /v1/builds`,
 /// `GET /v1/builds/{id}/logs` and `POST /v1/builds/{id}/cancel` here.
-fn route(state: &ApiState, method: &Method, path: &str) -> Response<ApiBody> {
+async fn route(state: &ApiState, request: Request<Incoming>) -> Response<ApiBody> {
+    let path = request.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    match (method, segments.as_slice()) {
+    match (request.method(), segments.as_slice()) {
         (&Method::GET, ["v1", "status"]) => status(state),
         (&Method::GET, ["v1", "events"]) => events(state),
         (_, ["v1", "status" | "events"]) => error(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
+        (&Method::POST, ["v1", "cache", "find"]) => match read_json(request).await {
+            Ok(find) => cache_find(state, find).await,
+            Err(response) => response,
+        },
+        (&Method::POST, ["v1", "cache", "announce"]) => match read_json(request).await {
+            Ok(entry) => cache_announce(state, entry).await,
+            Err(response) => response,
+        },
+        (&Method::POST, ["v1", "cache", "fetch"]) => match read_json(request).await {
+            Ok(fetch) => cache_fetch(state, fetch).await,
+            Err(response) => response,
+        },
+        (_, ["v1", "cache", "find" | "announce" | "fetch"]) => {
+            error(StatusCode::METHOD_NOT_ALLOWED, "use POST")
+        }
         _ => error(
             StatusCode::NOT_FOUND,
-            "no such endpoint; this node serves GET /v1/status and GET /v1/events",
+            "no such endpoint; this node serves GET /v1/status, GET /v1/events, POST /v1/cache/find, POST /v1/cache/announce and POST /v1/cache/fetch",
         ),
+    }
+}
+
+/// A JSON request body, at most [`MAX_REQUEST_BODY_BYTES`].
+async fn read_json<T: serde::de::DeserializeOwned>(
+    request: Request<Incoming>,
+) -> Result<T, Response<ApiBody>> {
+    let body = http_body_util::Limited::new(request.into_body(), MAX_REQUEST_BODY_BYTES)
+        .collect()
+        .await
+        .map_err(|err| {
+            error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("cannot read the request ({err})"),
+            )
+        })?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(|err| {
+        error(
+            StatusCode::BAD_REQUEST,
+            &format!("malformed request: {err}"),
+        )
+    })
+}
+
+/// `POST /v1/cache/find`: a `FindRequest`; answers a `Found`. The entry found is fetched into
+/// the node's store (the data directory the asking build shares) before the answer.
+async fn cache_find(state: &ApiState, find: FindRequest) -> Response<ApiBody> {
+    match state.cache.find(&find).await {
+        Ok(found) => match serde_json::to_vec(&found) {
+            Ok(json) => json_response(StatusCode::OK, json),
+            Err(err) => error(StatusCode::INTERNAL_SERVER_ERROR, &err.to_string()),
+        },
+        Err(err) => error(StatusCode::BAD_GATEWAY, &err),
+    }
+}
+
+/// What `POST /v1/cache/fetch` takes.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct FetchRequest {
+    pub tree: protocol::Digest,
+}
+
+/// `POST /v1/cache/fetch`: a `FetchRequest`; fetches the tree into the node's store from its
+/// peers and answers a `TreeFetched`.
+async fn cache_fetch(state: &ApiState, fetch: FetchRequest) -> Response<ApiBody> {
+    match state.cache.fetch_tree(fetch.tree).await {
+        Ok(fetched) => match serde_json::to_vec(&fetched) {
+            Ok(json) => json_response(StatusCode::OK, json),
+            Err(err) => error(StatusCode::INTERNAL_SERVER_ERROR, &err.to_string()),
+        },
+        Err(err) => error(StatusCode::BAD_GATEWAY, &err),
+    }
+}
+
+/// `POST /v1/cache/announce`: an `Entry` saved in the node's store; the pool is told.
+async fn cache_announce(state: &ApiState, entry: Entry) -> Response<ApiBody> {
+    match state.cache.announce(&entry).await {
+        Ok(()) => json_response(StatusCode::OK, b"{}".to_vec()),
+        Err(err) => error(StatusCode::SERVICE_UNAVAILABLE, &err),
     }
 }
 

@@ -6,8 +6,11 @@
 //! `peerbuild status` and `peerbuild pool init` are in [`status`].
 
 pub mod api;
+pub mod cas;
+pub mod client;
 pub mod facts;
 pub mod identity;
+pub mod shared_cache;
 pub mod status;
 pub mod swarm;
 pub mod view;
@@ -142,8 +145,14 @@ async fn serve_node(
     api_address: Option<std::net::SocketAddr>,
     token: Option<String>,
 ) -> Result<()> {
+    let allowed = settings.allow_peers.clone();
     let pool = PoolSwarm::start(settings)?;
     let peer_id = pool.peer_id();
+    let store = Arc::new(crate::cache_cli::open_store(Some(data.root()))?);
+    let mut control = pool.stream_control();
+    let incoming = control
+        .accept(cas::protocol())
+        .map_err(|_| anyhow::anyhow!("the blob protocol is registered twice"))?;
     let unix = api::bind_unix(&paths.socket)?;
     let tcp = match api_address {
         Some(address) => Some(api::bind_tcp(address).await?),
@@ -168,10 +177,11 @@ async fn serve_node(
     let shared = Shared {
         view: Arc::new(Mutex::new(PoolView::new(local))),
         events,
+        cache_index: Arc::new(Mutex::new(shared_cache::CacheIndex::default())),
     };
     let (facts_sender, facts_receiver) = watch::channel(facts);
     let (addresses_sender, mut addresses) = watch::channel(Vec::<Multiaddr>::new());
-    let (_commands, command_receiver) = mpsc::channel(64);
+    let (commands, command_receiver) = mpsc::channel(64);
     let (shutdown_sender, shutdown) = watch::channel(false);
 
     spawn_probes(data.root().to_owned(), facts_sender);
@@ -182,7 +192,25 @@ async fn serve_node(
         command_receiver,
         shutdown.clone(),
     ));
-    let api_state = Arc::new(api::ApiState { shared, token });
+    let cas_task = tokio::spawn(cas::serve(
+        incoming,
+        store.clone(),
+        allowed,
+        shutdown.clone(),
+    ));
+    let cache = Arc::new(shared_cache::NodeCache {
+        me: peer_id,
+        store,
+        index: shared.cache_index.clone(),
+        view: shared.view.clone(),
+        control,
+        commands,
+    });
+    let api_state = Arc::new(api::ApiState {
+        shared,
+        token,
+        cache,
+    });
     let api_task = tokio::spawn(api::serve(unix, tcp, api_state, shutdown.clone()));
 
     // node.json appears once the listeners have their ports, and follows them after.
@@ -229,6 +257,7 @@ async fn serve_node(
     let _ = shutdown_sender.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), swarm_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), api_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), cas_task).await;
     remove_if_present(&paths.node_file)?;
     remove_if_present(&paths.socket)?;
     info!("node stopped");

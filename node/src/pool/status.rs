@@ -1,29 +1,16 @@
 //! `peerbuild status` (asks a running node's control API for the pool and prints it) and
 //! `peerbuild pool init` (writes a new pool key and prints how another machine joins).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper::body::Bytes;
-use hyper::{Request, StatusCode};
-use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
+use anyhow::{Context, Result};
 
+use super::client::{find_node, get};
 use super::view::{PeerStatus, StatusReport};
-use super::{NodeFile, api, identity};
+use super::{NodeFile, identity};
 use crate::data_dir::DataDir;
 use crate::run::EXIT_FAULT;
-
-/// The largest API answer the CLI reads.
-const MAX_RESPONSE_BYTES: usize = 64 << 20;
-
-/// Where the node's API is, and how to get in.
-enum Endpoint {
-    Unix(PathBuf),
-    Tcp { authority: String, token: String },
-}
 
 /// `peerbuild status`: exit 0 when shown, 3 when no node answers.
 pub fn status(data_dir: Option<&Path>, node: Option<&str>, json: bool) -> Result<u8> {
@@ -62,110 +49,6 @@ pub fn status(data_dir: Option<&Path>, node: Option<&str>, json: bool) -> Result
         .context("the node's status answer is not understood (a different peerbuild version?)")?;
     print!("{}", table(&report));
     Ok(0)
-}
-
-/// `--node`, else `$PEERBUILD_NODE`, else `DATA_DIR/node.json`. The inner error is the message
-/// for "no node".
-fn find_node(
-    data_dir: Option<&Path>,
-    node: Option<&str>,
-) -> Result<std::result::Result<Endpoint, String>> {
-    let from_env = std::env::var("PEERBUILD_NODE")
-        .ok()
-        .filter(|v| !v.is_empty());
-    let data = DataDir::open(data_dir)?;
-    let url = match node.map(str::to_owned).or(from_env) {
-        Some(url) => url,
-        None => {
-            let path = data.root().join("node.json");
-            let Ok(bytes) = std::fs::read(&path) else {
-                return Ok(Err(format!(
-                    "no node is running (no {}); start one with `peerbuild node`, or point to one with --node URL",
-                    path.display()
-                )));
-            };
-            let node: NodeFile = serde_json::from_slice(&bytes)
-                .with_context(|| format!("{} is not a node file", path.display()))?;
-            node.api
-        }
-    };
-    if let Some(path) = api::unix_path(&url) {
-        if !path.exists() {
-            return Ok(Err(format!(
-                "no node is running ({} does not exist); start one with `peerbuild node`",
-                path.display()
-            )));
-        }
-        return Ok(Ok(Endpoint::Unix(path)));
-    }
-    if let Some(authority) = url.strip_prefix("http://") {
-        let authority = authority.trim_end_matches('/').to_owned();
-        let token = match std::env::var("PEERBUILD_API_TOKEN")
-            .ok()
-            .filter(|t| !t.is_empty())
-        {
-            Some(token) => token,
-            None => {
-                let path = data.root().join("api.token");
-                identity::check_private(&path, "API token")?;
-                std::fs::read_to_string(&path)
-                    .with_context(|| format!("cannot read the API token {}", path.display()))?
-                    .trim()
-                    .to_owned()
-            }
-        };
-        return Ok(Ok(Endpoint::Tcp { authority, token }));
-    }
-    bail!("--node {url}: write unix:PATH or http://127.0.0.1:PORT")
-}
-
-async fn get(endpoint: &Endpoint, path: &str) -> Result<Bytes> {
-    match endpoint {
-        Endpoint::Unix(socket) => {
-            let stream = tokio::net::UnixStream::connect(socket)
-                .await
-                .with_context(|| format!("cannot connect to {}", socket.display()))?;
-            request(stream, "localhost", None, path).await
-        }
-        Endpoint::Tcp { authority, token } => {
-            let stream = tokio::net::TcpStream::connect(authority.as_str())
-                .await
-                .with_context(|| format!("cannot connect to {authority}"))?;
-            request(stream, authority, Some(token), path).await
-        }
-    }
-}
-
-async fn request<S>(stream: S, host: &str, token: Option<&str>, path: &str) -> Result<Bytes>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .context("HTTP handshake with the node failed")?;
-    tokio::spawn(connection);
-    let mut builder = Request::get(path).header(hyper::header::HOST, host);
-    if let Some(token) = token {
-        builder = builder.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
-    }
-    let request = builder.body(Empty::<Bytes>::new())?;
-    let response = sender
-        .send_request(request)
-        .await
-        .context("the node closed the connection")?;
-    let code = response.status();
-    let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
-        .collect()
-        .await
-        .map_err(|err| anyhow::anyhow!("cannot read the node's answer: {err}"))?
-        .to_bytes();
-    if code != StatusCode::OK {
-        bail!(
-            "the node answered {code}: {}",
-            String::from_utf8_lossy(&body).trim()
-        );
-    }
-    Ok(body)
 }
 
 /// The table `peerbuild status` prints: this node first, then its peers.

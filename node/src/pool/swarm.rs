@@ -1,11 +1,14 @@
 //! The libp2p swarm: its transports (TCP with Noise and yamux, wrapped in pnet with a pool key;
 //! QUIC only without one), its behaviours (allow-list, connection limits, identify, ping, mDNS,
-//! Kademlia, gossipsub) and the event loop that turns their events into the pool view.
+//! Kademlia, gossipsub on the pool and events topics, raw streams) and the event loop that turns
+//! their events into the pool view and the cache index.
 //!
 //! The loop is the only owner of the `Swarm`. Other tasks talk to it through bounded channels
-//! and read what it learns from the shared [`PoolView`]; later slices (task offers, blob
-//! transfer) add behaviours here and commands to [`SwarmCommand`].
+//! ([`SwarmCommand`]: dial, announce a cache entry, provide a tree, find a tree's providers)
+//! and read what it learns from the shared [`PoolView`] and cache index. Raw streams (the blob
+//! protocol, `pool::cas`) go around the loop through `libp2p-stream`'s `Control`.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,10 +31,13 @@ use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, allow_block_list, connection_limits, identify, mdns,
     noise, ping, quic, tcp, yamux,
 };
+use protocol::Digest;
+use protocol::cas::CacheEntry;
 use protocol::wire::{self, Heartbeat, PoolMessage, WireError};
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
+use super::shared_cache::CacheIndex;
 use super::view::{PoolEvent, PoolView};
 
 /// The most connections this node keeps, in all and per peer, and the most handshakes in flight.
@@ -44,6 +50,10 @@ const DIAL_HEARD_PEERS_BELOW: usize = 64;
 /// The largest gossip frame (payload, signature, key and topic): gossipsub refuses bigger ones
 /// before decoding them.
 const MAX_GOSSIP_FRAME_BYTES: usize = wire::MAX_POOL_MESSAGE_BYTES + 4096;
+/// Provider lookups in flight at once; more are answered at once with no providers.
+const MAX_PROVIDER_QUERIES: usize = 64;
+/// Providers one lookup collects before it answers.
+const MAX_PROVIDERS: usize = 16;
 
 /// What the swarm needs to start.
 pub struct SwarmSettings {
@@ -73,6 +83,15 @@ pub struct LocalFacts {
 pub enum SwarmCommand {
     /// Dial a peer by address (the control API or a later slice's placement).
     Dial(Multiaddr),
+    /// This node saved a cache entry: say so on the events topic and provide its tree.
+    Announce(CacheEntry),
+    /// This node holds a tree now: provide it in the DHT.
+    Provide(Digest),
+    /// Which peers provide this digest in the DHT (at most 16).
+    FindProviders {
+        digest: Digest,
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
 }
 
 /// What the event loop shares with the rest of the node.
@@ -80,6 +99,8 @@ pub enum SwarmCommand {
 pub struct Shared {
     pub view: Arc<Mutex<PoolView>>,
     pub events: broadcast::Sender<PoolEvent>,
+    /// Cache entries peers announced.
+    pub cache_index: Arc<Mutex<CacheIndex>>,
 }
 
 #[derive(NetworkBehaviour)]
@@ -91,6 +112,8 @@ struct Behaviour {
     mdns: Toggle<mdns::tokio::Behaviour>,
     kad: kad::Behaviour<MemoryStore>,
     gossipsub: gossipsub::Behaviour,
+    /// Raw streams: the blob protocol (`pool::cas`).
+    stream: libp2p_stream::Behaviour,
 }
 
 /// The transport: TCP + Noise + yamux, inside pnet when there is a pool key; QUIC beside it
@@ -169,9 +192,11 @@ fn behaviour(settings: &SwarmSettings) -> Result<Behaviour> {
     let mut gossipsub =
         gossipsub::Behaviour::new(MessageAuthenticity::Signed(keypair.clone()), gossip_config)
             .map_err(|err| anyhow::anyhow!("gossipsub: {err}"))?;
-    gossipsub
-        .subscribe(&pool_topic())
-        .map_err(|err| anyhow::anyhow!("cannot subscribe to the pool topic: {err}"))?;
+    for topic in [pool_topic(), events_topic()] {
+        gossipsub
+            .subscribe(&topic)
+            .map_err(|err| anyhow::anyhow!("cannot subscribe to {topic}: {err}"))?;
+    }
     Ok(Behaviour {
         allow: allow.into(),
         limits: connection_limits::Behaviour::new(limits),
@@ -180,11 +205,20 @@ fn behaviour(settings: &SwarmSettings) -> Result<Behaviour> {
         mdns: mdns.into(),
         kad,
         gossipsub,
+        stream: libp2p_stream::Behaviour::new(),
     })
 }
 
 fn pool_topic() -> IdentTopic {
     IdentTopic::new(wire::POOL_TOPIC)
+}
+
+fn events_topic() -> IdentTopic {
+    IdentTopic::new(wire::EVENTS_TOPIC)
+}
+
+fn record_key(digest: &Digest) -> kad::RecordKey {
+    kad::RecordKey::new(digest.hash())
 }
 
 /// `peerbuild/<version>`, the identify agent version.
@@ -233,6 +267,11 @@ impl PoolSwarm {
         *self.swarm.local_peer_id()
     }
 
+    /// A handle for opening and accepting raw streams (the blob protocol).
+    pub fn stream_control(&self) -> libp2p_stream::Control {
+        self.swarm.behaviour().stream.new_control()
+    }
+
     /// Runs until `shutdown` turns true: heartbeats, discovery, the pool view. On shutdown it
     /// says it is leaving and closes every connection.
     pub async fn run(
@@ -250,6 +289,7 @@ impl PoolSwarm {
             shared,
             facts,
             listen_addresses,
+            provider_queries: HashMap::new(),
         };
         let mut heartbeats = tokio::time::interval(self.settings.heartbeat_interval);
         heartbeats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -266,13 +306,7 @@ impl PoolSwarm {
                     // Fails only when no peer is known yet; mDNS or a later heartbeat fixes that.
                     let _ = self.swarm.behaviour_mut().kad.bootstrap();
                 }
-                Some(command) = commands.recv() => match command {
-                    SwarmCommand::Dial(address) => {
-                        if let Err(err) = self.swarm.dial(address.clone()) {
-                            warn!(%address, error = %err, "cannot dial");
-                        }
-                    }
-                },
+                Some(command) = commands.recv() => state.on_command(&mut self.swarm, command),
                 _ = shutdown.changed() => break,
             }
         }
@@ -314,9 +348,84 @@ struct LoopState {
     shared: Shared,
     facts: watch::Receiver<LocalFacts>,
     listen_addresses: watch::Sender<Vec<Multiaddr>>,
+    /// Provider lookups in flight: what they found so far, and who waits for the answer.
+    provider_queries: HashMap<kad::QueryId, (Vec<PeerId>, oneshot::Sender<Vec<PeerId>>)>,
 }
 
 impl LoopState {
+    fn on_command(&mut self, swarm: &mut Swarm<Behaviour>, command: SwarmCommand) {
+        match command {
+            SwarmCommand::Dial(address) => {
+                if let Err(err) = swarm.dial(address.clone()) {
+                    warn!(%address, error = %err, "cannot dial");
+                }
+            }
+            SwarmCommand::Announce(entry) => {
+                let tree = entry.tree;
+                let message = PoolMessage::CacheSaved {
+                    peer_id: swarm.local_peer_id().to_string(),
+                    entry,
+                };
+                match wire::encode_pool_message(&message) {
+                    Ok(bytes) => {
+                        if let Err(err) = swarm
+                            .behaviour_mut()
+                            .gossipsub
+                            .publish(events_topic(), bytes)
+                        {
+                            debug!(error = %err, "cache entry not announced by gossip");
+                        }
+                    }
+                    // Peers still find it by asking (`CacheEntries`) and through the DHT.
+                    Err(err) => debug!(error = %err, "cache entry too large to announce"),
+                }
+                self.provide(swarm, &tree);
+            }
+            SwarmCommand::Provide(digest) => self.provide(swarm, &digest),
+            SwarmCommand::FindProviders { digest, reply } => {
+                if self.provider_queries.len() >= MAX_PROVIDER_QUERIES {
+                    let _ = reply.send(Vec::new());
+                    return;
+                }
+                let id = swarm.behaviour_mut().kad.get_providers(record_key(&digest));
+                self.provider_queries.insert(id, (Vec::new(), reply));
+            }
+        }
+    }
+
+    fn provide(&self, swarm: &mut Swarm<Behaviour>, digest: &Digest) {
+        if let Err(err) = swarm
+            .behaviour_mut()
+            .kad
+            .start_providing(record_key(digest))
+        {
+            debug!(%digest, error = %err, "not provided in the DHT");
+        }
+    }
+
+    /// A step of a provider lookup: collect, and answer when it is done or has enough.
+    fn on_providers(
+        &mut self,
+        id: kad::QueryId,
+        result: Result<kad::GetProvidersOk, kad::GetProvidersError>,
+        last: bool,
+    ) {
+        let Some((found, _)) = self.provider_queries.get_mut(&id) else {
+            return;
+        };
+        if let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = result {
+            for provider in providers {
+                if !found.contains(&provider) {
+                    found.push(provider);
+                }
+            }
+        }
+        let done = last || found.len() >= MAX_PROVIDERS;
+        if done && let Some((found, reply)) = self.provider_queries.remove(&id) {
+            let _ = reply.send(found);
+        }
+    }
+
     fn publish_events(&self, events: Vec<PoolEvent>) {
         for event in events {
             // No subscriber is fine: nobody is watching the event stream.
@@ -484,6 +593,12 @@ impl LoopState {
                     let _ = swarm.dial(dial);
                 }
             }
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id,
+                result: kad::QueryResult::GetProviders(result),
+                step,
+                ..
+            }) => self.on_providers(id, result, step.last),
             BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                 propagation_source,
                 message_id,
@@ -549,6 +664,14 @@ impl LoopState {
                 info!(peer = %peer_id, "peer leaving");
                 let events = self.view().left(&peer_id);
                 self.publish_events(events);
+            }
+            PoolMessage::CacheSaved { entry, .. } => {
+                debug!(peer = %source, key = %entry.key, "cache entry announced");
+                self.shared
+                    .cache_index
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .heard(source, entry);
             }
             _ => return MessageAcceptance::Ignore,
         }

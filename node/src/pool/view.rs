@@ -180,6 +180,18 @@ impl PoolView {
         self.peers.get(peer_id).is_some_and(|p| p.connections > 0)
     }
 
+    /// Up to `limit` peers with a direct connection, those heard from by heartbeat first (they
+    /// are pool members; a connection alone may still be identifying).
+    pub fn connected_peers(&self, limit: usize) -> Vec<String> {
+        let connected = || self.peers.iter().filter(|(_, p)| p.connections > 0);
+        connected()
+            .filter(|(_, p)| p.heartbeat.is_some())
+            .chain(connected().filter(|(_, p)| p.heartbeat.is_none()))
+            .map(|(id, _)| id.clone())
+            .take(limit)
+            .collect()
+    }
+
     /// Forgets the heartbeats of peers silent for longer than `lease`.
     pub fn expire(&mut self, now: Instant, lease: Duration) -> Vec<PoolEvent> {
         let expired: Vec<String> = self

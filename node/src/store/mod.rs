@@ -149,6 +149,17 @@ impl Store {
                 .is_ok_and(|m| m.len() > 0)
     }
 
+    /// Whether the store holds `digest`, counting packs other processes published since this
+    /// one looked ([`Store::contains`] may miss those: fine for deduplicating writes, not for
+    /// answers that others act on, such as a peer's "do you hold it" or a cache lookup).
+    pub fn holds(&self, digest: &Digest) -> bool {
+        if self.contains(digest) {
+            return true;
+        }
+        self.packs.refresh();
+        self.packs.contains(digest)
+    }
+
     /// Stores `bytes`; returns their digest and how many bytes were newly written (0 when the
     /// store already held them).
     pub fn put(&self, bytes: &[u8]) -> Result<(Digest, u64)> {
@@ -279,7 +290,11 @@ impl Store {
     /// that match `digest`; returns how many bytes were newly written. Bad bytes are an error
     /// naming the digest, and nothing is stored.
     pub fn put_stored(&self, digest: &Digest, stored: &[u8]) -> Result<u64> {
-        if stored.len() as u64 > digest.size().saturating_add(1 << 16) + 1 {
+        if stored.len() as u64
+            > digest
+                .size()
+                .saturating_add(protocol::cas::MAX_STORED_OVERHEAD)
+        {
             return Err(StoreError::Corrupt {
                 digest: *digest,
                 detail: format!(

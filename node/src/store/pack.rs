@@ -53,6 +53,8 @@ pub struct Packs {
     dir: PathBuf,
     index: RwLock<HashMap<Digest, Location>>,
     loaded: Mutex<Option<HashSet<String>>>,
+    /// The pack folder's modification time when its indexes were last read.
+    seen_mtime: Mutex<Option<std::time::SystemTime>>,
     writer: Mutex<Option<Writer>>,
 }
 
@@ -72,8 +74,23 @@ impl Packs {
             dir,
             index: RwLock::new(HashMap::new()),
             loaded: Mutex::new(None),
+            seen_mtime: Mutex::new(None),
             writer: Mutex::new(None),
         }
+    }
+
+    /// Reads the indexes of packs published since this process last looked, if the pack
+    /// folder changed (one `stat` when it did not): for answers that must see what other
+    /// processes (a build beside a node, the node itself) stored meanwhile.
+    pub fn refresh(&self) {
+        let mtime = fs::metadata(&self.dir).and_then(|m| m.modified()).ok();
+        let mut seen = lock(&self.seen_mtime);
+        if mtime.is_some() && *seen == mtime {
+            return;
+        }
+        *seen = mtime;
+        drop(seen);
+        self.load();
     }
 
     /// Reads the indexes of packs this process has not seen yet.

@@ -25,16 +25,12 @@ use protocol::tree::{EntryKind, Tree, decode_chunk_list};
 
 use super::{Store, StoreError};
 
-/// The most blobs one fetch request asks for.
-pub const MAX_BATCH_BLOBS: usize = 64;
-/// The most bytes (uncompressed) one fetch request asks for; a single larger blob is asked
-/// for alone.
-pub const MAX_BATCH_BYTES: u64 = 8 << 20;
-/// The most digests one "which do you hold" question names.
-pub const MAX_QUERY_DIGESTS: usize = 1024;
-/// The largest blob a transfer accepts (chunks are at most 2 MiB; trees and chunk lists of
-/// huge folders and files are the only larger blobs).
-pub const MAX_BLOB_BYTES: u64 = 64 << 20;
+/// The batch and question sizes are the blob protocol's own limits (`protocol::cas`), so a
+/// batch always fits one request.
+pub use protocol::cas::{
+    MAX_BLOB_BYTES, MAX_FETCH_BYTES as MAX_BATCH_BYTES, MAX_FETCH_DIGESTS as MAX_BATCH_BLOBS,
+    MAX_HAS_DIGESTS as MAX_QUERY_DIGESTS,
+};
 /// Requests in flight to one source at once.
 const IN_FLIGHT_PER_SOURCE: usize = 4;
 /// How long one request may take before its source is dropped for the transfer.
@@ -68,7 +64,7 @@ impl BlobSource for StoreSource {
     }
 
     fn has<'a>(&'a self, digests: &'a [Digest]) -> BoxFuture<'a, Result<Vec<bool>, String>> {
-        Box::pin(async move { Ok(digests.iter().map(|d| self.store.contains(d)).collect()) })
+        Box::pin(async move { Ok(digests.iter().map(|d| self.store.holds(d)).collect()) })
     }
 
     fn fetch<'a>(&'a self, digests: &'a [Digest]) -> BoxFuture<'a, Result<StoredBlobs, String>> {
@@ -145,7 +141,7 @@ pub fn missing(store: &Store, root: &Digest) -> Result<Vec<Digest>, StoreError> 
         if !seen.insert(digest) {
             return false;
         }
-        if store.contains(&digest) {
+        if store.holds(&digest) {
             return true;
         }
         missing.push(digest);

@@ -3,6 +3,7 @@
 mod batch;
 mod conformance;
 mod pool;
+mod pool_cache;
 mod processes;
 mod records;
 mod refusals;

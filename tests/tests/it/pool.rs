@@ -87,12 +87,25 @@ fn three_nodes_joined_by_bootstrap_see_each_other_with_labels_and_slots() {
             || cluster.logs(),
         );
     }
+    // Sandboxes are probed once at start-up (the namespace probe builds a sandbox), so they may
+    // come a few heartbeats after the peer itself on a loaded machine.
+    let first_as_seen = |status: &serde_json::Value| {
+        status["peers"]
+            .as_array()
+            .expect("peers")
+            .iter()
+            .find(|p| p["peer_id"] == cluster.node(first).peer_id.as_str())
+            .cloned()
+            .expect("the third node lists the first")
+    };
+    wait_until(
+        "the first node's sandboxes reach the third",
+        deadline(60),
+        || first_as_seen(&cluster.status(third))["sandboxes"]["host"].is_object(),
+        || cluster.logs(),
+    );
     let status = cluster.status(third);
-    let peers = status["peers"].as_array().expect("peers");
-    let seen = peers
-        .iter()
-        .find(|p| p["peer_id"] == cluster.node(first).peer_id.as_str())
-        .expect("the third node lists the first");
+    let seen = &first_as_seen(&status);
     assert_eq!(seen["labels"]["zone"], "a");
     assert_eq!(seen["labels"]["gpu"], "none");
     assert_eq!(seen["slots_total"], 3);
