@@ -10,42 +10,17 @@
 # Needs tar, zstd, rsync and curl (apt-get install -y zstd rsync curl).
 #   bench/pool-cache.sh [SCALE]     (SCALE 1.0 is the full 1.3 GiB tree; 0.1 for a quick run)
 set -euo pipefail
-here=$(cd "$(dirname "$0")/.." && pwd)
+source "$(dirname "$0")/pool-lib.sh"
 shared=${PEERBUILD_SHARED:-$here/../shared}
 scale=${1:-1.0}
-work=$(mktemp -d "${TMPDIR:-/tmp}/pb-bench-pool.XXXXXX")
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-target=${CARGO_TARGET_DIR:-$here/target}
-cargo build --quiet --release -p node --manifest-path "$here/Cargo.toml"
-pb="$target/release/peerbuild"
-ms() { date +%s%3N; }
 
 python3 "$shared/bench/make-tree.py" "$work/tree" --scale "$scale"
 echo "tree: $(du -sh --apparent-size "$work/tree" | cut -f1), $(find "$work/tree" -type f | wc -l) files; $(nproc) cores"
 
-start_node() { # DATA [BOOTSTRAP]
-  local args=(--data-dir "$1" node --listen /ip4/127.0.0.1/tcp/0 --no-mdns --heartbeat-interval 1s)
-  [ -n "${2:-}" ] && args+=(--bootstrap "$2")
-  PEERBUILD_LOG=warn "$pb" "${args[@]}" 2>>"$work/nodes.log" &
-  pids+=($!)
-  for _ in $(seq 100); do [ -s "$1/node.json" ] && return 0; sleep 0.1; done
-  echo "node on $1 did not start" >&2; cat "$work/nodes.log" >&2; exit 1
-}
 start_node "$work/a"
-address=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['bootstrap_addresses'][0])" "$work/a/node.json")
-start_node "$work/b" "$address"
+start_node "$work/b" "$(bootstrap_address "$work/a")"
 digest=$("$pb" --data-dir "$work/a" cache import "$work/tree" 2>/dev/null)
-# Both nodes connected and heard each other.
-for _ in $(seq 100); do
-  "$pb" --data-dir "$work/b" status --json | grep -q "$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['peer_id'])" "$work/a/node.json")" && break
-  sleep 0.2
-done
+await_peer "$work/b" "$work/a"
 sleep 2; sync
 
 bash "$shared/bench/baselines.sh" "$work/tree"

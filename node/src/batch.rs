@@ -302,21 +302,8 @@ fn finish(
                     _ => "not started: the batch stopped (fast-fail)".to_owned(),
                 };
                 BuildResult {
-                    build_id: String::new(),
-                    build_number: 0,
                     member: Some(planned[index].identifier.clone()),
-                    status: Status::Stopped,
-                    message: Some(message),
-                    start_time_ms: 0,
-                    duration_ms: 0,
-                    peer: String::new(),
-                    source_digest: None,
-                    phases: Vec::new(),
-                    exported_variables: Vec::new(),
-                    artifacts: Vec::new(),
-                    reports: Vec::new(),
-                    caches: Vec::new(),
-                    members: Vec::new(),
+                    ..BuildResult::ended_early(String::new(), 0, Status::Stopped, message)
                 }
             })
         })

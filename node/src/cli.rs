@@ -258,6 +258,31 @@ pub struct RunArgs {
     /// Run only on a peer with this label. Repeatable.
     #[arg(long, value_name = "LABEL=VALUE")]
     pub require: Vec<String>,
+    /// Submit to this node's API (`unix:PATH` or `http://127.0.0.1:PORT`) instead of the one
+    /// running on the data directory ($PEERBUILD_NODE works too); the node must share this
+    /// data directory's store.
+    #[arg(long, value_name = "URL")]
+    pub node: Option<String>,
+    /// Run on this machine's embedded one-node pool even when a node runs here (its pool's
+    /// cache is still used).
+    #[arg(long, conflicts_with = "node")]
+    pub local: bool,
+    /// The sandbox a submitter asked for, checked against this owner's sandbox.allow like a
+    /// buildspec's peerbuild.sandbox (set by a node running another peer's build).
+    #[arg(long, value_name = "KIND", hide = true)]
+    pub sandbox_request: Option<String>,
+    /// The commit the source came from (set by a node running another peer's build, whose
+    /// source arrives as a tree).
+    #[arg(long, value_name = "COMMIT", hide = true)]
+    pub source_version: Option<String>,
+    /// The build's id, as its submitter numbered it (set by a node running a submitted build).
+    #[arg(long, value_name = "ID", hide = true, requires = "build_number")]
+    pub build_id: Option<String>,
+    #[arg(long, value_name = "N", hide = true, requires = "build_id")]
+    pub build_number: Option<u64>,
+    /// Keep no record of the build in the data directory (its submitter keeps it).
+    #[arg(long, hide = true)]
+    pub no_record: bool,
     /// Print one JSON event a line (schema: docs/EVENTS.md).
     #[arg(long)]
     pub json: bool,

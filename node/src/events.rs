@@ -233,6 +233,35 @@ pub struct BuildResult {
     pub members: Vec<BuildResult>,
 }
 
+impl BuildResult {
+    /// A result for a build that ended before it ran anything of its own (refused, stopped, or
+    /// lost): its status and why, every list empty.
+    pub fn ended_early(
+        build_id: String,
+        build_number: u64,
+        status: Status,
+        message: String,
+    ) -> Self {
+        BuildResult {
+            build_id,
+            build_number,
+            member: None,
+            status,
+            message: Some(message),
+            start_time_ms: 0,
+            duration_ms: 0,
+            peer: String::new(),
+            source_digest: None,
+            phases: Vec::new(),
+            exported_variables: Vec::new(),
+            artifacts: Vec::new(),
+            reports: Vec::new(),
+            caches: Vec::new(),
+            members: Vec::new(),
+        }
+    }
+}
+
 /// An event as written out: the schema version first, then the event's own fields.
 #[derive(Serialize, Deserialize)]
 pub struct Envelope {

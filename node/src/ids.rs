@@ -33,6 +33,22 @@ impl BuildId {
         }
     }
 
+    /// Reads `project:uuid` back, as a submitter sends it; `None` unless both parts are
+    /// non-empty `[A-Za-z0-9_-]` (an id names a folder).
+    pub fn parse(text: &str) -> Option<BuildId> {
+        let (project, uuid) = text.split_once(':')?;
+        let valid = |part: &str| {
+            !part.is_empty()
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        };
+        (valid(project) && valid(uuid)).then(|| BuildId {
+            project: project.to_owned(),
+            uuid: uuid.to_owned(),
+        })
+    }
+
     pub fn project(&self) -> &str {
         &self.project
     }

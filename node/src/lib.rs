@@ -16,4 +16,5 @@ pub mod run;
 pub mod settings;
 pub mod source;
 pub mod store;
+pub mod submit;
 pub mod users;

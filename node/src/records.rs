@@ -22,7 +22,8 @@ pub struct Summary {
     pub source: String,
 }
 
-/// Reads what the data directory holds about one build.
+/// Reads what the data directory holds about one build (a pool build's record starts with the
+/// node's notes on where it runs, then the worker's `build_started`).
 fn summarize(dir: &Path) -> Option<Summary> {
     let events = read_events(&dir.join("events.jsonl")).ok()?;
     let Some(Event::BuildStarted {
@@ -31,7 +32,10 @@ fn summarize(dir: &Path) -> Option<Summary> {
         source,
         start_time_ms,
         ..
-    }) = events.first().cloned()
+    }) = events
+        .iter()
+        .find(|e| matches!(e, Event::BuildStarted { .. }))
+        .cloned()
     else {
         return None;
     };

@@ -219,6 +219,10 @@ pub fn summary(result: &BuildResult) -> String {
         result.status.name(),
         duration(result.duration_ms)
     ));
+    // A build the pool placed names the peer that ran it (a local one is `local (HOST)`).
+    if !result.peer.is_empty() && !result.peer.starts_with("local (") {
+        out.push(format!("  peer:      {}", result.peer));
+    }
     if !result.phases.is_empty() {
         let phases: Vec<String> = result
             .phases

@@ -45,7 +45,7 @@ impl std::fmt::Display for Refused {
 
 impl std::error::Error for Refused {}
 
-fn refuse<T>(message: impl Into<String>) -> Result<T> {
+pub(crate) fn refuse<T>(message: impl Into<String>) -> Result<T> {
     Err(Refused(message.into()).into())
 }
 
@@ -66,33 +66,33 @@ pub fn run(data_dir: Option<&Path>, args: RunArgs) -> Result<u8> {
 }
 
 /// Everything checked and prepared before the build starts.
-struct Prepared {
-    data: DataDir,
-    source: Arc<Source>,
-    buildspec: Buildspec,
-    id: BuildId,
-    number: u64,
-    base_env: Variables,
-    submitted: Vec<(String, String)>,
-    secrets: SecretsFile,
-    users: HashMap<String, User>,
+pub(crate) struct Prepared {
+    pub(crate) data: DataDir,
+    pub(crate) source: Arc<Source>,
+    pub(crate) buildspec: Buildspec,
+    pub(crate) id: BuildId,
+    pub(crate) number: u64,
+    pub(crate) base_env: Variables,
+    pub(crate) submitted: Vec<(String, String)>,
+    pub(crate) secrets: SecretsFile,
+    pub(crate) users: HashMap<String, User>,
     /// `--artifacts`, if given.
-    artifacts_root: Option<PathBuf>,
-    start_time_ms: u64,
+    pub(crate) artifacts_root: Option<PathBuf>,
+    pub(crate) start_time_ms: u64,
     /// The sandbox the build runs in: `--sandbox`, else the buildspec's `peerbuild.sandbox`,
     /// else the owner's default.
-    sandbox: SandboxKind,
+    pub(crate) sandbox: SandboxKind,
     /// The image the `docker` sandbox runs (`--image`, else the buildspec's `peerbuild.image`).
-    image: Option<String>,
+    pub(crate) image: Option<String>,
     /// Remarks to show once the build is announced.
-    warnings: Vec<String>,
+    pub(crate) warnings: Vec<String>,
     /// The owner's settings (`DATA_DIR/config.toml`).
-    settings: Settings,
+    pub(crate) settings: Settings,
     /// The sandboxes the buildspec's phases ask for under `peerbuild.phases`.
-    phase_sandboxes: Vec<SandboxChoice>,
+    pub(crate) phase_sandboxes: Vec<SandboxChoice>,
     /// What denies builds the network, if anything (`--deny-network`, or `sandbox.network =
     /// false` in the owner's settings): builds get none, and those that ask are refused.
-    denied_network: Option<String>,
+    pub(crate) denied_network: Option<String>,
 }
 
 impl Prepared {
@@ -103,7 +103,13 @@ impl Prepared {
 }
 
 async fn run_async(data_dir: Option<&Path>, args: RunArgs) -> Result<u8> {
-    let prepared = prepare(data_dir, &args)?;
+    if !args.local
+        && let Some(endpoint) =
+            crate::pool::client::submit_endpoint(data_dir, args.node.as_deref())?
+    {
+        return crate::submit::submit(data_dir, args, endpoint).await;
+    }
+    let prepared = prepare(data_dir, &args, Placing::Here)?;
     let allow_privileged = prepared.allows_privileged(&args);
     let main = (prepared.sandbox, prepared.image.clone());
     let executor = make_executor(&prepared, &main, allow_privileged).await?;
@@ -114,13 +120,11 @@ async fn run_async(data_dir: Option<&Path>, args: RunArgs) -> Result<u8> {
             phase_executors.insert(sandbox.clone(), other);
         }
     }
-    let build_dir = prepared.data.build(&prepared.id.to_string());
-    data_dir::create_private(&build_dir)?;
-    data_dir::write_private(
-        &build_dir.join("pid"),
-        std::process::id().to_string().as_bytes(),
-    )?;
-    let reporter = Reporter::new(sinks(&args, &build_dir)?);
+    let build_dir = (!args.no_record).then(|| prepared.data.build(&prepared.id.to_string()));
+    if let Some(build_dir) = &build_dir {
+        start_record(build_dir)?;
+    }
+    let reporter = Reporter::new(sinks(&args, build_dir.as_deref())?);
     let store = Arc::new(crate::cache_cli::open_store(Some(prepared.data.root()))?);
     let store_for_gc = store.clone();
     let node = Node {
@@ -148,17 +152,63 @@ async fn run_async(data_dir: Option<&Path>, args: RunArgs) -> Result<u8> {
     let result = match result {
         Ok(result) => result,
         Err(err) if err.downcast_ref::<Refused>().is_some() => {
-            let _ = std::fs::remove_dir_all(&build_dir);
+            if let Some(build_dir) = &build_dir {
+                let _ = std::fs::remove_dir_all(build_dir);
+            }
             return Err(err);
         }
         Err(err) => return Err(err),
     };
     let status = result.status;
+    finish_record(&reporter, build_dir.as_deref(), result)?;
+    let grown = store_for_gc
+        .written
+        .load(std::sync::atomic::Ordering::Relaxed);
+    keep_store_within_budget(&store_for_gc, &args, grown);
+    Ok(status.exit_code())
+}
+
+/// Where a build's events go: the terminal (human or `--json`) and, when the build is
+/// recorded, its `events.jsonl`.
+pub(crate) fn sinks(args: &RunArgs, build_dir: Option<&Path>) -> Result<Vec<Box<dyn EventSink>>> {
+    let terminal: Box<dyn EventSink> = if args.json {
+        Box::new(JsonLines::new(std::io::stdout()))
+    } else {
+        let spinner = std::io::stderr().is_terminal() && std::io::stdout().is_terminal();
+        Box::new(crate::render::Human::new(std::io::stdout(), spinner))
+    };
+    let mut sinks = vec![terminal];
+    if let Some(build_dir) = build_dir {
+        let log = crate::reporter::event_log(&build_dir.join("events.jsonl"))?;
+        sinks.push(Box::new(log) as Box<dyn EventSink>);
+    }
+    Ok(sinks)
+}
+
+/// Starts a build's record: its folder in the data directory, with this process's pid (for
+/// `peerbuild cancel`).
+pub(crate) fn start_record(build_dir: &Path) -> Result<()> {
+    data_dir::create_private(build_dir)?;
+    data_dir::write_private(
+        &build_dir.join("pid"),
+        std::process::id().to_string().as_bytes(),
+    )
+}
+
+/// Shows the final result and, when the build is recorded, keeps it (masked, as every sink saw
+/// it) in `result.json`.
+pub(crate) fn finish_record(
+    reporter: &Reporter,
+    build_dir: Option<&Path>,
+    result: BuildResult,
+) -> Result<()> {
     let mut finished = Event::BuildFinished {
         result: Box::new(result),
     };
     reporter.emit(finished.clone());
-    // The record keeps the result masked, as every event sink saw it.
+    let Some(build_dir) = build_dir else {
+        return Ok(());
+    };
     finished.mask_with(&|s| reporter.mask(s));
     let record = crate::events::Envelope {
         v: crate::events::SCHEMA_VERSION,
@@ -169,22 +219,7 @@ async fn run_async(data_dir: Option<&Path>, args: RunArgs) -> Result<u8> {
         &serde_json::to_vec_pretty(&record)?,
     )?;
     let _ = std::fs::remove_file(build_dir.join("pid"));
-    let grown = store_for_gc
-        .written
-        .load(std::sync::atomic::Ordering::Relaxed);
-    keep_store_within_budget(&store_for_gc, &args, grown);
-    Ok(status.exit_code())
-}
-
-fn sinks(args: &RunArgs, build_dir: &Path) -> Result<Vec<Box<dyn EventSink>>> {
-    let terminal: Box<dyn EventSink> = if args.json {
-        Box::new(JsonLines::new(std::io::stdout()))
-    } else {
-        let spinner = std::io::stderr().is_terminal() && std::io::stdout().is_terminal();
-        Box::new(crate::render::Human::new(std::io::stdout(), spinner))
-    };
-    let log = crate::reporter::event_log(&build_dir.join("events.jsonl"))?;
-    Ok(vec![terminal, Box::new(log)])
+    Ok(())
 }
 
 /// What a run executes: one build, or a batch's members (all prepared before anything starts,
@@ -349,25 +384,12 @@ async fn run_batch(
 
 /// A result for a member the runner was asked to start twice, which the batch graph never does.
 fn unreachable_member(index: usize) -> BuildResult {
-    BuildResult {
-        build_id: String::new(),
-        build_number: 0,
-        member: None,
-        status: Status::Fault,
-        message: Some(format!(
-            "internal error: batch member {index} started twice"
-        )),
-        start_time_ms: 0,
-        duration_ms: 0,
-        peer: String::new(),
-        source_digest: None,
-        phases: Vec::new(),
-        exported_variables: Vec::new(),
-        artifacts: Vec::new(),
-        reports: Vec::new(),
-        caches: Vec::new(),
-        members: Vec::new(),
-    }
+    BuildResult::ended_early(
+        String::new(),
+        0,
+        Status::Fault,
+        format!("internal error: batch member {index} started twice"),
+    )
 }
 
 /// The batch's status: a fault or timeout of any member is the batch's; a batch stopped by the
@@ -583,7 +605,19 @@ fn load_buildspec(path: &Path, display: impl AsRef<Path>) -> Result<Buildspec> {
         .map_err(|e| Refused(e.to_string()).into())
 }
 
-fn prepare(data_dir: Option<&Path>, args: &RunArgs) -> Result<Prepared> {
+/// Where the build is placed: on this machine (its labels must meet `--require`), or by a node
+/// of the pool (which checks them against every peer).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Placing {
+    Here,
+    Pool,
+}
+
+pub(crate) fn prepare(
+    data_dir: Option<&Path>,
+    args: &RunArgs,
+    placing: Placing,
+) -> Result<Prepared> {
     let dir = args.dir.clone().unwrap_or_else(|| PathBuf::from("."));
     if !dir.is_dir() {
         return refuse(format!(
@@ -626,7 +660,9 @@ fn prepare(data_dir: Option<&Path>, args: &RunArgs) -> Result<Prepared> {
             "{denied_by} cannot be kept by a phase in the host sandbox (peerbuild.phases), which shares this machine's network"
         ));
     }
-    check_requirements(args)?;
+    if placing == Placing::Here {
+        check_requirements(args)?;
+    }
     let submitted = submitted_variables(args)?;
     let secrets = match &args.secrets {
         Some(path) => SecretsFile::load(path).map_err(|e| Refused(format!("{e:#}")))?,
@@ -651,8 +687,17 @@ fn prepare(data_dir: Option<&Path>, args: &RunArgs) -> Result<Prepared> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "build".into());
-    let id = BuildId::new(&project);
-    let number = data.next_build_number(id.project())?;
+    let (id, number) = match (&args.build_id, args.build_number) {
+        (Some(id), Some(number)) => match BuildId::parse(id) {
+            Some(id) => (id, number),
+            None => return refuse(format!("--build-id {id}: expected PROJECT:ID")),
+        },
+        _ => {
+            let id = BuildId::new(&project);
+            let number = data.next_build_number(id.project())?;
+            (id, number)
+        }
+    };
     // Without --artifacts, artifacts stay in the build's own folder of the data directory.
     let me = users::current();
     let mut base_env = env::base(&me.home, &me.name);
@@ -667,11 +712,12 @@ fn prepare(data_dir: Option<&Path>, args: &RunArgs) -> Result<Prepared> {
         .unwrap_or(Duration::ZERO)
         .as_millis() as u64;
     base_env.set("CODEBUILD_START_TIME", start_time_ms.to_string());
-    if let Some(commit) = &source.git_commit {
+    if let Some(commit) = args.source_version.as_ref().or(source.git_commit.as_ref()) {
         base_env.set("CODEBUILD_RESOLVED_SOURCE_VERSION", commit.clone());
         base_env.set("CODEBUILD_SOURCE_VERSION", commit.clone());
     }
     base_env.set("PEERBUILD_SANDBOX", sandbox.key());
+    base_env.set("PEERBUILD_PEER_ID", peer_name());
     base_env.set("PEERBUILD_VERSION", env!("CARGO_PKG_VERSION"));
     Ok(Prepared {
         data,
@@ -722,7 +768,23 @@ fn choose_sandbox(args: &RunArgs, buildspec: &Buildspec, settings: &Settings) ->
             }
         },
     };
+    // A submitter's choice, on a node running another peer's build, is a request like the
+    // buildspec's: this owner's sandbox.allow decides.
+    let requested = match args.sandbox_request.as_deref() {
+        None => None,
+        Some(key) => match SandboxKind::from_key(key) {
+            Some(kind) => Some(kind),
+            None => return refuse(format!("the submitter asks for an unknown sandbox `{key}`")),
+        },
+    };
     if from_flag.is_none()
+        && let Some(asked) = requested
+        && let Err(refusal) = settings.check_allowed(asked)
+    {
+        return refuse(format!("the submitter asks for it (--sandbox): {refusal}"));
+    }
+    if from_flag.is_none()
+        && requested.is_none()
         && let Some(asked) = buildspec.peerbuild.sandbox
         && let Err(refusal) = settings.check_allowed(asked)
     {
@@ -731,6 +793,7 @@ fn choose_sandbox(args: &RunArgs, buildspec: &Buildspec, settings: &Settings) ->
         ));
     }
     let sandbox = from_flag
+        .or(requested)
         .or(buildspec.peerbuild.sandbox)
         .unwrap_or(settings.sandbox.default);
     let mut warnings = Vec::new();
@@ -1005,7 +1068,14 @@ fn helper_command() -> Result<HelperCommand> {
     })
 }
 
+/// The peer that runs builds here: the node's peer id when a node runs this build (it says so
+/// in `PEERBUILD_PEER_ID`), else `local (HOSTNAME)`.
 fn peer_name() -> String {
+    if let Ok(peer) = std::env::var("PEERBUILD_PEER_ID")
+        && !peer.is_empty()
+    {
+        return peer;
+    }
     let mut buffer = [0u8; 256];
     // SAFETY: gethostname writes at most the buffer's length.
     let ok = unsafe { libc::gethostname(buffer.as_mut_ptr().cast(), buffer.len()) } == 0;
@@ -1019,7 +1089,7 @@ fn peer_name() -> String {
 }
 
 /// Ctrl-C and SIGTERM stop the build in order: its processes are killed and it ends STOPPED.
-async fn forward_signals(stop: watch::Sender<Option<Interrupt>>) {
+pub(crate) async fn forward_signals(stop: watch::Sender<Option<Interrupt>>) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut interrupt), Ok(mut terminate)) = (
         signal(SignalKind::interrupt()),
@@ -1034,7 +1104,7 @@ async fn forward_signals(stop: watch::Sender<Option<Interrupt>>) {
     let _ = stop.send(Some(Interrupt::Stopped));
 }
 
-async fn tick(reporter: Reporter) {
+pub(crate) async fn tick(reporter: Reporter) {
     let mut interval = tokio::time::interval(Duration::from_millis(100));
     loop {
         interval.tick().await;

@@ -17,7 +17,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::Digest;
-use crate::wire::{self, WIRE_FORMAT_VERSION, WireError};
+use crate::wire::{self, WireError, check_size, decode_versioned, encode_versioned};
 
 /// The protocol id (its version is the last part).
 pub const CAS_PROTOCOL: &str = "/peerbuild/cas/1";
@@ -123,7 +123,7 @@ pub fn reply_limit(request: &CasRequest) -> usize {
 /// Encodes a request; refuses one over its limits (the answerer would refuse it).
 pub fn encode_request(request: &CasRequest) -> Result<Vec<u8>, WireError> {
     check_request(request)?;
-    let bytes = encode(request)?;
+    let bytes = encode_versioned(request)?;
     check_size(bytes.len(), MAX_REQUEST_BYTES)?;
     Ok(bytes)
 }
@@ -131,7 +131,7 @@ pub fn encode_request(request: &CasRequest) -> Result<Vec<u8>, WireError> {
 /// Decodes a request from a peer: size, version, message, then limits.
 pub fn decode_request(bytes: &[u8]) -> Result<CasRequest, WireError> {
     check_size(bytes.len(), MAX_REQUEST_BYTES)?;
-    let request: CasRequest = decode(bytes)?;
+    let request: CasRequest = decode_versioned(bytes)?;
     check_request(&request)?;
     Ok(request)
 }
@@ -139,50 +139,14 @@ pub fn decode_request(bytes: &[u8]) -> Result<CasRequest, WireError> {
 /// Encodes a reply frame's body.
 pub fn encode_reply(reply: &CasReply) -> Result<Vec<u8>, WireError> {
     check_reply(reply)?;
-    encode(reply)
+    encode_versioned(reply)
 }
 
 /// Decodes a reply frame's body (its length already checked against [`reply_limit`]).
 pub fn decode_reply(bytes: &[u8]) -> Result<CasReply, WireError> {
-    let reply: CasReply = decode(bytes)?;
+    let reply: CasReply = decode_versioned(bytes)?;
     check_reply(&reply)?;
     Ok(reply)
-}
-
-fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>, WireError> {
-    postcard::to_stdvec(&(WIRE_FORMAT_VERSION, message)).map_err(|err| WireError::Malformed {
-        reason: err.to_string(),
-    })
-}
-
-fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, WireError> {
-    let malformed = |err: postcard::Error| WireError::Malformed {
-        reason: err.to_string(),
-    };
-    let (version, rest): (u16, &[u8]) = postcard::take_from_bytes(bytes).map_err(malformed)?;
-    if version != WIRE_FORMAT_VERSION {
-        return Err(WireError::UnsupportedVersion {
-            found: version,
-            supported: WIRE_FORMAT_VERSION,
-        });
-    }
-    let (message, rest): (T, &[u8]) = postcard::take_from_bytes(rest).map_err(malformed)?;
-    if !rest.is_empty() {
-        return Err(WireError::Malformed {
-            reason: format!("{} trailing bytes", rest.len()),
-        });
-    }
-    Ok(message)
-}
-
-fn check_size(size_bytes: usize, limit_bytes: usize) -> Result<(), WireError> {
-    if size_bytes > limit_bytes {
-        return Err(WireError::TooLarge {
-            size_bytes,
-            limit_bytes,
-        });
-    }
-    Ok(())
 }
 
 fn over(field: &'static str) -> WireError {
@@ -326,7 +290,7 @@ mod tests {
             digests: vec![Digest::of(b"a"); MAX_HAS_DIGESTS + 1],
         };
         assert_eq!(encode_request(&many), Err(over("digests")));
-        let bytes = encode(&many).expect("encodes");
+        let bytes = encode_versioned(&many).expect("encodes");
         assert!(decode_request(&bytes).is_err());
         let big = Digest::from_parts([7; 32], MAX_FETCH_BYTES);
         let heavy = CasRequest::Fetch {
@@ -350,7 +314,7 @@ mod tests {
             digest,
             stored: vec![0; 5 + MAX_STORED_OVERHEAD as usize + 1],
         };
-        let bytes = encode(&bloated).expect("encodes");
+        let bytes = encode_versioned(&bloated).expect("encodes");
         assert_eq!(decode_reply(&bytes), Err(over("stored")));
     }
 

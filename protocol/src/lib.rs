@@ -5,6 +5,7 @@
 pub mod buildspec;
 pub mod cas;
 pub mod digest;
+pub mod task;
 pub mod tree;
 pub mod wire;
 

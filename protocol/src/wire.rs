@@ -216,6 +216,41 @@ pub fn decode_pool_message(bytes: &[u8]) -> Result<PoolMessage, WireError> {
     Ok(message)
 }
 
+/// Postcard of `(WIRE_FORMAT_VERSION, message)`: the encoding of every direct-stream frame.
+pub(crate) fn encode_versioned<T: Serialize>(message: &T) -> Result<Vec<u8>, WireError> {
+    postcard::to_stdvec(&(WIRE_FORMAT_VERSION, message)).map_err(malformed)
+}
+
+/// Reads what [`encode_versioned`] wrote: the version first (another is refused), then the
+/// message, with no trailing bytes.
+pub(crate) fn decode_versioned<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, WireError> {
+    let (version, rest): (u16, &[u8]) = postcard::take_from_bytes(bytes).map_err(malformed)?;
+    if version != WIRE_FORMAT_VERSION {
+        return Err(WireError::UnsupportedVersion {
+            found: version,
+            supported: WIRE_FORMAT_VERSION,
+        });
+    }
+    let (message, rest): (T, &[u8]) = postcard::take_from_bytes(rest).map_err(malformed)?;
+    if !rest.is_empty() {
+        return Err(WireError::Malformed {
+            reason: format!("{} trailing bytes", rest.len()),
+        });
+    }
+    Ok(message)
+}
+
+/// Refuses a frame over its limit.
+pub(crate) fn check_size(size_bytes: usize, limit_bytes: usize) -> Result<(), WireError> {
+    if size_bytes > limit_bytes {
+        return Err(WireError::TooLarge {
+            size_bytes,
+            limit_bytes,
+        });
+    }
+    Ok(())
+}
+
 fn malformed(err: postcard::Error) -> WireError {
     WireError::Malformed {
         reason: err.to_string(),

@@ -225,9 +225,27 @@ impl Cluster {
     }
 
     /// `peerbuild run SRC --json ARGS` of `project` on node `index`'s data directory: the build
-    /// runs beside that node and uses the pool through it.
+    /// goes to that node (or, with `--local`, runs beside it using the pool's cache).
     pub fn run_on(&self, index: usize, project: &crate::Project, args: &[&str]) -> crate::Run {
-        let output = Command::new(peerbuild())
+        let output = self
+            .run_command(index, project, args)
+            .output()
+            .expect("peerbuild runs");
+        crate::Run::new(output, project)
+    }
+
+    /// The same, started and left running (output piped): for tests that act while it runs.
+    pub fn spawn_run_on(&self, index: usize, project: &crate::Project, args: &[&str]) -> Child {
+        self.run_command(index, project, args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("peerbuild runs")
+    }
+
+    fn run_command(&self, index: usize, project: &crate::Project, args: &[&str]) -> Command {
+        let mut command = Command::new(peerbuild());
+        command
             .arg("--data-dir")
             .arg(&self.nodes[index].data)
             .arg("run")
@@ -237,10 +255,18 @@ impl Cluster {
             .env_remove("PEERBUILD_NODE")
             .env_remove("PEERBUILD_DATA_DIR")
             .current_dir(project.root())
-            .stdin(Stdio::null())
-            .output()
-            .expect("peerbuild runs");
-        crate::Run::new(output, project)
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// Lets node `index`'s owner run builds without isolation: `host` is its default and
+    /// allowed sandbox (tests of the pool, not of sandboxes, stay fast and need no root).
+    pub fn allow_host(&self, index: usize) {
+        std::fs::write(
+            self.nodes[index].data.join("config.toml"),
+            "[sandbox]\ndefault = \"host\"\nallow = [\"host\"]\n",
+        )
+        .expect("write config.toml");
     }
 
     /// `peerbuild --data-dir NODE_DATA cache ARGS` on node `index`'s data directory.

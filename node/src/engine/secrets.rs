@@ -30,6 +30,11 @@ impl SecretsFile {
         Self::parse(&text).with_context(|| format!("in the secrets file {}", path.display()))
     }
 
+    /// Every name and value, for handing the file to the peer that runs a build.
+    pub fn entries(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.values.iter()
+    }
+
     pub fn parse(text: &str) -> Result<Self> {
         let mut values = HashMap::new();
         for (index, line) in text.lines().enumerate() {
@@ -59,6 +64,17 @@ pub struct Resolved {
     pub variables: Vec<(String, String)>,
     /// Every value to mask: each variable's value, and each whole secret text it came from.
     pub mask: Vec<String>,
+}
+
+/// The names (parameter paths, secret ids) the buildspec's secret entries read.
+pub fn referenced(buildspec: &Buildspec) -> Vec<String> {
+    let parameters = buildspec.env.parameter_store.iter().map(|(_, path)| path);
+    let secrets = buildspec
+        .env
+        .secrets_manager
+        .iter()
+        .map(|(_, reference)| &reference.secret_id);
+    parameters.chain(secrets).cloned().collect()
 }
 
 /// Resolves the buildspec's secret entries. A missing secret is an error that names the variable

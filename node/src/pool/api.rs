@@ -29,6 +29,7 @@ use tracing::{debug, warn};
 
 use super::shared_cache::NodeCache;
 use super::swarm::Shared;
+use super::tasks::{Submission, Tasks};
 use super::view::PoolEvent;
 use crate::engine::cache::{Entry, FindRequest, PoolCache};
 
@@ -44,7 +45,12 @@ pub struct ApiState {
     pub token: Option<String>,
     /// The pool's shared cache.
     pub cache: Arc<NodeCache>,
+    /// Remote builds.
+    pub tasks: Arc<Tasks>,
 }
+
+/// Event lines a submitter may fall behind by before the build waits for it.
+const SUBMIT_QUEUE: usize = 1024;
 
 /// The largest request body the API reads.
 const MAX_REQUEST_BODY_BYTES: usize = 256 * 1024;
@@ -216,6 +222,11 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Response<ApiBody
             Ok(entry) => cache_announce(state, entry).await,
             Err(response) => response,
         },
+        (&Method::POST, ["v1", "builds"]) => match read_json(request).await {
+            Ok(submission) => submit(state, submission),
+            Err(response) => response,
+        },
+        (_, ["v1", "builds"]) => error(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
         (&Method::POST, ["v1", "cache", "fetch"]) => match read_json(request).await {
             Ok(fetch) => cache_fetch(state, fetch).await,
             Err(response) => response,
@@ -225,7 +236,7 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Response<ApiBody
         }
         _ => error(
             StatusCode::NOT_FOUND,
-            "no such endpoint; this node serves GET /v1/status, GET /v1/events, POST /v1/cache/find, POST /v1/cache/announce and POST /v1/cache/fetch",
+            "no such endpoint; this node serves GET /v1/status, GET /v1/events, POST /v1/builds, POST /v1/cache/find, POST /v1/cache/announce and POST /v1/cache/fetch",
         ),
     }
 }
@@ -262,6 +273,19 @@ async fn cache_find(state: &ApiState, find: FindRequest) -> Response<ApiBody> {
         },
         Err(err) => error(StatusCode::BAD_GATEWAY, &err),
     }
+}
+
+/// `POST /v1/builds`: a `Submission`; answers with the build's events as JSON lines (the
+/// `--json` schema), ending with `build_finished`. Closing the connection cancels the build.
+fn submit(state: &ApiState, submission: Submission) -> Response<ApiBody> {
+    let (sender, lines) = mpsc::channel::<Bytes>(SUBMIT_QUEUE);
+    tokio::spawn(state.tasks.clone().submit(submission, sender));
+    let mut response = Response::new(EventBody { lines }.boxed());
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/x-ndjson"),
+    );
+    response
 }
 
 /// What `POST /v1/cache/fetch` takes.

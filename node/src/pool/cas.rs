@@ -33,7 +33,7 @@ pub fn protocol() -> StreamProtocol {
 
 /// Reads one frame: a big-endian `u32` length, checked against `limit` before anything is
 /// allocated, then the body. `None` at a clean end of stream.
-async fn read_frame<S: AsyncRead + Unpin>(
+pub(crate) async fn read_frame<S: AsyncRead + Unpin>(
     stream: &mut S,
     limit: usize,
 ) -> std::io::Result<Option<Vec<u8>>> {
@@ -55,7 +55,10 @@ async fn read_frame<S: AsyncRead + Unpin>(
     Ok(Some(body))
 }
 
-async fn write_frame<S: AsyncWrite + Unpin>(stream: &mut S, body: &[u8]) -> std::io::Result<()> {
+pub(crate) async fn write_frame<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    body: &[u8],
+) -> std::io::Result<()> {
     let length = u32::try_from(body.len())
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "frame too large"))?;
     stream.write_all(&length.to_be_bytes()).await?;
@@ -70,6 +73,27 @@ async fn write_reply<S: AsyncWrite + Unpin>(
     write_frame(stream, &body).await.map_err(|e| e.to_string())
 }
 
+/// The next incoming stream from a peer on the allow-list (`allowed`, if any: the connection
+/// was refused already if the peer is off it; this is a second lock); `None` once `shutdown`
+/// turns true or the protocol is no longer served.
+pub(crate) async fn next_stream(
+    incoming: &mut libp2p_stream::IncomingStreams,
+    allowed: Option<&[PeerId]>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<(PeerId, libp2p::Stream)> {
+    loop {
+        let (peer, stream) = tokio::select! {
+            next = incoming.next() => next?,
+            _ = shutdown.changed() => return None,
+        };
+        if allowed.is_some_and(|list| !list.contains(&peer)) {
+            debug!(%peer, "a stream from a peer off the allow-list dropped");
+            continue;
+        }
+        return Some((peer, stream));
+    }
+}
+
 /// Answers blob requests from peers until `shutdown` turns true. `allowed` is the allow-list
 /// (the connection was refused already if the peer is off it; this is a second lock).
 pub async fn serve(
@@ -79,18 +103,9 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let limit = Arc::new(Semaphore::new(MAX_SERVED_STREAMS));
-    loop {
-        let (peer, mut stream) = tokio::select! {
-            next = incoming.next() => match next {
-                Some(next) => next,
-                None => break,
-            },
-            _ = shutdown.changed() => break,
-        };
-        if allowed.as_ref().is_some_and(|list| !list.contains(&peer)) {
-            debug!(%peer, "blob request from a peer off the allow-list dropped");
-            continue;
-        }
+    while let Some((peer, mut stream)) =
+        next_stream(&mut incoming, allowed.as_deref(), &mut shutdown).await
+    {
         let permit = limit.clone().try_acquire_owned();
         let store = store.clone();
         tokio::spawn(async move {

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Bytes;
-use hyper::{Method, Request, StatusCode};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -83,7 +83,13 @@ pub fn find_node(
     bail!("--node {url}: write unix:PATH or http://127.0.0.1:PORT")
 }
 
-async fn send(endpoint: &Endpoint, method: Method, path: &str, body: Bytes) -> Result<Bytes> {
+/// Sends a request and returns the node's response, its body unread.
+async fn open(
+    endpoint: &Endpoint,
+    method: Method,
+    path: &str,
+    body: Bytes,
+) -> Result<Response<Incoming>> {
     match endpoint {
         Endpoint::Unix(socket) => {
             let stream = tokio::net::UnixStream::connect(socket)
@@ -100,6 +106,24 @@ async fn send(endpoint: &Endpoint, method: Method, path: &str, body: Bytes) -> R
     }
 }
 
+/// Sends a request; the answer's body when the node says 200, else an error with its message.
+async fn send(endpoint: &Endpoint, method: Method, path: &str, body: Bytes) -> Result<Bytes> {
+    let response = open(endpoint, method, path, body).await?;
+    let code = response.status();
+    let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+        .collect()
+        .await
+        .map_err(|err| anyhow::anyhow!("cannot read the node's answer: {err}"))?
+        .to_bytes();
+    if code != StatusCode::OK {
+        bail!(
+            "the node answered {code}: {}",
+            String::from_utf8_lossy(&body).trim()
+        );
+    }
+    Ok(body)
+}
+
 /// `POST path` with a JSON body; the answer's body when the node says 200.
 pub async fn post(endpoint: &Endpoint, path: &str, json: Vec<u8>) -> Result<Bytes> {
     send(endpoint, Method::POST, path, Bytes::from(json)).await
@@ -110,6 +134,66 @@ pub async fn get(endpoint: &Endpoint, path: &str) -> Result<Bytes> {
     send(endpoint, Method::GET, path, Bytes::new()).await
 }
 
+/// `POST path` with a JSON body whose answer is a stream of lines (`POST /v1/builds`).
+pub async fn post_lines(endpoint: &Endpoint, path: &str, json: Vec<u8>) -> Result<Lines> {
+    let response = open(endpoint, Method::POST, path, Bytes::from(json)).await?;
+    let code = response.status();
+    if code != StatusCode::OK {
+        let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        bail!(
+            "the node answered {code}: {}",
+            String::from_utf8_lossy(&body).trim()
+        );
+    }
+    Ok(Lines {
+        body: response.into_body(),
+        buffer: Vec::new(),
+    })
+}
+
+/// The lines of a streamed answer, each at most [`MAX_LINE_BYTES`].
+pub struct Lines {
+    body: Incoming,
+    buffer: Vec<u8>,
+}
+
+/// The longest line a streamed answer may send.
+pub const MAX_LINE_BYTES: usize = 8 << 20;
+
+impl Lines {
+    /// The next line (without its newline); `None` when the answer ended.
+    pub async fn next(&mut self) -> Result<Option<String>> {
+        loop {
+            if let Some(end) = self.buffer.iter().position(|b| *b == b'\n') {
+                let rest = self.buffer.split_off(end + 1);
+                let mut line = std::mem::replace(&mut self.buffer, rest);
+                line.pop();
+                return Ok(Some(String::from_utf8_lossy(&line).into_owned()));
+            }
+            if self.buffer.len() > MAX_LINE_BYTES {
+                bail!("the node sent a line over {MAX_LINE_BYTES} bytes");
+            }
+            match self.body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buffer.extend_from_slice(&data);
+                    }
+                }
+                Some(Err(err)) => bail!("the node's answer broke off: {err}"),
+                None if self.buffer.is_empty() => return Ok(None),
+                None => {
+                    let line = std::mem::take(&mut self.buffer);
+                    return Ok(Some(String::from_utf8_lossy(&line).into_owned()));
+                }
+            }
+        }
+    }
+}
+
 async fn request<S>(
     stream: S,
     host: &str,
@@ -117,7 +201,7 @@ async fn request<S>(
     method: Method,
     path: &str,
     body: Bytes,
-) -> Result<Bytes>
+) -> Result<Response<Incoming>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -136,23 +220,44 @@ where
         builder = builder.header(hyper::header::CONTENT_TYPE, "application/json");
     }
     let request = builder.body(Full::new(body))?;
-    let response = sender
+    sender
         .send_request(request)
         .await
-        .context("the node closed the connection")?;
-    let code = response.status();
-    let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
-        .collect()
-        .await
-        .map_err(|err| anyhow::anyhow!("cannot read the node's answer: {err}"))?
-        .to_bytes();
-    if code != StatusCode::OK {
-        bail!(
-            "the node answered {code}: {}",
-            String::from_utf8_lossy(&body).trim()
-        );
+        .context("the node closed the connection")
+}
+
+/// Where `peerbuild run` submits its build: `--node`, else `$PEERBUILD_NODE` (either must
+/// answer), else the node running on the data directory. `None`: no node; the build runs on
+/// this machine's embedded pool. A node.json whose node does not answer (it was killed) is
+/// passed over with a remark.
+pub fn submit_endpoint(data_dir: Option<&Path>, node: Option<&str>) -> Result<Option<Endpoint>> {
+    let from_env = std::env::var("PEERBUILD_NODE")
+        .ok()
+        .filter(|v| !v.is_empty());
+    if node.is_some() || from_env.is_some() {
+        return match find_node(data_dir, node)? {
+            Ok(endpoint) => Ok(Some(endpoint)),
+            Err(message) => bail!("{message}"),
+        };
     }
-    Ok(body)
+    let data = DataDir::open(data_dir)?;
+    let Ok(bytes) = std::fs::read(data.root().join("node.json")) else {
+        return Ok(None);
+    };
+    let Some(socket) = serde_json::from_slice::<NodeFile>(&bytes)
+        .ok()
+        .and_then(|node| api::unix_path(&node.api))
+    else {
+        return Ok(None);
+    };
+    if std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        eprintln!(
+            "peerbuild: the node in {} does not answer (it may have been killed); running the build on this machine",
+            data.root().display()
+        );
+        return Ok(None);
+    }
+    Ok(Some(Endpoint::Unix(socket)))
 }
 
 /// The pool's cache as a build run by `peerbuild run` reaches it: through the control API of

@@ -13,6 +13,7 @@ pub mod identity;
 pub mod shared_cache;
 pub mod status;
 pub mod swarm;
+pub mod tasks;
 pub mod view;
 
 use std::fs;
@@ -146,6 +147,7 @@ async fn serve_node(
     token: Option<String>,
 ) -> Result<()> {
     let allowed = settings.allow_peers.clone();
+    let keypair = settings.keypair.clone();
     let pool = PoolSwarm::start(settings)?;
     let peer_id = pool.peer_id();
     let store = Arc::new(crate::cache_cli::open_store(Some(data.root()))?);
@@ -153,6 +155,9 @@ async fn serve_node(
     let incoming = control
         .accept(cas::protocol())
         .map_err(|_| anyhow::anyhow!("the blob protocol is registered twice"))?;
+    let incoming_tasks = control
+        .accept(tasks::protocol())
+        .map_err(|_| anyhow::anyhow!("the task protocol is registered twice"))?;
     let unix = api::bind_unix(&paths.socket)?;
     let tcp = match api_address {
         Some(address) => Some(api::bind_tcp(address).await?),
@@ -178,7 +183,9 @@ async fn serve_node(
         view: Arc::new(Mutex::new(PoolView::new(local))),
         events,
         cache_index: Arc::new(Mutex::new(shared_cache::CacheIndex::default())),
+        running: Arc::new(std::sync::atomic::AtomicU32::new(0)),
     };
+    let slots = facts.slots_total.max(1);
     let (facts_sender, facts_receiver) = watch::channel(facts);
     let (addresses_sender, mut addresses) = watch::channel(Vec::<Multiaddr>::new());
     let (commands, command_receiver) = mpsc::channel(64);
@@ -195,21 +202,39 @@ async fn serve_node(
     let cas_task = tokio::spawn(cas::serve(
         incoming,
         store.clone(),
-        allowed,
+        allowed.clone(),
         shutdown.clone(),
     ));
     let cache = Arc::new(shared_cache::NodeCache {
         me: peer_id,
-        store,
+        store: store.clone(),
         index: shared.cache_index.clone(),
         view: shared.view.clone(),
-        control,
+        control: control.clone(),
         commands,
     });
+    let tasks = Arc::new(tasks::Tasks {
+        me: peer_id,
+        keypair,
+        data_root: data.root().to_owned(),
+        store,
+        control,
+        view: shared.view.clone(),
+        cache: cache.clone(),
+        slots: Arc::new(tokio::sync::Semaphore::new(slots as usize)),
+        running: shared.running.clone(),
+    });
+    let tasks_task = tokio::spawn(tasks::serve(
+        tasks.clone(),
+        incoming_tasks,
+        allowed,
+        shutdown.clone(),
+    ));
     let api_state = Arc::new(api::ApiState {
         shared,
         token,
         cache,
+        tasks,
     });
     let api_task = tokio::spawn(api::serve(unix, tcp, api_state, shutdown.clone()));
 
@@ -258,6 +283,7 @@ async fn serve_node(
     let _ = tokio::time::timeout(Duration::from_secs(5), swarm_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), api_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(1), cas_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), tasks_task).await;
     remove_if_present(&paths.node_file)?;
     remove_if_present(&paths.socket)?;
     info!("node stopped");

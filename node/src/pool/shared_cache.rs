@@ -214,7 +214,7 @@ impl NodeCache {
     /// Fetches `tree` from `peers` and the DHT's providers of it (at most [`MAX_SOURCES`] in
     /// all), as a root named `what`. Returns what the transfer did and the peers it used, the
     /// ones dropped for lying or failing left out.
-    async fn fetch_from(
+    pub(crate) async fn fetch_from(
         &self,
         tree: Digest,
         mut peers: Vec<PeerId>,

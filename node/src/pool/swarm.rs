@@ -101,6 +101,8 @@ pub struct Shared {
     pub events: broadcast::Sender<PoolEvent>,
     /// Cache entries peers announced.
     pub cache_index: Arc<Mutex<CacheIndex>>,
+    /// Builds running on this node now (its heartbeats' busy slots).
+    pub running: Arc<std::sync::atomic::AtomicU32>,
 }
 
 #[derive(NetworkBehaviour)]
@@ -470,8 +472,11 @@ impl LoopState {
     fn heartbeat(&self, swarm: &Swarm<Behaviour>) -> Heartbeat {
         let facts = self.facts.borrow().clone();
         let queue_length = 0;
-        // No builds run remotely yet: every slot is free.
-        let slots_free = facts.slots_total;
+        let running = self
+            .shared
+            .running
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let slots_free = facts.slots_total.saturating_sub(running);
         Heartbeat {
             peer_id: swarm.local_peer_id().to_string(),
             sequence: self.sequence,

@@ -180,6 +180,28 @@ impl PoolView {
         self.peers.get(peer_id).is_some_and(|p| p.connections > 0)
     }
 
+    /// This node's latest heartbeat.
+    pub fn local(&self) -> &Heartbeat {
+        &self.local
+    }
+
+    /// The latest heartbeat of every peer heard from (within its lease) and directly
+    /// connected: the peers a build can be placed on.
+    pub fn placeable(&self) -> Vec<Heartbeat> {
+        self.peers
+            .values()
+            .filter(|p| p.connections > 0)
+            .filter_map(|p| p.heartbeat.clone())
+            .collect()
+    }
+
+    /// Whether `peer_id`'s lease holds (a heartbeat heard within it).
+    pub fn is_alive(&self, peer_id: &str) -> bool {
+        self.peers
+            .get(peer_id)
+            .is_some_and(|p| p.heartbeat.is_some())
+    }
+
     /// Up to `limit` peers with a direct connection, those heard from by heartbeat first (they
     /// are pool members; a connection alone may still be identifying).
     pub fn connected_peers(&self, limit: usize) -> Vec<String> {

@@ -7,6 +7,7 @@ mod pool_cache;
 mod processes;
 mod records;
 mod refusals;
+mod remote;
 mod sandbox_docker;
 mod sandbox_namespace;
 mod sandbox_wasm;

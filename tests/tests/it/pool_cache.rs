@@ -1,5 +1,5 @@
 //! The pool's shared cache end to end: a cache saved by a build beside one node is restored by
-//! a build beside another (through gossip announcements and the blob protocol), a peer serving
+//! a build beside another (`--local`: the builds run on the machine of the node they sit beside) (through gossip announcements and the blob protocol), a peer serving
 //! corrupt blobs is caught and bypassed, and `peerbuild cache export` fetches a tree this store
 //! lacks from the pool.
 
@@ -115,7 +115,7 @@ fn corrupt_loose_blobs(data_dir: &std::path::Path) -> usize {
 fn a_cache_saved_beside_one_node_is_restored_by_a_build_beside_another() {
     let cluster = three_nodes();
     let project = Project::new(&[("buildspec.yml", BUILDSPEC)]);
-    let first = cluster.run_on(0, &project, &["--sandbox", "host"]);
+    let first = cluster.run_on(0, &project, &["--local", "--sandbox", "host"]);
     assert_eq!(first.code, 0, "{}\n{}", first.stdout, first.stderr);
     assert_eq!(restore_record(&first)["hit"], false);
     let reason = restore_record(&first)["reason"]
@@ -127,7 +127,7 @@ fn a_cache_saved_beside_one_node_is_restored_by_a_build_beside_another() {
     );
 
     // The third node was never told by the first directly: gossip and the blob protocol bring it.
-    let second = cluster.run_on(2, &project, &["--sandbox", "host"]);
+    let second = cluster.run_on(2, &project, &["--local", "--sandbox", "host"]);
     assert_eq!(
         second.code,
         0,
@@ -155,7 +155,7 @@ fn a_cache_saved_beside_one_node_is_restored_by_a_build_beside_another() {
     assert_eq!(peers_of(record), vec![cluster.node(0).peer_id.clone()]);
 
     // Now it is this node's own: the next build restores it without the pool.
-    let third = cluster.run_on(2, &project, &["--sandbox", "host"]);
+    let third = cluster.run_on(2, &project, &["--local", "--sandbox", "host"]);
     assert_eq!(third.code, 0, "{}", third.stdout);
     assert_eq!(restore_record(&third)["hit"], true);
     assert!(peers_of(restore_record(&third)).is_empty());
@@ -165,16 +165,16 @@ fn a_cache_saved_beside_one_node_is_restored_by_a_build_beside_another() {
 fn a_peer_serving_corrupt_blobs_is_dropped_and_another_holder_serves_them() {
     let cluster = three_nodes();
     let project = Project::new(&[("buildspec.yml", BUILDSPEC)]);
-    let saved = cluster.run_on(0, &project, &["--sandbox", "host"]);
+    let saved = cluster.run_on(0, &project, &["--local", "--sandbox", "host"]);
     assert_eq!(saved.code, 0, "{}", saved.stdout);
     // The second node restores it too, and so becomes a holder.
-    let copied = cluster.run_on(1, &project, &["--sandbox", "host"]);
+    let copied = cluster.run_on(1, &project, &["--local", "--sandbox", "host"]);
     assert_eq!(copied.code, 0, "{}", copied.stdout);
     assert_eq!(restore_record(&copied)["hit"], true);
 
     // The first node's large blobs go bad; it still claims to hold them.
     assert!(corrupt_loose_blobs(cluster.node(0).data_dir()) > 0);
-    let restored = cluster.run_on(2, &project, &["--sandbox", "host"]);
+    let restored = cluster.run_on(2, &project, &["--local", "--sandbox", "host"]);
     assert_eq!(restored.code, 0, "{}\n{}", restored.stdout, cluster.logs());
     assert_eq!(sum(&saved), sum(&restored), "no bad byte reached the build");
     let record = restore_record(&restored);

@@ -1,0 +1,862 @@
+//! Remote builds: the node that a build is submitted to coordinates it ([`Tasks::submit`]):
+//! it places the build on a peer (itself included) that has the labels asked for and a free
+//! slot, hands it over on a `/peerbuild/task/1` stream, relays the build's events back to the
+//! submitter in order, checks the signed result, and fetches the artifacts into its store. A
+//! worker ([`serve`]) takes a task when it has a free slot, fetches the source tree from the
+//! coordinator through the blob protocol, and runs the build with its own `peerbuild run` (a
+//! fresh process, so the engine, the owner's sandbox settings and the pool's cache all apply
+//! as for a local build), streaming its `--json` events. A worker that is lost (the stream
+//! breaks, or its lease runs out) has its build run again on another peer, and the submitter is
+//! told why.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::io::AsyncWriteExt;
+use futures::{AsyncRead, AsyncWrite};
+use hyper::body::Bytes;
+use libp2p::identity::{Keypair, PublicKey};
+use libp2p::{PeerId, StreamProtocol};
+use protocol::Digest;
+use protocol::task::{self, TaskOffer, TaskReply};
+use protocol::wire::Heartbeat;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tracing::{debug, info, warn};
+
+use super::cas::{next_stream, read_frame, write_frame};
+use super::shared_cache::NodeCache;
+use super::view::PoolView;
+use crate::events::{BuildResult, Envelope, Event, Level, SCHEMA_VERSION, Status};
+use crate::store::{Store, export};
+
+/// Peers a build is offered to before the coordinator gives up (each declined, failed or lost).
+const MAX_ATTEMPTS: usize = 4;
+/// How often a running remote build checks that its worker's lease still holds.
+const LEASE_CHECK: Duration = Duration::from_secs(1);
+/// How long a worker may take to accept or decline.
+const OFFER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a build that is cancelled gets to stop before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+pub fn protocol() -> StreamProtocol {
+    StreamProtocol::new(task::TASK_PROTOCOL)
+}
+
+/// A build submitted through `POST /v1/builds`: the offer the chosen peer gets (its source
+/// already in this node's store, which the submitter shares; `task` is filled in here), and the
+/// labels a peer must have.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Submission {
+    /// `sandbox` is the submitter's `--sandbox`: the owner's own choice when the build runs on
+    /// this node, a request (checked against the worker owner's `sandbox.allow`) anywhere else.
+    pub build: TaskOffer,
+    /// `--require LABEL=VALUE`.
+    pub requires: Vec<(String, String)>,
+}
+
+/// The remote-build side of a node.
+pub struct Tasks {
+    pub me: PeerId,
+    pub keypair: Keypair,
+    pub data_root: PathBuf,
+    pub store: Arc<Store>,
+    pub control: libp2p_stream::Control,
+    pub view: Arc<Mutex<PoolView>>,
+    pub cache: Arc<NodeCache>,
+    /// Builds this node runs at once; a task beyond them is declined.
+    pub slots: Arc<Semaphore>,
+    /// Builds running here now, for heartbeats.
+    pub running: Arc<AtomicU32>,
+}
+
+/// Where a build's events go: the submitter's API stream.
+type Out = mpsc::Sender<Bytes>;
+
+/// One event as a JSON line.
+fn line(event: Event) -> Bytes {
+    let envelope = Envelope {
+        v: SCHEMA_VERSION,
+        event,
+    };
+    let mut json = serde_json::to_vec(&envelope).unwrap_or_default();
+    json.push(b'\n');
+    Bytes::from(json)
+}
+
+fn note(level: Level, message: String) -> Bytes {
+    line(Event::Note {
+        member: None,
+        level,
+        message,
+    })
+}
+
+/// A result for a build that never ran to a result of its own.
+fn fault_result(submission: &Submission, status: Status, message: String) -> Bytes {
+    let offer = &submission.build;
+    line(Event::BuildFinished {
+        result: Box::new(BuildResult {
+            source_digest: Some(offer.source.to_string()),
+            ..BuildResult::ended_early(offer.build_id.clone(), offer.build_number, status, message)
+        }),
+    })
+}
+
+/// How a build ended on a worker, as far as the coordinator is concerned.
+enum Ending {
+    /// A verified result.
+    Result(Box<BuildResult>),
+    /// The worker's `peerbuild run` refused it: no other peer would think otherwise.
+    Refused(String),
+    /// The worker declined or failed before running it: try another.
+    Declined(String),
+    /// The worker was lost while running it: run it again elsewhere.
+    Lost(String),
+    /// The submitter went away: stop.
+    Cancelled,
+}
+
+impl Tasks {
+    fn heartbeat_of_me(&self) -> Heartbeat {
+        let view = self.view.lock().unwrap_or_else(|e| e.into_inner());
+        let mut local = view.local().clone();
+        local.slots_free = self.slots.available_permits() as u32;
+        local
+    }
+
+    /// The peers that can run `submission`, best first: labels asked for (the implicit `os`
+    /// and `arch` too), a free slot, the sandbox asked for; then the most free slots, the
+    /// lightest load. `tried` are left out. The reason is for the build's output.
+    fn placements(&self, submission: &Submission, tried: &[String]) -> Vec<(Heartbeat, String)> {
+        let mut peers = self
+            .view
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .placeable();
+        peers.push(self.heartbeat_of_me());
+        let mut fitting: Vec<(Heartbeat, String)> = peers
+            .into_iter()
+            .filter(|p| !tried.contains(&p.peer_id))
+            .filter(|p| p.slots_free > 0)
+            .filter(|p| {
+                submission.requires.iter().all(|(label, value)| {
+                    p.labels.iter().any(|(l, v)| l == label && v == value)
+                        || (label == "os" && *value == p.os)
+                        || (label == "arch" && *value == p.arch)
+                })
+            })
+            .filter(|p| {
+                submission.build.sandbox.as_ref().is_none_or(|kind| {
+                    p.sandboxes.is_empty() || p.sandboxes.iter().any(|s| s.kind == *kind)
+                })
+            })
+            .map(|p| {
+                let why = format!(
+                    "{} of {} slots free, load {:.2}{}",
+                    p.slots_free,
+                    p.slots_total,
+                    p.load_milli as f64 / 1000.0,
+                    if submission.requires.is_empty() {
+                        String::new()
+                    } else {
+                        let labels: Vec<String> = submission
+                            .requires
+                            .iter()
+                            .map(|(l, v)| format!("{l}={v}"))
+                            .collect();
+                        format!(", has {}", labels.join(", "))
+                    }
+                );
+                (p, why)
+            })
+            .collect();
+        fitting.sort_by(|(a, _), (b, _)| {
+            b.slots_free
+                .cmp(&a.slots_free)
+                .then(a.load_milli.cmp(&b.load_milli))
+                .then(a.peer_id.cmp(&b.peer_id))
+        });
+        fitting
+    }
+
+    /// Why no peer fits, for the build's failure.
+    fn unplaceable(&self, submission: &Submission, tried: &[String]) -> String {
+        let known = self
+            .view
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .placeable()
+            .len()
+            + 1;
+        let labels: Vec<String> = submission
+            .requires
+            .iter()
+            .map(|(l, v)| format!("{l}={v}"))
+            .collect();
+        let mut why = format!("no peer can run this build (of {known} in the pool");
+        if !labels.is_empty() {
+            why.push_str(&format!("; it requires {}", labels.join(", ")));
+        }
+        if let Some(sandbox) = &submission.build.sandbox {
+            why.push_str(&format!("; it asks for the {sandbox} sandbox"));
+        }
+        if !tried.is_empty() {
+            why.push_str(&format!("; tried: {}", tried.join(", ")));
+        }
+        why.push_str("; or every fitting peer is busy)");
+        why
+    }
+
+    /// Coordinates `submission`: places it, runs it, relays its events to `out`, and ends with
+    /// a `build_finished` line. Returns when the build ended or the submitter left.
+    pub async fn submit(self: Arc<Self>, submission: Submission, out: Out) {
+        let task_id = format!("{}@{}", submission.build.build_id, self.me);
+        let mut tried: Vec<String> = Vec::new();
+        let mut lost: Vec<String> = Vec::new();
+        for _ in 0..MAX_ATTEMPTS {
+            let Some((peer, why)) = self.placements(&submission, &tried).into_iter().next() else {
+                break;
+            };
+            tried.push(peer.peer_id.clone());
+            let here = peer.peer_id == self.me.to_string();
+            let said = if here {
+                format!("running on this node, {} ({why})", self.me)
+            } else {
+                format!("running on peer {} ({why})", peer.peer_id)
+            };
+            if out.send(note(Level::Info, said)).await.is_err() {
+                return;
+            }
+            let offer = TaskOffer {
+                task: task_id.clone(),
+                ..submission.build.clone()
+            };
+            let ending = if here {
+                self.run_here(&offer, &out).await
+            } else {
+                match peer.peer_id.parse::<PeerId>() {
+                    Ok(worker) => self.run_on(worker, &offer, &out).await,
+                    Err(err) => Ending::Declined(err.to_string()),
+                }
+            };
+            match ending {
+                Ending::Result(mut result) => {
+                    if !here && let Ok(worker) = peer.peer_id.parse() {
+                        self.fetch_artifacts(worker, &result, &out).await;
+                    }
+                    if !lost.is_empty() {
+                        let earlier = format!("ran again after losing {}", lost.join(", "));
+                        result.message = Some(match result.message.take() {
+                            Some(message) => format!("{message} ({earlier})"),
+                            None => earlier,
+                        });
+                    }
+                    let _ = out.send(line(Event::BuildFinished { result })).await;
+                    return;
+                }
+                Ending::Refused(message) => {
+                    let _ = out
+                        .send(fault_result(&submission, Status::Fault, message))
+                        .await;
+                    return;
+                }
+                Ending::Declined(reason) => {
+                    let said = format!("peer {} did not take the build: {reason}", peer.peer_id);
+                    if out.send(note(Level::Warning, said)).await.is_err() {
+                        return;
+                    }
+                }
+                Ending::Lost(reason) => {
+                    warn!(peer = %peer.peer_id, reason = %reason, "worker lost; running the build again elsewhere");
+                    lost.push(peer.peer_id.clone());
+                    let said = format!(
+                        "peer {} was lost while running the build ({reason}); running it again on another peer",
+                        peer.peer_id
+                    );
+                    if out.send(note(Level::Warning, said)).await.is_err() {
+                        return;
+                    }
+                }
+                Ending::Cancelled => return,
+            }
+        }
+        let why = self.unplaceable(&submission, &tried);
+        let _ = out
+            .send(fault_result(&submission, Status::Fault, why))
+            .await;
+    }
+
+    /// Runs the offer on this node, events straight to `out`.
+    async fn run_here(&self, offer: &TaskOffer, out: &Out) -> Ending {
+        let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
+            return Ending::Declined("no free slot".to_owned());
+        };
+        let (replies, mut received) = mpsc::channel(256);
+        let (_keep, cancel) = watch::channel(false);
+        let run = self.run_task(offer, None, replies, cancel);
+        tokio::pin!(run);
+        let mut ended = None;
+        loop {
+            tokio::select! {
+                ending = &mut run, if ended.is_none() => ended = Some(ending),
+                reply = received.recv() => match reply {
+                    Some(TaskReply::Event { json }) => {
+                        if out.send(Bytes::from(json + "\n")).await.is_err() {
+                            return Ending::Cancelled;
+                        }
+                    }
+                    Some(_) => {}
+                    None => break,
+                },
+            }
+        }
+        match ended {
+            Some(TaskReply::Finished { result, .. }) => parse_result(&result),
+            Some(TaskReply::Refused { message }) => Ending::Refused(message),
+            Some(TaskReply::Fault { message }) => Ending::Declined(message),
+            _ => Ending::Declined("the build ended without a result".to_owned()),
+        }
+    }
+
+    /// Hands the offer to `worker` and relays what it says until the build ends.
+    async fn run_on(&self, worker: PeerId, offer: &TaskOffer, out: &Out) -> Ending {
+        let body = match task::encode_offer(offer) {
+            Ok(body) => body,
+            Err(err) => return Ending::Refused(format!("the build cannot be sent: {err}")),
+        };
+        let mut control = self.control.clone();
+        let opened = tokio::time::timeout(OFFER_TIMEOUT, async {
+            let mut stream = control
+                .open_stream(worker, protocol())
+                .await
+                .map_err(|e| format!("cannot open a stream: {e}"))?;
+            write_frame(&mut stream, &body)
+                .await
+                .map_err(|e| e.to_string())?;
+            match read_reply(&mut stream).await? {
+                TaskReply::Accepted => Ok(stream),
+                TaskReply::Declined { reason } => Err(reason),
+                other => Err(format!("answered {} to an offer", reply_name(&other))),
+            }
+        })
+        .await;
+        let mut stream = match opened {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(reason)) => return Ending::Declined(reason),
+            Err(_) => return Ending::Declined("it did not answer the offer in time".to_owned()),
+        };
+        let mut lease = tokio::time::interval(LEASE_CHECK);
+        let worker_id = worker.to_string();
+        loop {
+            let reply = tokio::select! {
+                reply = read_reply(&mut stream) => reply,
+                _ = lease.tick() => {
+                    let alive = self.view.lock().unwrap_or_else(|e| e.into_inner()).is_alive(&worker_id);
+                    if !alive {
+                        return Ending::Lost("its lease ran out".to_owned());
+                    }
+                    continue;
+                }
+                _ = out.closed() => {
+                    let _ = stream.close().await;
+                    return Ending::Cancelled;
+                }
+            };
+            match reply {
+                Ok(TaskReply::Event { json }) => {
+                    if out.send(Bytes::from(json + "\n")).await.is_err() {
+                        let _ = stream.close().await;
+                        return Ending::Cancelled;
+                    }
+                }
+                Ok(TaskReply::Finished {
+                    result,
+                    public_key,
+                    signature,
+                }) => {
+                    return match verify(worker, &offer.task, &result, &public_key, &signature) {
+                        Ok(()) => parse_result(&result),
+                        Err(why) => Ending::Lost(format!("its result is not signed by it: {why}")),
+                    };
+                }
+                Ok(TaskReply::Refused { message }) => return Ending::Refused(message),
+                Ok(TaskReply::Fault { message }) => return Ending::Declined(message),
+                Ok(other) => {
+                    return Ending::Lost(format!("it answered {} mid-build", reply_name(&other)));
+                }
+                Err(err) => return Ending::Lost(err),
+            }
+        }
+    }
+
+    /// Fetches the result's artifact trees from the worker into this store, so the submitter
+    /// can export them; a failure is told, not fatal (the digests are in the result).
+    async fn fetch_artifacts(&self, worker: PeerId, result: &BuildResult, out: &Out) {
+        let mut digests: Vec<Digest> = Vec::new();
+        for result in std::iter::once(result).chain(result.members.iter()) {
+            digests.extend(
+                result
+                    .artifacts
+                    .iter()
+                    .filter_map(|a| a.digest.parse::<Digest>().ok()),
+            );
+        }
+        for digest in digests {
+            let what = format!("artifacts of {}", result.build_id);
+            if let Err(err) = self.cache.fetch_from(digest, vec![worker], &what).await {
+                let said = format!(
+                    "the artifacts {digest} could not be fetched from peer {worker}: {err}"
+                );
+                let _ = out.send(note(Level::Warning, said)).await;
+            }
+        }
+    }
+
+    /// Runs `offer` with this node's `peerbuild run`, its events to `replies`; returns how it
+    /// ended (`Finished`, `Refused` or `Fault`). `coordinator` is where the source comes from
+    /// (`None`: it is in this store already). `cancel` turning true stops the build.
+    async fn run_task(
+        &self,
+        offer: &TaskOffer,
+        coordinator: Option<PeerId>,
+        replies: mpsc::Sender<TaskReply>,
+        mut cancel: watch::Receiver<bool>,
+    ) -> TaskReply {
+        let fault = |message: String| TaskReply::Fault { message };
+        if let Some(coordinator) = coordinator {
+            let what = format!("source of {}", offer.build_id);
+            if let Err(err) = self
+                .cache
+                .fetch_from(offer.source, vec![coordinator], &what)
+                .await
+            {
+                return fault(format!(
+                    "cannot fetch the source from the coordinator: {err}"
+                ));
+            }
+        }
+        let folder = self.data_root.join("tasks").join(task_folder(&offer.task));
+        let prepared = prepare_folder(&self.store, offer, &folder).await;
+        let (source, buildspec) = match prepared {
+            Ok(paths) => paths,
+            Err(err) => {
+                remove_folder(&folder).await;
+                return fault(err);
+            }
+        };
+        self.running.fetch_add(1, Ordering::Relaxed);
+        let ended = self
+            .run_child(
+                offer,
+                coordinator.is_none(),
+                &source,
+                &buildspec,
+                &replies,
+                &mut cancel,
+            )
+            .await;
+        self.running.fetch_sub(1, Ordering::Relaxed);
+        remove_folder(&folder).await;
+        match ended {
+            Ok(Some(result)) => {
+                let signature = match self.keypair.sign(&task::signed_bytes(&offer.task, &result)) {
+                    Ok(signature) => signature,
+                    Err(err) => return fault(format!("cannot sign the result: {err}")),
+                };
+                TaskReply::Finished {
+                    result,
+                    public_key: self.keypair.public().encode_protobuf(),
+                    signature,
+                }
+            }
+            Ok(None) => fault("the build ended without a result".to_owned()),
+            Err(ChildEnd::Refused(message)) => TaskReply::Refused { message },
+            Err(ChildEnd::Failed(message)) => fault(message),
+        }
+    }
+
+    /// Runs `peerbuild run` for the offer; its `--json` lines go to `replies`. Returns the
+    /// final result's JSON, if it printed one.
+    async fn run_child(
+        &self,
+        offer: &TaskOffer,
+        submitted_here: bool,
+        source: &Path,
+        buildspec: &Path,
+        replies: &mpsc::Sender<TaskReply>,
+        cancel: &mut watch::Receiver<bool>,
+    ) -> Result<Option<String>, ChildEnd> {
+        let exe = std::env::current_exe()
+            .map_err(|e| ChildEnd::Failed(format!("cannot find the peerbuild binary: {e}")))?;
+        let mut command = tokio::process::Command::new(exe);
+        command
+            .arg("--data-dir")
+            .arg(&self.data_root)
+            .arg("run")
+            .arg(source)
+            .arg("--json")
+            .arg("--local")
+            .arg("--buildspec")
+            .arg(buildspec)
+            .arg("--timeout")
+            .arg(format!("{}s", offer.timeout_secs.max(1)))
+            .args(["--build-id", &offer.build_id])
+            .args(["--build-number", &offer.build_number.to_string()])
+            .env("PEERBUILD_PEER_ID", self.me.to_string())
+            .env_remove("PEERBUILD_NODE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        // SAFETY: prctl is async-signal-safe. The build is told to stop (SIGTERM: it kills its
+        // processes in order) when this node dies, as a lost worker's build must not go on.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        if submitted_here {
+            // The submitter is this node's owner (the API is theirs alone), who keeps the
+            // build's record; `--sandbox` is their own choice here.
+            command.arg("--no-record");
+            if let Some(sandbox) = &offer.sandbox {
+                command.args(["--sandbox", sandbox]);
+            }
+        } else if let Some(sandbox) = &offer.sandbox {
+            command.args(["--sandbox-request", sandbox]);
+        }
+        if offer.deny_network {
+            command.arg("--deny-network");
+        }
+        if let Some(version) = &offer.source_version {
+            command.args(["--source-version", version]);
+        }
+        for (name, value) in &offer.env {
+            command.arg("--env").arg(format!("{name}={value}"));
+        }
+        // Secrets reach the child through a pipe on descriptor 3, never a file or its
+        // command line.
+        let secrets = if offer.secrets.is_empty() {
+            None
+        } else {
+            let (read, write) = pipe().map_err(|e| ChildEnd::Failed(format!("pipe: {e}")))?;
+            let raw = read.as_raw_fd();
+            // SAFETY: dup2 is async-signal-safe; it runs in the child between fork and exec
+            // and gives the pipe's read end (close-on-exec) to the child as descriptor 3.
+            unsafe {
+                command.pre_exec(move || {
+                    let given = if raw == 3 {
+                        libc::fcntl(3, libc::F_SETFD, 0)
+                    } else {
+                        libc::dup2(raw, 3)
+                    };
+                    if given < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            command.args(["--secrets", "/dev/fd/3"]);
+            Some((read, write))
+        };
+        let mut child = command
+            .spawn()
+            .map_err(|e| ChildEnd::Failed(format!("cannot start peerbuild run: {e}")))?;
+        if let Some((read, write)) = secrets {
+            drop(read);
+            let text: String = offer
+                .secrets
+                .iter()
+                .map(|(name, value)| format!("{name}={value}\n"))
+                .collect();
+            tokio::task::spawn_blocking(move || {
+                use std::io::Write;
+                let mut file = std::fs::File::from(write);
+                let _ = file.write_all(text.as_bytes());
+            });
+        }
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        let errors = tokio::spawn(async move {
+            let mut tail = String::new();
+            if let Some(stderr) = stderr {
+                let mut lines = tokio::io::BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    tail.push_str(&line);
+                    tail.push('\n');
+                    if tail.len() > 16 * 1024 {
+                        tail.drain(..tail.len() - 8 * 1024);
+                    }
+                }
+            }
+            tail
+        });
+        let mut result = None;
+        let mut cancelled = false;
+        if let Some(stdout) = stdout {
+            let mut lines = tokio::io::BufReader::new(stdout).lines();
+            loop {
+                let next = tokio::select! {
+                    next = lines.next_line() => next,
+                    _ = cancel.changed(), if !cancelled => {
+                        cancelled = true;
+                        stop(&mut child).await;
+                        continue;
+                    }
+                };
+                let Ok(Some(json)) = next else { break };
+                if json.len() > task::MAX_REPLY_BYTES - 1024 {
+                    continue;
+                }
+                if json.contains("\"event\":\"build_finished\"")
+                    && let Ok(envelope) = serde_json::from_str::<serde_json::Value>(&json)
+                    && envelope["event"] == "build_finished"
+                {
+                    result = Some(envelope["result"].to_string());
+                    continue;
+                }
+                if replies.send(TaskReply::Event { json }).await.is_err() && !cancelled {
+                    cancelled = true;
+                    stop(&mut child).await;
+                }
+            }
+        }
+        let status = child.wait().await;
+        let tail = errors.await.unwrap_or_default();
+        let tail = tail.trim().trim_start_matches("peerbuild: ").to_owned();
+        match status.map(|s| s.code()) {
+            Ok(Some(2)) => Err(ChildEnd::Refused(tail)),
+            _ if result.is_some() => Ok(result),
+            Ok(code) => Err(ChildEnd::Failed(format!(
+                "peerbuild run ended ({}) without a result: {tail}",
+                code.map_or_else(|| "killed".to_owned(), |c| format!("exit {c}"))
+            ))),
+            Err(err) => Err(ChildEnd::Failed(err.to_string())),
+        }
+    }
+}
+
+/// How a worker's `peerbuild run` ended without a result.
+enum ChildEnd {
+    Refused(String),
+    Failed(String),
+}
+
+/// Asks the build to stop (SIGTERM: it kills its processes and ends STOPPED), then kills it
+/// if it has not ended within [`STOP_GRACE`].
+async fn stop(child: &mut tokio::process::Child) {
+    if let Some(pid) = child.id() {
+        // SAFETY: kill on the pid of our own child, which has not been reaped.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    }
+    if tokio::time::timeout(STOP_GRACE, child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
+    }
+}
+
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors are new and ours alone.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// A task's folder name: its reference with anything but `[A-Za-z0-9_-]` made `-`.
+fn task_folder(task: &str) -> String {
+    task.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
+/// Writes the source tree and the buildspec into the task's folder; returns their paths.
+async fn prepare_folder(
+    store: &Arc<Store>,
+    offer: &TaskOffer,
+    folder: &Path,
+) -> Result<(PathBuf, PathBuf), String> {
+    let store = store.clone();
+    let folder = folder.to_owned();
+    let source = folder.join("source").join(&offer.source_name);
+    let buildspec = folder.join("buildspec.yml");
+    let (tree, text) = (offer.source, offer.buildspec.clone());
+    let paths = (source.clone(), buildspec.clone());
+    tokio::task::spawn_blocking(move || {
+        let _ = std::fs::remove_dir_all(&folder);
+        crate::data_dir::create_private(&folder).map_err(|e| format!("{e:#}"))?;
+        std::fs::create_dir_all(folder.join("source")).map_err(|e| e.to_string())?;
+        export::export(&store, &tree, &source).map_err(|e| format!("{e:#}"))?;
+        std::fs::write(&buildspec, text).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    Ok(paths)
+}
+
+async fn remove_folder(folder: &Path) {
+    let folder = folder.to_owned();
+    let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(folder)).await;
+}
+
+fn parse_result(json: &str) -> Ending {
+    match serde_json::from_str::<BuildResult>(json) {
+        Ok(result) => Ending::Result(Box::new(result)),
+        Err(err) => Ending::Lost(format!("its result is not understood: {err}")),
+    }
+}
+
+/// Checks that `signature` is `worker`'s over the task's result.
+fn verify(
+    worker: PeerId,
+    task_id: &str,
+    result: &str,
+    public_key: &[u8],
+    signature: &[u8],
+) -> Result<(), String> {
+    let key = PublicKey::try_decode_protobuf(public_key).map_err(|e| e.to_string())?;
+    if key.to_peer_id() != worker {
+        return Err("the key is another peer's".to_owned());
+    }
+    if !key.verify(&task::signed_bytes(task_id, result), signature) {
+        return Err("the signature does not match".to_owned());
+    }
+    Ok(())
+}
+
+async fn read_reply<S: AsyncRead + Unpin>(stream: &mut S) -> Result<TaskReply, String> {
+    let frame = read_frame(stream, task::MAX_REPLY_BYTES)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("the stream ended")?;
+    task::decode_reply(&frame).map_err(|e| e.to_string())
+}
+
+async fn write_reply<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    reply: &TaskReply,
+) -> Result<(), String> {
+    let body = task::encode_reply(reply).map_err(|e| e.to_string())?;
+    write_frame(stream, &body).await.map_err(|e| e.to_string())
+}
+
+fn reply_name(reply: &TaskReply) -> &'static str {
+    match reply {
+        TaskReply::Accepted => "Accepted",
+        TaskReply::Declined { .. } => "Declined",
+        TaskReply::Event { .. } => "Event",
+        TaskReply::Finished { .. } => "Finished",
+        TaskReply::Refused { .. } => "Refused",
+        TaskReply::Fault { .. } => "Fault",
+    }
+}
+
+/// Takes tasks from coordinators until `shutdown` turns true.
+pub async fn serve(
+    tasks: Arc<Tasks>,
+    mut incoming: libp2p_stream::IncomingStreams,
+    allowed: Option<Vec<PeerId>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    while let Some((peer, mut stream)) =
+        next_stream(&mut incoming, allowed.as_deref(), &mut shutdown).await
+    {
+        let tasks = tasks.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(err) = tasks.work(peer, &mut stream, shutdown).await {
+                debug!(%peer, error = %err, "task stream ended");
+            }
+            let _ = stream.close().await;
+        });
+    }
+}
+
+impl Tasks {
+    /// One task from `coordinator`: accept it if a slot is free, run it, relay its events.
+    async fn work(
+        &self,
+        coordinator: PeerId,
+        stream: &mut libp2p::Stream,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), String> {
+        let frame = tokio::time::timeout(OFFER_TIMEOUT, read_frame(stream, task::MAX_OFFER_BYTES))
+            .await
+            .map_err(|_| "no offer in time".to_owned())?
+            .map_err(|e| e.to_string())?
+            .ok_or("the stream ended before an offer")?;
+        let offer = match task::decode_offer(&frame) {
+            Ok(offer) => offer,
+            Err(err) => {
+                let reason = format!("malformed offer: {err}");
+                write_reply(
+                    stream,
+                    &TaskReply::Declined {
+                        reason: reason.clone(),
+                    },
+                )
+                .await?;
+                return Err(reason);
+            }
+        };
+        let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
+            let reason = "no free slot".to_owned();
+            return write_reply(stream, &TaskReply::Declined { reason }).await;
+        };
+        write_reply(stream, &TaskReply::Accepted).await?;
+        info!(%coordinator, build = %offer.build_id, "running a build for a peer");
+        let (replies, mut received) = mpsc::channel(256);
+        let (stop, cancel) = watch::channel(false);
+        let run = self.run_task(&offer, Some(coordinator), replies, cancel);
+        tokio::pin!(run);
+        let mut ending = None;
+        let mut open = true;
+        let mut stopping = false;
+        loop {
+            tokio::select! {
+                ended = &mut run, if ending.is_none() => ending = Some(ended),
+                reply = received.recv() => match reply {
+                    Some(reply) => {
+                        if open && write_reply(stream, &reply).await.is_err() {
+                            // The coordinator is gone: stop the build.
+                            open = false;
+                            let _ = stop.send(true);
+                        }
+                    }
+                    None => break,
+                },
+                _ = shutdown.changed(), if !stopping => {
+                    // Handing the build back: the coordinator runs it elsewhere.
+                    stopping = true;
+                    let _ = stop.send(true);
+                }
+            }
+        }
+        let ending = ending.unwrap_or(TaskReply::Fault {
+            message: "the build ended without a result".to_owned(),
+        });
+        if open {
+            write_reply(stream, &ending).await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,272 @@
+//! `peerbuild run` with a node running (on the data directory, or `--node`): everything is
+//! checked here first, as for a local build (exit 2 on a refusal, nothing submitted); the
+//! source goes into the store the node shares; the build is submitted to the node
+//! (`POST /v1/builds`), which places it on a peer; its events are shown live and recorded here
+//! as they arrive; artifacts, fetched into the store by the node, are exported for
+//! `--artifacts`. Ctrl-C closes the submission, and the node stops the build wherever it runs.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use tokio::sync::watch;
+
+use crate::cli::RunArgs;
+use crate::engine::secrets;
+use crate::events::{ArtifactRecord, BuildResult, Envelope, Event, Status};
+use crate::pool::client::{self, Endpoint};
+use crate::pool::tasks::Submission;
+use crate::reporter::Reporter;
+use crate::run::{self, Placing, Prepared, refuse};
+use crate::store::{Store, export, import};
+use protocol::task::TaskOffer;
+
+/// Submits the build to the node at `endpoint` and follows it to its end; the exit status.
+pub async fn submit(data_dir: Option<&Path>, args: RunArgs, endpoint: Endpoint) -> Result<u8> {
+    for (given, flag) in [
+        (args.image.is_some(), "--image"),
+        (args.allow_privileged, "--allow-privileged"),
+        (args.slots.is_some(), "--slots"),
+        (args.store_max_size.is_some(), "--store-max-size"),
+    ] {
+        if given {
+            return refuse(format!(
+                "{flag} applies to builds on this machine, but a node runs here and the build goes to the pool; pass --local to run it here"
+            ));
+        }
+    }
+    let prepared = run::prepare(data_dir, &args, Placing::Pool)?;
+    let build_dir = prepared.data.build(&prepared.id.to_string());
+    run::start_record(&build_dir)?;
+    let reporter = Reporter::new(run::sinks(&args, Some(&build_dir))?);
+    reporter.add_secrets(prepared.secrets.entries().map(|(_, value)| value.clone()));
+    let store = Arc::new(crate::cache_cli::open_store(Some(prepared.data.root()))?);
+    let submission = submission(&prepared, &args, &store).await?;
+    let json = serde_json::to_vec(&submission)?;
+    let mut lines = client::post_lines(&endpoint, "/v1/builds", json)
+        .await
+        .context("the node did not take the build")?;
+    let (stop_sender, mut stop) = watch::channel(None);
+    let signals = tokio::spawn(run::forward_signals(stop_sender));
+    let ticker = tokio::spawn(run::tick(reporter.clone()));
+    let mut result = None;
+    let mut broken = None;
+    loop {
+        let line = tokio::select! {
+            line = lines.next() => line,
+            _ = stop.changed() => break,
+        };
+        let line = match line {
+            Ok(Some(line)) => line,
+            Ok(None) => break,
+            Err(err) => {
+                broken = Some(format!("{err:#}"));
+                break;
+            }
+        };
+        let Ok(envelope) = serde_json::from_str::<Envelope>(&line) else {
+            continue;
+        };
+        match envelope.event {
+            Event::BuildFinished { result: finished } => {
+                result = Some(*finished);
+                break;
+            }
+            // The worker names its own copy of the source; the user knows it by theirs.
+            Event::BuildStarted {
+                build_id,
+                build_number,
+                source_version,
+                sandbox,
+                batch,
+                start_time_ms,
+                ..
+            } => reporter.emit(Event::BuildStarted {
+                build_id,
+                build_number,
+                source: prepared.source.root.display().to_string(),
+                source_version,
+                sandbox,
+                batch,
+                start_time_ms,
+            }),
+            event => reporter.emit(event),
+        }
+    }
+    // Dropping the answer closes the submission: a build still running is stopped.
+    drop(lines);
+    ticker.abort();
+    signals.abort();
+    let stopped = stop.borrow().is_some();
+    let mut result = result.unwrap_or_else(|| {
+        let (status, message) = if stopped {
+            (
+                Status::Stopped,
+                "the build was stopped; the node stops it wherever it runs".to_owned(),
+            )
+        } else {
+            (
+                Status::Fault,
+                format!(
+                    "the node stopped answering before the build ended{}",
+                    broken.map(|b| format!(" ({b})")).unwrap_or_default()
+                ),
+            )
+        };
+        unfinished(&prepared, &submission, status, message)
+    });
+    if let Some(root) = &prepared.artifacts_root {
+        export_artifacts(&store, root, &mut result, &reporter).await;
+    }
+    let status = result.status;
+    run::finish_record(&reporter, Some(&build_dir), result)?;
+    Ok(status.exit_code())
+}
+
+/// The submission: the source imported into the shared store as a tree, and what the node and
+/// the peer running the build need to know.
+async fn submission(prepared: &Prepared, args: &RunArgs, store: &Arc<Store>) -> Result<Submission> {
+    let source = prepared.source.clone();
+    let import_store = store.clone();
+    let what = format!("source of {}", prepared.id);
+    let imported = tokio::task::spawn_blocking(move || {
+        import::import_files(&import_store, &source.root, &source.files, &what)
+    })
+    .await??;
+    let tree = imported.root.context("the source produced no tree")?;
+    let buildspec_path = args
+        .buildspec
+        .clone()
+        .unwrap_or_else(|| prepared.source.root.join("buildspec.yml"));
+    let buildspec = std::fs::read_to_string(&buildspec_path)
+        .with_context(|| format!("cannot read {}", buildspec_path.display()))?;
+    let mut requires = Vec::new();
+    for requirement in &args.require {
+        let Some((label, value)) = requirement.split_once('=') else {
+            return refuse(format!("--require {requirement}: expected LABEL=VALUE"));
+        };
+        requires.push((label.to_owned(), value.to_owned()));
+    }
+    Ok(Submission {
+        build: TaskOffer {
+            // The node names the task.
+            task: String::new(),
+            source: tree,
+            source_name: prepared
+                .source
+                .root
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "build".into()),
+            source_version: prepared.source.git_commit.clone(),
+            buildspec,
+            build_id: prepared.id.to_string(),
+            build_number: prepared.number,
+            env: prepared.submitted.clone(),
+            secrets: needed_secrets(prepared),
+            timeout_secs: args.timeout.as_secs(),
+            sandbox: args.sandbox.clone(),
+            deny_network: args.deny_network,
+        },
+        requires,
+    })
+}
+
+/// The secrets the build reads (its buildspec's, and its batch members' own buildspecs'): only
+/// those travel to the peer that runs it, not the whole `--secrets` file.
+fn needed_secrets(prepared: &Prepared) -> Vec<(String, String)> {
+    let mut names = secrets::referenced(&prepared.buildspec);
+    if let Some(batch) = &prepared.buildspec.batch {
+        for member in crate::batch::members(batch) {
+            let Some(path) = &member.buildspec else {
+                continue;
+            };
+            let text = std::fs::read_to_string(prepared.source.root.join(path));
+            if let Ok(own) = text.map(|t| protocol::buildspec::parse(path, &t)) {
+                names.extend(own.iter().flat_map(secrets::referenced));
+            }
+        }
+    }
+    prepared
+        .secrets
+        .entries()
+        .filter(|(name, _)| names.contains(name))
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect()
+}
+
+/// The result of a submission that ended without one from the node.
+fn unfinished(
+    prepared: &Prepared,
+    submission: &Submission,
+    status: Status,
+    message: String,
+) -> BuildResult {
+    BuildResult {
+        start_time_ms: prepared.start_time_ms,
+        source_digest: Some(submission.build.source.to_string()),
+        ..BuildResult::ended_early(prepared.id.to_string(), prepared.number, status, message)
+    }
+}
+
+/// Writes each artifact tree (the node fetched them into the shared store) into `--artifacts`:
+/// the primary artifact's files in the folder itself, a secondary one in a sub-folder named by
+/// its identifier, a batch member's under its identifier, as for a local build.
+async fn export_artifacts(
+    store: &Arc<Store>,
+    root: &Path,
+    result: &mut BuildResult,
+    reporter: &Reporter,
+) {
+    let mut jobs: Vec<(&mut ArtifactRecord, std::path::PathBuf)> = Vec::new();
+    let member_roots: Vec<std::path::PathBuf> = result
+        .members
+        .iter()
+        .map(|m| root.join(m.member.as_deref().unwrap_or("member")))
+        .collect();
+    for artifact in &mut result.artifacts {
+        let folder = artifact_folder(root, &artifact.identifier);
+        jobs.push((artifact, folder));
+    }
+    for (member, member_root) in result.members.iter_mut().zip(member_roots) {
+        for artifact in &mut member.artifacts {
+            let folder = artifact_folder(&member_root, &artifact.identifier);
+            jobs.push((artifact, folder));
+        }
+    }
+    // The primary artifact goes into its folder first: a secondary one's sub-folder is then
+    // created inside it.
+    jobs.sort_by_key(|(_, folder)| folder.components().count());
+    for (artifact, folder) in jobs {
+        let Ok(digest) = artifact.digest.parse::<protocol::Digest>() else {
+            continue;
+        };
+        let export_store = store.clone();
+        let target = folder.clone();
+        let exported = tokio::task::spawn_blocking(move || {
+            export::export(&export_store, &digest, &target).map_err(|e| format!("{e:#}"))
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        match exported {
+            Ok(_) => artifact.location = Some(folder.display().to_string()),
+            Err(err) => reporter.emit(Event::Note {
+                member: None,
+                level: crate::events::Level::Warning,
+                message: format!(
+                    "artifacts `{}` could not be written to {}: {err}",
+                    artifact.identifier,
+                    folder.display()
+                ),
+            }),
+        }
+    }
+}
+
+fn artifact_folder(root: &Path, identifier: &str) -> std::path::PathBuf {
+    if identifier == "primary" {
+        root.to_owned()
+    } else {
+        root.join(identifier)
+    }
+}

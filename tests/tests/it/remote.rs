@@ -1,0 +1,298 @@
+//! Remote builds end to end: `peerbuild run` beside a node submits to it; the node places the
+//! build on the peer with the labels asked for, the worker fetches the source, runs it and
+//! streams its log back, the result names the peer and is checked against its key, and the
+//! artifacts come back identical to a local build's. A worker killed mid-build has its build
+//! run again on another peer; a build no peer can run fails at once, saying why.
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use tests::Project;
+use tests::cluster::{Cluster, NodeOptions, wait_until};
+
+const BUILDSPEC: &str = r#"version: 0.2
+env:
+  parameter-store:
+    TOKEN: /ci/token
+phases:
+  build:
+    commands:
+      - echo "running on $PEERBUILD_PEER_ID"
+      - echo "token $TOKEN"
+      - mkdir -p out/sub
+      - cat input.txt > out/copy.txt
+      - seq 1 2000 | sha256sum > out/sub/sum.txt
+      - printf '#!/bin/sh\necho hi\n' > out/run.sh && chmod +x out/run.sh
+artifacts:
+  files:
+    - '**/*'
+  base-directory: out
+"#;
+
+/// Nodes started with these options, every one allowing `host` builds, all hearing each other.
+fn pool(options: Vec<NodeOptions>) -> Cluster {
+    let mut cluster = Cluster::new();
+    let mut started = Vec::new();
+    for mut node in options {
+        if let Some(first) = started.first() {
+            node.bootstrap = vec![*first];
+        }
+        let index = cluster.start(node);
+        cluster.allow_host(index);
+        started.push(index);
+    }
+    wait_until(
+        "every node hears every other",
+        Instant::now() + Duration::from_secs(30),
+        || {
+            started.iter().all(|i| {
+                let heard = cluster.peers_heard_by(*i);
+                started
+                    .iter()
+                    .filter(|o| *o != i)
+                    .all(|o| heard.contains(&cluster.node(*o).peer_id))
+            })
+        },
+        || cluster.logs(),
+    );
+    cluster
+}
+
+fn labelled(label: &str) -> NodeOptions {
+    NodeOptions {
+        labels: vec![label.into()],
+        ..NodeOptions::default()
+    }
+}
+
+fn files_under(root: &std::path::Path) -> Vec<(String, Vec<u8>, bool)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut found = Vec::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read folder").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let executable = entry.metadata().expect("stat").permissions().mode() & 0o111 != 0;
+                let relative = path
+                    .strip_prefix(root)
+                    .expect("inside")
+                    .display()
+                    .to_string();
+                found.push((relative, std::fs::read(&path).expect("read"), executable));
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+#[test]
+fn a_build_runs_on_the_peer_with_the_label_and_its_artifacts_come_back() {
+    let cluster = pool(vec![
+        NodeOptions::default(),
+        labelled("zone=b"),
+        NodeOptions::default(),
+    ]);
+    let project = Project::new(&[
+        ("buildspec.yml", BUILDSPEC),
+        ("input.txt", "from the source\n"),
+    ]);
+    let remote_out = project.root().join("remote-artifacts");
+    let secrets = project.root().join("secrets.env");
+    std::fs::write(&secrets, "/ci/token=s3cr3t-value\n/unused=never-sent\n").expect("write");
+    let secrets = secrets.to_str().expect("utf-8");
+    let remote = cluster.run_on(
+        0,
+        &project,
+        &[
+            "--require",
+            "zone=b",
+            "--secrets",
+            secrets,
+            "--artifacts",
+            remote_out.to_str().expect("utf-8"),
+        ],
+    );
+    let worker = cluster.node(1).peer_id.clone();
+    assert_eq!(
+        remote.code,
+        0,
+        "{}\n{}\n{}",
+        remote.stdout,
+        remote.stderr,
+        cluster.logs()
+    );
+    assert_eq!(
+        remote.result()["peer"],
+        worker.as_str(),
+        "the result names the peer"
+    );
+    assert!(
+        remote.log().contains(&format!("running on {worker}")),
+        "PEERBUILD_PEER_ID is the worker's: {}",
+        remote.log()
+    );
+    let transcript = remote.transcript();
+    assert!(
+        transcript.contains(&format!("running on peer {worker}")),
+        "the build says where it runs: {transcript}"
+    );
+    // The secret reached the build on the worker, and no output shows it.
+    assert!(remote.log().contains("token ***"), "{}", remote.log());
+    assert!(!remote.stdout.contains("s3cr3t-value"));
+
+    // The same build on an embedded pool gives the same artifacts, byte for byte and mode.
+    let local_out = project.root().join("local-artifacts");
+    let local = project.run(&[
+        "--sandbox",
+        "host",
+        "--secrets",
+        secrets,
+        "--artifacts",
+        local_out.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(local.code, 0, "{}", local.stdout);
+    let remote_files = files_under(&remote_out);
+    assert!(!remote_files.is_empty());
+    assert_eq!(remote_files, files_under(&local_out));
+    assert_eq!(
+        remote.result()["artifacts"][0]["digest"],
+        local.result()["artifacts"][0]["digest"],
+        "the artifact trees are identical"
+    );
+
+    // The submitter keeps the build's record.
+    let builds = std::process::Command::new(tests::peerbuild())
+        .arg("--data-dir")
+        .arg(cluster.node(0).data_dir())
+        .args(["builds", "--json"])
+        .output()
+        .expect("peerbuild builds");
+    let listed = String::from_utf8_lossy(&builds.stdout);
+    let id = remote.result()["build_id"].as_str().expect("id").to_owned();
+    assert!(listed.contains(&id), "{listed}");
+}
+
+#[test]
+fn a_build_no_peer_can_run_fails_at_once_saying_why() {
+    let cluster = pool(vec![NodeOptions::default(), NodeOptions::default()]);
+    let project = Project::new(&[("buildspec.yml", BUILDSPEC), ("input.txt", "x\n")]);
+    let started = Instant::now();
+    let secrets = project.root().join("secrets.env");
+    std::fs::write(&secrets, "/ci/token=not-in-any-peer-id\n").expect("write");
+    let run = cluster.run_on(
+        0,
+        &project,
+        &[
+            "--require",
+            "gpu=a100",
+            "--secrets",
+            secrets.to_str().expect("utf-8"),
+        ],
+    );
+    assert_eq!(run.code, 3, "{}\n{}", run.stdout, run.stderr);
+    let message = run.result()["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        message.contains("no peer can run this build") && message.contains("gpu=a100"),
+        "{message}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "it fails at once"
+    );
+}
+
+#[test]
+fn a_worker_killed_mid_build_has_its_build_run_again_on_another_peer() {
+    let mut cluster = pool(vec![
+        NodeOptions::default(),
+        labelled("role=worker"),
+        labelled("role=worker"),
+    ]);
+    let slow = BUILDSPEC.replace(
+        "      - mkdir -p out/sub\n",
+        "      - sleep 4\n      - mkdir -p out/sub\n",
+    );
+    let project = Project::new(&[("buildspec.yml", slow.as_str()), ("input.txt", "x\n")]);
+    let secrets = project.root().join("secrets.env");
+    std::fs::write(&secrets, "/ci/token=not-in-any-peer-id\n").expect("write");
+    let mut child = cluster.spawn_run_on(
+        0,
+        &project,
+        &[
+            "--require",
+            "role=worker",
+            "--secrets",
+            secrets.to_str().expect("utf-8"),
+        ],
+    );
+    // Whichever worker took it is killed as soon as it runs the build.
+    let mut victim = None;
+    wait_until(
+        "a worker starts the build",
+        Instant::now() + Duration::from_secs(60),
+        || {
+            victim = [1, 2].into_iter().find(|i| {
+                cluster
+                    .node(*i)
+                    .log()
+                    .contains("running a build for a peer")
+            });
+            victim.is_some()
+        },
+        || cluster.logs(),
+    );
+    let victim = victim.expect("a worker took the build");
+    let victim_id = cluster.node(victim).peer_id.clone();
+    let survivor_id = cluster.node(3 - victim).peer_id.clone();
+    cluster.kill(victim);
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the build never ended:\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stdout = String::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut stdout)
+        .expect("read stdout");
+    assert_eq!(status.code(), Some(0), "{stdout}\n{}", cluster.logs());
+    let events: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let result = &events
+        .iter()
+        .rev()
+        .find(|e| e["event"] == "build_finished")
+        .expect("a result")["result"];
+    assert_eq!(result["peer"], survivor_id.as_str());
+    assert!(
+        stdout.contains(&format!(
+            "peer {victim_id} was lost while running the build"
+        )),
+        "the user sees why it ran again: {stdout}"
+    );
+    assert!(
+        result["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&victim_id)),
+        "{result}"
+    );
+}
