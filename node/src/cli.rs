@@ -283,6 +283,10 @@ pub struct RunArgs {
     /// Keep no record of the build in the data directory (its submitter keeps it).
     #[arg(long, hide = true)]
     pub no_record: bool,
+    /// Run only this member of the batch, as its own build (set by a node running one member
+    /// of a batch that the pool fans out).
+    #[arg(long, value_name = "IDENTIFIER", hide = true)]
+    pub batch_member: Option<String>,
     /// Print one JSON event a line (schema: docs/EVENTS.md).
     #[arg(long)]
     pub json: bool,

@@ -239,14 +239,28 @@ async fn run_prepared(
     node: &Node,
     limits: Limits,
 ) -> Result<BuildResult> {
-    let work = match &prepared.buildspec.batch {
-        None => Work::Single(Box::new(single_build(
+    let work = match (&prepared.buildspec.batch, &args.batch_member) {
+        (None, None) => Work::Single(Box::new(single_build(
             prepared,
             &prepared.buildspec,
             None,
             artifact_target(prepared, None),
         )?)),
-        Some(batch) => {
+        (None, Some(identifier)) => {
+            return refuse(format!(
+                "--batch-member {identifier}: the buildspec has no batch section"
+            ));
+        }
+        (Some(batch), Some(identifier)) => {
+            let planned = batch::members(batch);
+            let Some(member) = planned.iter().find(|m| m.identifier == *identifier) else {
+                return refuse(format!(
+                    "--batch-member {identifier}: the batch has no such member"
+                ));
+            };
+            Work::Single(Box::new(member_build(prepared, args, member)?))
+        }
+        (Some(batch), None) => {
             let planned = batch::members(batch);
             let builds = planned
                 .iter()
@@ -351,11 +365,30 @@ async fn run_batch(
     )
     .await;
     let stopped = batch_stop.borrow().is_some();
-    let status = batch_status(&planned, &members, stopped);
+    batch_result(
+        prepared,
+        &planned,
+        members,
+        stopped,
+        started,
+        node.peer.clone(),
+    )
+}
+
+/// A batch's result from its members': its status, and which members did not succeed.
+pub(crate) fn batch_result(
+    prepared: &Prepared,
+    planned: &[PlannedMember],
+    members: Vec<BuildResult>,
+    stopped: bool,
+    started: std::time::Instant,
+    peer: String,
+) -> BuildResult {
+    let status = batch_status(planned, &members, stopped);
     let message = (status != Status::Succeeded).then(|| {
         let failed: Vec<&str> = members
             .iter()
-            .zip(&planned)
+            .zip(planned)
             .filter(|(r, p)| {
                 r.status != Status::Succeeded && !(p.ignore_failure && r.status == Status::Failed)
             })
@@ -364,21 +397,17 @@ async fn run_batch(
         format!("members that did not succeed: {}", failed.join(", "))
     });
     BuildResult {
-        build_id: prepared.id.to_string(),
-        build_number: prepared.number,
-        member: None,
-        status,
-        message,
         start_time_ms: prepared.start_time_ms,
         duration_ms: started.elapsed().as_millis() as u64,
-        peer: node.peer.clone(),
-        source_digest: None,
-        phases: Vec::new(),
-        exported_variables: Vec::new(),
-        artifacts: Vec::new(),
-        reports: Vec::new(),
-        caches: Vec::new(),
+        peer,
+        message,
         members,
+        ..BuildResult::ended_early(
+            prepared.id.to_string(),
+            prepared.number,
+            status,
+            String::new(),
+        )
     }
 }
 

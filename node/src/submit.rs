@@ -13,7 +13,8 @@ use tokio::sync::watch;
 
 use crate::cli::RunArgs;
 use crate::engine::secrets;
-use crate::events::{ArtifactRecord, BuildResult, Envelope, Event, Status};
+use crate::engine::{Interrupt, Limits, OutputBudget};
+use crate::events::{ArtifactRecord, BuildResult, Envelope, Event, Level, Status};
 use crate::pool::client::{self, Endpoint};
 use crate::pool::tasks::Submission;
 use crate::reporter::Reporter;
@@ -42,85 +43,196 @@ pub async fn submit(data_dir: Option<&Path>, args: RunArgs, endpoint: Endpoint) 
     reporter.add_secrets(prepared.secrets.entries().map(|(_, value)| value.clone()));
     let store = Arc::new(crate::cache_cli::open_store(Some(prepared.data.root()))?);
     let submission = submission(&prepared, &args, &store).await?;
-    let json = serde_json::to_vec(&submission)?;
-    let mut lines = client::post_lines(&endpoint, "/v1/builds", json)
-        .await
-        .context("the node did not take the build")?;
-    let (stop_sender, mut stop) = watch::channel(None);
+    let (stop_sender, stop) = watch::channel(None);
     let signals = tokio::spawn(run::forward_signals(stop_sender));
     let ticker = tokio::spawn(run::tick(reporter.clone()));
-    let mut result = None;
-    let mut broken = None;
-    loop {
-        let line = tokio::select! {
-            line = lines.next() => line,
-            _ = stop.changed() => break,
-        };
-        let line = match line {
-            Ok(Some(line)) => line,
-            Ok(None) => break,
-            Err(err) => {
-                broken = Some(format!("{err:#}"));
-                break;
-            }
-        };
-        let Ok(envelope) = serde_json::from_str::<Envelope>(&line) else {
-            continue;
-        };
-        match envelope.event {
-            Event::BuildFinished { result: finished } => {
-                result = Some(*finished);
-                break;
-            }
-            // The worker names its own copy of the source; the user knows it by theirs.
-            Event::BuildStarted {
-                build_id,
-                build_number,
-                source_version,
-                sandbox,
-                batch,
-                start_time_ms,
-                ..
-            } => reporter.emit(Event::BuildStarted {
-                build_id,
-                build_number,
-                source: prepared.source.root.display().to_string(),
-                source_version,
-                sandbox,
-                batch,
-                start_time_ms,
-            }),
-            event => reporter.emit(event),
-        }
-    }
-    // Dropping the answer closes the submission: a build still running is stopped.
-    drop(lines);
+    let follow = Follow {
+        endpoint: &endpoint,
+        prepared: &prepared,
+        reporter: &reporter,
+    };
+    let mut result = match &prepared.buildspec.batch {
+        None => follow.build(&submission, stop, false).await,
+        Some(batch) => follow.batch(&submission, batch, &args, stop).await,
+    };
     ticker.abort();
     signals.abort();
-    let stopped = stop.borrow().is_some();
-    let mut result = result.unwrap_or_else(|| {
-        let (status, message) = if stopped {
-            (
-                Status::Stopped,
-                "the build was stopped; the node stops it wherever it runs".to_owned(),
-            )
-        } else {
-            (
-                Status::Fault,
-                format!(
-                    "the node stopped answering before the build ended{}",
-                    broken.map(|b| format!(" ({b})")).unwrap_or_default()
-                ),
-            )
-        };
-        unfinished(&prepared, &submission, status, message)
-    });
     if let Some(root) = &prepared.artifacts_root {
         export_artifacts(&store, root, &mut result, &reporter).await;
     }
     let status = result.status;
     run::finish_record(&reporter, Some(&build_dir), result)?;
     Ok(status.exit_code())
+}
+
+/// Following a submitted build (or a batch member) on the node.
+struct Follow<'a> {
+    endpoint: &'a Endpoint,
+    prepared: &'a Prepared,
+    reporter: &'a Reporter,
+}
+
+impl Follow<'_> {
+    /// Submits and shows the build's events until its result; a stop (Ctrl-C, or a batch's
+    /// fast-fail) closes the submission, and the node stops the build wherever it runs.
+    async fn build(
+        &self,
+        submission: &Submission,
+        mut stop: watch::Receiver<Option<Interrupt>>,
+        member: bool,
+    ) -> BuildResult {
+        let unfinished = |status, message| {
+            let mut result = unfinished(self.prepared, submission, status, message);
+            result.member = submission.build.batch_member.clone();
+            result
+        };
+        let json = match serde_json::to_vec(submission) {
+            Ok(json) => json,
+            Err(err) => return unfinished(Status::Fault, err.to_string()),
+        };
+        let mut lines = match client::post_lines(self.endpoint, "/v1/builds", json).await {
+            Ok(lines) => lines,
+            Err(err) => {
+                return unfinished(
+                    Status::Fault,
+                    format!("the node did not take the build: {err:#}"),
+                );
+            }
+        };
+        let mut broken = None;
+        loop {
+            let line = tokio::select! {
+                line = lines.next() => line,
+                _ = stop.changed() => break,
+            };
+            let line = match line {
+                Ok(Some(line)) => line,
+                Ok(None) => break,
+                Err(err) => {
+                    broken = Some(format!("{err:#}"));
+                    break;
+                }
+            };
+            let Ok(envelope) = serde_json::from_str::<Envelope>(&line) else {
+                continue;
+            };
+            match envelope.event {
+                Event::BuildFinished { result } => return *result,
+                // A member's own start is the batch's business, already shown.
+                Event::BuildStarted { .. } if member => {}
+                // The worker names its own copy of the source; the user knows it by theirs.
+                Event::BuildStarted {
+                    build_id,
+                    build_number,
+                    source_version,
+                    sandbox,
+                    batch,
+                    start_time_ms,
+                    ..
+                } => self.reporter.emit(Event::BuildStarted {
+                    build_id,
+                    build_number,
+                    source: self.prepared.source.root.display().to_string(),
+                    source_version,
+                    sandbox,
+                    batch,
+                    start_time_ms,
+                }),
+                // The node's notes on where a member runs are the member's.
+                Event::Note {
+                    member: None,
+                    level,
+                    message,
+                } if member => self.reporter.emit(Event::Note {
+                    member: submission.build.batch_member.clone(),
+                    level,
+                    message,
+                }),
+                event => self.reporter.emit(event),
+            }
+        }
+        // Dropping the answer closes the submission: a build still running is stopped.
+        drop(lines);
+        if stop.borrow().is_some() {
+            return unfinished(
+                Status::Stopped,
+                "the build was stopped; the node stops it wherever it runs".to_owned(),
+            );
+        }
+        unfinished(
+            Status::Fault,
+            format!(
+                "the node stopped answering before the build ended{}",
+                broken.map(|b| format!(" ({b})")).unwrap_or_default()
+            ),
+        )
+    }
+
+    /// A batch fanned out across the pool: each member is its own submission (the node places
+    /// each on a peer), started in the order the batch's graph allows, as for a local batch.
+    async fn batch(
+        &self,
+        submission: &Submission,
+        batch: &protocol::buildspec::Batch,
+        args: &RunArgs,
+        stop: watch::Receiver<Option<Interrupt>>,
+    ) -> BuildResult {
+        let started = std::time::Instant::now();
+        self.reporter.emit(Event::BuildStarted {
+            build_id: self.prepared.id.to_string(),
+            build_number: self.prepared.number,
+            source: self.prepared.source.root.display().to_string(),
+            source_version: self.prepared.source.git_commit.clone(),
+            sandbox: args.sandbox.clone().unwrap_or_else(|| "pool".to_owned()),
+            batch: true,
+            start_time_ms: self.prepared.start_time_ms,
+        });
+        let planned = crate::batch::members(batch);
+        for member in &planned {
+            if let Some(description) = &member.description {
+                self.reporter.emit(Event::Note {
+                    member: Some(member.identifier.clone()),
+                    level: Level::Info,
+                    message: description.clone(),
+                });
+            }
+        }
+        let limits = Limits {
+            deadline: tokio::time::Instant::now() + args.timeout,
+            stop: stop.clone(),
+            output: OutputBudget::new(u64::MAX),
+        };
+        let identifiers: Vec<String> = planned.iter().map(|m| m.identifier.clone()).collect();
+        let runner: crate::batch::MemberRunner<'_> = Box::new(move |index, member_limits| {
+            let mut member = submission.clone();
+            member.build.batch_member = identifiers.get(index).cloned();
+            Box::pin(async move {
+                let mut result = self.build(&member, member_limits.stop, true).await;
+                result.member = member.build.batch_member.clone();
+                result
+            })
+        });
+        // Every member may start at once: the node waits for free slots in the pool.
+        let slots = planned.len().max(1);
+        let members = crate::batch::run_members(
+            &planned,
+            batch.fast_fail,
+            slots,
+            limits,
+            self.reporter,
+            runner,
+        )
+        .await;
+        let stopped = stop.borrow().is_some();
+        run::batch_result(
+            self.prepared,
+            &planned,
+            members,
+            stopped,
+            started,
+            "pool".to_owned(),
+        )
+    }
 }
 
 /// The submission: the source imported into the shared store as a tree, and what the node and
@@ -167,6 +279,7 @@ async fn submission(prepared: &Prepared, args: &RunArgs, store: &Arc<Store>) -> 
             timeout_secs: args.timeout.as_secs(),
             sandbox: args.sandbox.clone(),
             deny_network: args.deny_network,
+            batch_member: None,
         },
         requires,
     })

@@ -47,6 +47,8 @@ pub struct TaskOffer {
     /// The build's id (`project:uuid`) and number, as the submitter numbered it.
     pub build_id: String,
     pub build_number: u64,
+    /// For a batch fanned out across the pool: the one member this task runs.
+    pub batch_member: Option<String>,
     /// `--env` variables, in order.
     pub env: Vec<(String, String)>,
     /// Values behind the buildspec's `parameter-store` and `secrets-manager` names.
@@ -150,6 +152,23 @@ fn check_offer(offer: &TaskOffer) -> Result<(), WireError> {
     if !id_ok || offer.build_id.len() > 256 {
         return over("build_id");
     }
+    if let Some(sandbox) = &offer.sandbox
+        && (sandbox.is_empty()
+            || sandbox.len() > 32
+            || !sandbox.chars().all(|c| c.is_ascii_lowercase()))
+    {
+        return over("sandbox");
+    }
+    // CodeBuild's identifiers: letters, digits and underscores.
+    if let Some(member) = &offer.batch_member
+        && (member.is_empty()
+            || member.len() > 128
+            || !member
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_'))
+    {
+        return over("batch_member");
+    }
     // The source's name becomes a folder name on the worker.
     if offer.source_name.is_empty()
         || offer.source_name.contains(['/', '\0'])
@@ -175,6 +194,7 @@ mod tests {
             buildspec: "version: 0.2\n".into(),
             build_id: "app:0b8e-41".into(),
             build_number: 7,
+            batch_member: Some("linux_1".into()),
             env: vec![("A".into(), "1".into())],
             secrets: vec![("/db/password".into(), "hunter2".into())],
             timeout_secs: 3600,

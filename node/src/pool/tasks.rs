@@ -9,12 +9,13 @@
 //! breaks, or its lease runs out) has its build run again on another peer, and the submitter is
 //! told why.
 
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::io::AsyncWriteExt;
 use futures::{AsyncRead, AsyncWrite};
@@ -41,6 +42,12 @@ const MAX_ATTEMPTS: usize = 4;
 const LEASE_CHECK: Duration = Duration::from_secs(1);
 /// How long a worker may take to accept or decline.
 const OFFER_TIMEOUT: Duration = Duration::from_secs(30);
+/// A worker's answer when it has no free slot (the coordinator tries others, then it again).
+const NO_FREE_SLOT: &str = "no free slot";
+/// How long a peer that said it was full is passed over.
+const FULL_BACKOFF: Duration = Duration::from_millis(500);
+/// How often a build waiting for a free slot looks again.
+const QUEUE_POLL: Duration = Duration::from_millis(100);
 /// How long a build that is cancelled gets to stop before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
@@ -116,6 +123,8 @@ enum Ending {
     Refused(String),
     /// The worker declined or failed before running it: try another.
     Declined(String),
+    /// The worker has no free slot now: try another, or it again in a moment.
+    Full,
     /// The worker was lost while running it: run it again elsewhere.
     Lost(String),
     /// The submitter went away: stop.
@@ -133,7 +142,12 @@ impl Tasks {
     /// The peers that can run `submission`, best first: labels asked for (the implicit `os`
     /// and `arch` too), a free slot, the sandbox asked for; then the most free slots, the
     /// lightest load. `tried` are left out. The reason is for the build's output.
-    fn placements(&self, submission: &Submission, tried: &[String]) -> Vec<(Heartbeat, String)> {
+    fn placements(
+        &self,
+        submission: &Submission,
+        tried: &[String],
+        free_only: bool,
+    ) -> Vec<(Heartbeat, String)> {
         let mut peers = self
             .view
             .lock()
@@ -143,7 +157,7 @@ impl Tasks {
         let mut fitting: Vec<(Heartbeat, String)> = peers
             .into_iter()
             .filter(|p| !tried.contains(&p.peer_id))
-            .filter(|p| p.slots_free > 0)
+            .filter(|p| !free_only || p.slots_free > 0)
             .filter(|p| {
                 submission.requires.iter().all(|(label, value)| {
                     p.labels.iter().any(|(l, v)| l == label && v == value)
@@ -216,32 +230,54 @@ impl Tasks {
     /// Coordinates `submission`: places it, runs it, relays its events to `out`, and ends with
     /// a `build_finished` line. Returns when the build ended or the submitter left.
     pub async fn submit(self: Arc<Self>, submission: Submission, out: Out) {
-        let task_id = format!("{}@{}", submission.build.build_id, self.me);
-        let mut tried: Vec<String> = Vec::new();
+        let task_id = match &submission.build.batch_member {
+            Some(member) => format!("{}/{member}@{}", submission.build.build_id, self.me),
+            None => format!("{}@{}", submission.build.build_id, self.me),
+        };
+        // Peers that declined for good, failed or were lost: never offered this build again.
+        let mut excluded: Vec<String> = Vec::new();
         let mut lost: Vec<String> = Vec::new();
-        for _ in 0..MAX_ATTEMPTS {
-            let Some((peer, why)) = self.placements(&submission, &tried).into_iter().next() else {
-                break;
+        // Peers that just said they were full: passed over for a moment.
+        let mut full: HashMap<String, Instant> = HashMap::new();
+        let waiting_since = Instant::now();
+        let queue_limit = Duration::from_secs(submission.build.timeout_secs.max(1));
+        let mut said_waiting = false;
+        let mut attempts = 0;
+        while attempts < MAX_ATTEMPTS {
+            let now = Instant::now();
+            full.retain(|_, until| *until > now);
+            let mut skip = excluded.clone();
+            skip.extend(full.keys().cloned());
+            let Some((peer, why)) = self.placements(&submission, &skip, true).into_iter().next()
+            else {
+                // Every fitting peer is busy: wait for a slot (up to the build's own timeout);
+                // no fitting peer at all: fail at once.
+                let fits = !self.placements(&submission, &excluded, false).is_empty();
+                if !fits || waiting_since.elapsed() > queue_limit {
+                    break;
+                }
+                if !said_waiting {
+                    said_waiting = true;
+                    let said = "every peer that can run the build is busy; waiting for a free slot";
+                    if out.send(note(Level::Info, said.to_owned())).await.is_err() {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(QUEUE_POLL) => continue,
+                    _ = out.closed() => return,
+                }
             };
-            tried.push(peer.peer_id.clone());
             let here = peer.peer_id == self.me.to_string();
-            let said = if here {
-                format!("running on this node, {} ({why})", self.me)
-            } else {
-                format!("running on peer {} ({why})", peer.peer_id)
-            };
-            if out.send(note(Level::Info, said)).await.is_err() {
-                return;
-            }
             let offer = TaskOffer {
                 task: task_id.clone(),
                 ..submission.build.clone()
             };
             let ending = if here {
-                self.run_here(&offer, &out).await
+                self.run_here(&offer, &out, &why).await
             } else {
                 match peer.peer_id.parse::<PeerId>() {
-                    Ok(worker) => self.run_on(worker, &offer, &out).await,
+                    Ok(worker) => self.run_on(worker, &offer, &out, &why).await,
                     Err(err) => Ending::Declined(err.to_string()),
                 }
             };
@@ -266,13 +302,20 @@ impl Tasks {
                         .await;
                     return;
                 }
+                Ending::Full => {
+                    full.insert(peer.peer_id.clone(), Instant::now() + FULL_BACKOFF);
+                }
                 Ending::Declined(reason) => {
+                    attempts += 1;
+                    excluded.push(peer.peer_id.clone());
                     let said = format!("peer {} did not take the build: {reason}", peer.peer_id);
                     if out.send(note(Level::Warning, said)).await.is_err() {
                         return;
                     }
                 }
                 Ending::Lost(reason) => {
+                    attempts += 1;
+                    excluded.push(peer.peer_id.clone());
                     warn!(peer = %peer.peer_id, reason = %reason, "worker lost; running the build again elsewhere");
                     lost.push(peer.peer_id.clone());
                     let said = format!(
@@ -286,17 +329,30 @@ impl Tasks {
                 Ending::Cancelled => return,
             }
         }
-        let why = self.unplaceable(&submission, &tried);
+        let why = self.unplaceable(&submission, &excluded);
         let _ = out
             .send(fault_result(&submission, Status::Fault, why))
             .await;
     }
 
-    /// Runs the offer on this node, events straight to `out`.
-    async fn run_here(&self, offer: &TaskOffer, out: &Out) -> Ending {
-        let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
-            return Ending::Declined("no free slot".to_owned());
+    /// Tells the submitter where the build runs (once it was accepted there).
+    async fn say_where(&self, peer: &str, why: &str, out: &Out) -> bool {
+        let said = if peer == self.me.to_string() {
+            format!("running on this node, {peer} ({why})")
+        } else {
+            format!("running on peer {peer} ({why})")
         };
+        out.send(note(Level::Info, said)).await.is_ok()
+    }
+
+    /// Runs the offer on this node, events straight to `out`.
+    async fn run_here(&self, offer: &TaskOffer, out: &Out, why: &str) -> Ending {
+        let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
+            return Ending::Full;
+        };
+        if !self.say_where(&self.me.to_string(), why, out).await {
+            return Ending::Cancelled;
+        }
         let (replies, mut received) = mpsc::channel(256);
         let (_keep, cancel) = watch::channel(false);
         let run = self.run_task(offer, None, replies, cancel);
@@ -325,7 +381,7 @@ impl Tasks {
     }
 
     /// Hands the offer to `worker` and relays what it says until the build ends.
-    async fn run_on(&self, worker: PeerId, offer: &TaskOffer, out: &Out) -> Ending {
+    async fn run_on(&self, worker: PeerId, offer: &TaskOffer, out: &Out, why: &str) -> Ending {
         let body = match task::encode_offer(offer) {
             Ok(body) => body,
             Err(err) => return Ending::Refused(format!("the build cannot be sent: {err}")),
@@ -348,9 +404,14 @@ impl Tasks {
         .await;
         let mut stream = match opened {
             Ok(Ok(stream)) => stream,
+            Ok(Err(reason)) if reason == NO_FREE_SLOT => return Ending::Full,
             Ok(Err(reason)) => return Ending::Declined(reason),
             Err(_) => return Ending::Declined("it did not answer the offer in time".to_owned()),
         };
+        if !self.say_where(&worker.to_string(), why, out).await {
+            let _ = stream.close().await;
+            return Ending::Cancelled;
+        }
         let mut lease = tokio::time::interval(LEASE_CHECK);
         let worker_id = worker.to_string();
         loop {
@@ -506,8 +567,10 @@ impl Tasks {
             .arg(buildspec)
             .arg("--timeout")
             .arg(format!("{}s", offer.timeout_secs.max(1)))
-            .args(["--build-id", &offer.build_id])
-            .args(["--build-number", &offer.build_number.to_string()])
+            // Values from the offer go as `--flag=VALUE`, one argument each, so no value can
+            // ever be read as a flag of its own.
+            .arg(format!("--build-id={}", offer.build_id))
+            .arg(format!("--build-number={}", offer.build_number))
             .env("PEERBUILD_PEER_ID", self.me.to_string())
             .env_remove("PEERBUILD_NODE")
             .stdin(Stdio::null())
@@ -524,24 +587,32 @@ impl Tasks {
                 Ok(())
             });
         }
+        if let Some(member) = &offer.batch_member {
+            // One member of a batch the pool fans out: its submitter keeps the batch's record.
+            command
+                .arg(format!("--batch-member={member}"))
+                .arg("--no-record");
+        }
         if submitted_here {
             // The submitter is this node's owner (the API is theirs alone), who keeps the
             // build's record; `--sandbox` is their own choice here.
-            command.arg("--no-record");
+            if offer.batch_member.is_none() {
+                command.arg("--no-record");
+            }
             if let Some(sandbox) = &offer.sandbox {
-                command.args(["--sandbox", sandbox]);
+                command.arg(format!("--sandbox={sandbox}"));
             }
         } else if let Some(sandbox) = &offer.sandbox {
-            command.args(["--sandbox-request", sandbox]);
+            command.arg(format!("--sandbox-request={sandbox}"));
         }
         if offer.deny_network {
             command.arg("--deny-network");
         }
         if let Some(version) = &offer.source_version {
-            command.args(["--source-version", version]);
+            command.arg(format!("--source-version={version}"));
         }
         for (name, value) in &offer.env {
-            command.arg("--env").arg(format!("{name}={value}"));
+            command.arg(format!("--env={name}={value}"));
         }
         // Secrets reach the child through a pipe on descriptor 3, never a file or its
         // command line.
@@ -819,7 +890,7 @@ impl Tasks {
             }
         };
         let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
-            let reason = "no free slot".to_owned();
+            let reason = NO_FREE_SLOT.to_owned();
             return write_reply(stream, &TaskReply::Declined { reason }).await;
         };
         write_reply(stream, &TaskReply::Accepted).await?;
@@ -851,9 +922,17 @@ impl Tasks {
                 }
             }
         }
-        let ending = ending.unwrap_or(TaskReply::Fault {
-            message: "the build ended without a result".to_owned(),
-        });
+        let ending = if stopping {
+            // Whatever the stopped build says, it did not run to its end: the coordinator
+            // runs it again elsewhere.
+            TaskReply::Fault {
+                message: "the peer is shutting down and handed the build back".to_owned(),
+            }
+        } else {
+            ending.unwrap_or(TaskReply::Fault {
+                message: "the build ended without a result".to_owned(),
+            })
+        };
         if open {
             write_reply(stream, &ending).await?;
         }

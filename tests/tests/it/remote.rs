@@ -296,3 +296,85 @@ fn a_worker_killed_mid_build_has_its_build_run_again_on_another_peer() {
         "{result}"
     );
 }
+
+#[test]
+fn a_batch_fans_its_members_out_across_peers() {
+    let one_slot = |label: &str| NodeOptions {
+        labels: vec![label.into()],
+        slots: Some(1),
+        ..NodeOptions::default()
+    };
+    let cluster = pool(vec![
+        one_slot("role=submitter"),
+        one_slot("role=worker"),
+        one_slot("role=worker"),
+    ]);
+    let buildspec = r#"version: 0.2
+batch:
+  build-graph:
+    - identifier: first
+    - identifier: second
+    - identifier: third
+      depend-on:
+        - first
+phases:
+  build:
+    commands:
+      - sleep 2
+      - echo "$CODEBUILD_BATCH_BUILD_IDENTIFIER ran on $PEERBUILD_PEER_ID"
+      - mkdir -p out && echo "$CODEBUILD_BATCH_BUILD_IDENTIFIER" > out/which.txt
+artifacts:
+  files:
+    - out/which.txt
+"#;
+    let project = Project::new(&[("buildspec.yml", buildspec)]);
+    let out = project.root().join("artifacts");
+    let run = cluster.run_on(
+        0,
+        &project,
+        &[
+            "--require",
+            "role=worker",
+            "--artifacts",
+            out.to_str().expect("utf-8"),
+        ],
+    );
+    assert_eq!(
+        run.code,
+        0,
+        "{}\n{}\n{}",
+        run.stdout,
+        run.stderr,
+        cluster.logs()
+    );
+    let members = run.result()["members"].as_array().expect("members").clone();
+    assert_eq!(members.len(), 3);
+    let workers = [
+        cluster.node(1).peer_id.clone(),
+        cluster.node(2).peer_id.clone(),
+    ];
+    let mut peers: Vec<String> = members
+        .iter()
+        .map(|m| m["peer"].as_str().expect("peer").to_owned())
+        .collect();
+    for (member, peer) in members.iter().zip(&peers) {
+        assert!(workers.contains(peer), "{member}");
+        let identifier = member["member"].as_str().expect("member");
+        assert!(
+            run.log().contains(&format!("{identifier} ran on {peer}")),
+            "{}",
+            run.log()
+        );
+        assert_eq!(
+            std::fs::read_to_string(out.join(identifier).join("out/which.txt")).expect("artifact"),
+            format!("{identifier}\n")
+        );
+    }
+    peers.sort();
+    peers.dedup();
+    assert_eq!(
+        peers.len(),
+        2,
+        "two one-slot workers ran the members side by side"
+    );
+}
