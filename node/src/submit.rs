@@ -58,7 +58,18 @@ pub async fn submit(data_dir: Option<&Path>, args: RunArgs, endpoint: Endpoint) 
     ticker.abort();
     signals.abort();
     if let Some(root) = &prepared.artifacts_root {
-        export_artifacts(&store, root, &mut result, &reporter).await;
+        let planned: Vec<String> = prepared
+            .buildspec
+            .batch
+            .as_ref()
+            .map(|b| {
+                crate::batch::members(b)
+                    .into_iter()
+                    .map(|m| m.identifier)
+                    .collect()
+            })
+            .unwrap_or_default();
+        export_artifacts(&store, root, &mut result, &planned, &reporter).await;
     }
     let status = result.status;
     run::finish_record(&reporter, Some(&build_dir), result)?;
@@ -100,10 +111,21 @@ impl Follow<'_> {
             }
         };
         let mut broken = None;
+        let mut stop_open = true;
         loop {
             let line = tokio::select! {
                 line = lines.next() => line,
-                _ = stop.changed() => break,
+                changed = stop.changed(), if stop_open => {
+                    // A closed channel (no signal handler) is no stop; a value is.
+                    match changed {
+                        Ok(()) if stop.borrow().is_some() => break,
+                        Ok(()) => continue,
+                        Err(_) => {
+                            stop_open = false;
+                            continue;
+                        }
+                    }
+                }
             };
             let line = match line {
                 Ok(Some(line)) => line,
@@ -275,12 +297,12 @@ async fn submission(prepared: &Prepared, args: &RunArgs, store: &Arc<Store>) -> 
             build_id: prepared.id.to_string(),
             build_number: prepared.number,
             env: prepared.submitted.clone(),
-            secrets: needed_secrets(prepared),
             timeout_secs: args.timeout.as_secs(),
             sandbox: args.sandbox.clone(),
             deny_network: args.deny_network,
             batch_member: None,
         },
+        secrets: needed_secrets(prepared),
         requires,
     })
 }
@@ -324,34 +346,45 @@ fn unfinished(
 
 /// Writes each artifact tree (the node fetched them into the shared store) into `--artifacts`:
 /// the primary artifact's files in the folder itself, a secondary one in a sub-folder named by
-/// its identifier, a batch member's under its identifier, as for a local build.
+/// its identifier, a batch member's under its identifier, as for a local build. The names come
+/// from a peer's result, so each must be one plain folder name, and a member one of this
+/// batch's own; anything else is not written. A tree that cannot be written fails the build.
 async fn export_artifacts(
     store: &Arc<Store>,
     root: &Path,
     result: &mut BuildResult,
+    planned: &[String],
     reporter: &Reporter,
 ) {
-    let mut jobs: Vec<(&mut ArtifactRecord, std::path::PathBuf)> = Vec::new();
-    let member_roots: Vec<std::path::PathBuf> = result
-        .members
-        .iter()
-        .map(|m| root.join(m.member.as_deref().unwrap_or("member")))
-        .collect();
+    let mut jobs: Vec<(&mut ArtifactRecord, Option<std::path::PathBuf>)> = Vec::new();
     for artifact in &mut result.artifacts {
         let folder = artifact_folder(root, &artifact.identifier);
         jobs.push((artifact, folder));
     }
-    for (member, member_root) in result.members.iter_mut().zip(member_roots) {
+    for member in &mut result.members {
+        let member_root = member
+            .member
+            .as_deref()
+            .filter(|m| planned.iter().any(|p| p == m) && plain_name(m))
+            .map(|m| root.join(m));
         for artifact in &mut member.artifacts {
-            let folder = artifact_folder(&member_root, &artifact.identifier);
+            let folder = member_root
+                .as_ref()
+                .and_then(|r| artifact_folder(r, &artifact.identifier));
             jobs.push((artifact, folder));
         }
     }
     // The primary artifact goes into its folder first: a secondary one's sub-folder is then
     // created inside it.
-    jobs.sort_by_key(|(_, folder)| folder.components().count());
+    jobs.sort_by_key(|(_, folder)| folder.as_ref().map_or(0, |f| f.components().count()));
+    let mut failed = Vec::new();
     for (artifact, folder) in jobs {
-        let Ok(digest) = artifact.digest.parse::<protocol::Digest>() else {
+        let (Some(folder), Ok(digest)) = (folder, artifact.digest.parse::<protocol::Digest>())
+        else {
+            failed.push(format!(
+                "`{}` (its name or digest is not valid)",
+                artifact.identifier
+            ));
             continue;
         };
         let export_store = store.clone();
@@ -363,23 +396,52 @@ async fn export_artifacts(
         .unwrap_or_else(|e| Err(e.to_string()));
         match exported {
             Ok(_) => artifact.location = Some(folder.display().to_string()),
-            Err(err) => reporter.emit(Event::Note {
-                member: None,
-                level: crate::events::Level::Warning,
-                message: format!(
-                    "artifacts `{}` could not be written to {}: {err}",
-                    artifact.identifier,
-                    folder.display()
-                ),
-            }),
+            Err(err) => failed.push(format!(
+                "`{}` into {}: {err}",
+                artifact.identifier,
+                folder.display()
+            )),
+        }
+    }
+    if !failed.is_empty() {
+        let message = format!("artifacts could not be written: {}", failed.join("; "));
+        reporter.emit(Event::Note {
+            member: None,
+            level: Level::Warning,
+            message: message.clone(),
+        });
+        if result.status == Status::Succeeded {
+            result.status = Status::Fault;
+            result.message = Some(message);
         }
     }
 }
 
-fn artifact_folder(root: &Path, identifier: &str) -> std::path::PathBuf {
+/// Whether `name` is one plain folder name (no `/`, not `.` or `..`, not empty).
+fn plain_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\0'])
+}
+
+/// Where an artifact goes under `root`; `None` when its identifier is not a plain name.
+fn artifact_folder(root: &Path, identifier: &str) -> Option<std::path::PathBuf> {
     if identifier == "primary" {
-        root.to_owned()
+        Some(root.to_owned())
     } else {
-        root.join(identifier)
+        plain_name(identifier).then(|| root.join(identifier))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn artifact_names_from_a_peer_stay_inside_the_folder() {
+        let root = Path::new("/out");
+        assert_eq!(artifact_folder(root, "primary"), Some(root.to_owned()));
+        assert_eq!(artifact_folder(root, "docs"), Some(root.join("docs")));
+        for bad in ["", ".", "..", "../x", "/etc", "a/b"] {
+            assert_eq!(artifact_folder(root, bad), None, "{bad:?}");
+        }
     }
 }

@@ -3,14 +3,15 @@
 //!
 //! Frames as in [`crate::cas`]: a big-endian `u32` byte count, then postcard of
 //! `(WIRE_FORMAT_VERSION, message)`. The coordinator writes one [`TaskOffer`]; the worker
-//! answers [`TaskReply::Accepted`] or [`TaskReply::Declined`], then, having accepted, any
-//! number of [`TaskReply::Event`]s (the build's events, the `--json` schema, in order) and
-//! one ending: [`TaskReply::Finished`] with the result signed by the worker's key,
-//! [`TaskReply::Refused`] when the worker's `peerbuild run` refused the build before it ran,
-//! or [`TaskReply::Fault`]. The coordinator closing the stream early cancels the build.
+//! answers [`TaskReply::Accepted`] or [`TaskReply::Declined`]; having been accepted, the
+//! coordinator writes [`TaskSecrets`]; the worker then writes any number of
+//! [`TaskReply::Event`]s (the build's events, the `--json` schema, in order) and one ending:
+//! [`TaskReply::Finished`] with the result signed by the worker's key, [`TaskReply::Refused`]
+//! when the worker's `peerbuild run` refused the build before it ran, or [`TaskReply::Fault`].
+//! The coordinator closing its side of the stream cancels the build.
 //!
-//! Secrets travel only in the offer, on this stream: Noise-encrypted, straight to the one peer
-//! running the build, never by gossip.
+//! Secrets travel only in [`TaskSecrets`], on this stream: Noise-encrypted, to the one peer
+//! that accepted the build, never by gossip.
 
 use serde::{Deserialize, Serialize};
 
@@ -51,14 +52,38 @@ pub struct TaskOffer {
     pub batch_member: Option<String>,
     /// `--env` variables, in order.
     pub env: Vec<(String, String)>,
-    /// Values behind the buildspec's `parameter-store` and `secrets-manager` names.
-    pub secrets: Vec<(String, String)>,
     pub timeout_secs: u64,
     /// The sandbox the submitter asked for; the worker's owner settings decide whether it is
     /// allowed, as for a buildspec's `peerbuild.sandbox`.
     pub sandbox: Option<String>,
     /// The submitter refuses builds network (`--deny-network`).
     pub deny_network: bool,
+}
+
+/// The values behind the buildspec's `parameter-store` and `secrets-manager` names: the
+/// coordinator's second frame, sent only once the worker accepted (a peer that declines never
+/// sees them).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskSecrets {
+    pub secrets: Vec<(String, String)>,
+}
+
+pub fn encode_secrets(secrets: &TaskSecrets) -> Result<Vec<u8>, WireError> {
+    if secrets.secrets.len() > MAX_PAIRS {
+        return Err(WireError::OverLimit { field: "secrets" });
+    }
+    let bytes = encode_versioned(secrets)?;
+    check_size(bytes.len(), MAX_OFFER_BYTES)?;
+    Ok(bytes)
+}
+
+pub fn decode_secrets(bytes: &[u8]) -> Result<TaskSecrets, WireError> {
+    check_size(bytes.len(), MAX_OFFER_BYTES)?;
+    let secrets: TaskSecrets = decode_versioned(bytes)?;
+    if secrets.secrets.len() > MAX_PAIRS {
+        return Err(WireError::OverLimit { field: "secrets" });
+    }
+    Ok(secrets)
 }
 
 /// What a worker writes back.
@@ -128,9 +153,6 @@ fn check_offer(offer: &TaskOffer) -> Result<(), WireError> {
     if offer.env.len() > MAX_PAIRS {
         return over("env");
     }
-    if offer.secrets.len() > MAX_PAIRS {
-        return over("secrets");
-    }
     if offer.task.is_empty() || offer.task.len() > 256 {
         return over("task");
     }
@@ -196,7 +218,6 @@ mod tests {
             build_number: 7,
             batch_member: Some("linux_1".into()),
             env: vec![("A".into(), "1".into())],
-            secrets: vec![("/db/password".into(), "hunter2".into())],
             timeout_secs: 3600,
             sandbox: Some("namespace".into()),
             deny_network: false,
@@ -260,6 +281,20 @@ mod tests {
                 let _ = decode_reply(&bad);
             }
         }
+    }
+
+    #[test]
+    fn secrets_round_trip_and_are_bounded() {
+        let secrets = TaskSecrets {
+            secrets: vec![("/db/password".into(), "hunter2".into())],
+        };
+        let bytes = encode_secrets(&secrets).expect("encodes");
+        assert_eq!(decode_secrets(&bytes), Ok(secrets));
+        let many = TaskSecrets {
+            secrets: vec![("a".into(), "b".into()); MAX_PAIRS + 1],
+        };
+        assert!(encode_secrets(&many).is_err());
+        assert!(decode_secrets(&encode_versioned(&many).expect("encodes")).is_err());
     }
 
     #[test]

@@ -43,6 +43,10 @@ pub struct Entry {
     pub arch: String,
     pub tree: String,
     pub created_ms: u64,
+    /// The peer this entry was fetched from, for one another peer saved. Such an entry is
+    /// pruned to its paths when it is restored: its tree was built elsewhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_peer: Option<String>,
 }
 
 /// What looking a key up found.
@@ -90,14 +94,17 @@ impl Entry {
         })
     }
 
-    pub fn from_wire(entry: &CacheEntry) -> Entry {
+    /// An entry `peer` announced or listed.
+    pub fn from_wire(entry: &CacheEntry, peer: &str) -> Entry {
         Entry {
             key: entry.key.clone(),
             paths: entry.paths.clone(),
             os: entry.os.clone(),
             arch: entry.arch.clone(),
             tree: entry.tree.to_string(),
-            created_ms: entry.created_ms,
+            // A peer's clock (or a peer gaming "newest first") never puts it in the future.
+            created_ms: entry.created_ms.min(now_ms()),
+            from_peer: Some(peer.to_owned()),
         }
     }
 
@@ -493,10 +500,8 @@ pub fn save(
         os: std::env::consts::OS.to_owned(),
         arch: std::env::consts::ARCH.to_owned(),
         tree: root.to_string(),
-        created_ms: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or(Duration::ZERO)
-            .as_millis() as u64,
+        created_ms: now_ms(),
+        from_peer: None,
     };
     if publish(store, &entry, &target)? {
         Ok((
@@ -510,6 +515,59 @@ pub fn save(
     } else {
         Ok((Saved::AlreadyThere, warnings))
     }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_millis() as u64
+}
+
+/// Drops from a staged entry (one fetched from a peer) every file its cache paths would not
+/// have saved, and every folder left empty: a peer's tree may hold anything, and a restore
+/// writes only where the cache's paths say.
+fn prune_to_paths(staged: &Path, paths: &[String]) -> Result<(), String> {
+    let (rel, abs) = (staged.join("rel"), staged.join("abs"));
+    for part in [&rel, &abs] {
+        fs::create_dir_all(part).map_err(|e| format!("{}: {e}", part.display()))?;
+    }
+    let (relative, absolute, _) = select(&rel, Some(&abs), paths);
+    let kept = |selected: Option<artifacts::Selected>| -> std::collections::HashSet<PathBuf> {
+        selected
+            .map(|s| s.entries.into_iter().map(|e| e.dest).collect())
+            .unwrap_or_default()
+    };
+    prune_folder(&rel, Path::new(""), &kept(relative))?;
+    prune_folder(&abs, Path::new(""), &kept(absolute))
+}
+
+/// Removes what `keep` does not list under `root/at`.
+fn prune_folder(
+    root: &Path,
+    at: &Path,
+    keep: &std::collections::HashSet<PathBuf>,
+) -> Result<(), String> {
+    let folder = root.join(at);
+    let entries = fs::read_dir(&folder).map_err(|e| format!("{}: {e}", folder.display()))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| e.to_string())?;
+        let relative = at.join(entry.file_name());
+        let path = entry.path();
+        let is_dir = entry
+            .file_type()
+            .map(|t| t.is_dir())
+            .map_err(|e| e.to_string())?;
+        if is_dir {
+            prune_folder(root, &relative, keep)?;
+            // An emptied folder goes too (fails harmlessly when something is left).
+            let _ = fs::remove_dir(&path);
+        } else if !keep.contains(&relative) {
+            fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Whether the entry file at `path` parses and its tree is in the store.
@@ -549,6 +607,9 @@ pub fn restore(
         fs::create_dir_all(parent).map_err(|e| e.to_string())?;
     }
     let exported = export::export(store, &digest, scratch).map_err(|e| e.to_string())?;
+    if entry.from_peer.is_some() {
+        prune_to_paths(scratch, &entry.paths)?;
+    }
     let staged = workspace.join(STAGE);
     // `rename` never follows a symlink the build left under the name: it fails on one (a
     // folder cannot replace a file) and replaces only an empty folder.
@@ -591,3 +652,78 @@ if [ ${#files[@]} -eq 0 ]; then
 fi
 printf '%s\n' "${files[@]}" | LC_ALL=C sort -u | while IFS= read -r f; do cat -- "$f"; done | sha256sum | cut -d' ' -f1
 "#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tree as a peer might send it: the cache's own files, and more besides.
+    fn peer_tree(store: &Store, scratch: &Path) -> Digest {
+        for (path, text) in [
+            ("rel/deps/ok.txt", "wanted"),
+            ("rel/src/main.c", "overwritten source"),
+            ("abs/root/.m2/repo/lib.jar", "wanted too"),
+            ("abs/etc/profile.d/evil.sh", "planted"),
+        ] {
+            let full = scratch.join(path);
+            fs::create_dir_all(full.parent().expect("parent")).expect("mkdir");
+            fs::write(full, text).expect("write");
+        }
+        import::import_dir_once(store, scratch, "a peer's tree")
+            .expect("imports")
+            .root
+            .expect("a tree")
+    }
+
+    fn files(root: &Path) -> Vec<String> {
+        let mut found = Vec::new();
+        let mut stack = vec![root.to_owned()];
+        while let Some(dir) = stack.pop() {
+            for entry in fs::read_dir(&dir).expect("read").flatten() {
+                if entry.file_type().expect("type").is_dir() {
+                    stack.push(entry.path());
+                } else {
+                    let path = entry.path();
+                    let relative = path.strip_prefix(root).expect("inside");
+                    found.push(relative.display().to_string());
+                }
+            }
+        }
+        found.sort();
+        found
+    }
+
+    #[test]
+    fn an_entry_from_a_peer_restores_only_what_its_paths_name() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&temp.path().join("store")).expect("store");
+        let tree = peer_tree(&store, &temp.path().join("made"));
+        let mut entry = Entry {
+            key: "deps".into(),
+            paths: vec!["deps/**/*".into(), "/root/.m2/**/*".into()],
+            os: std::env::consts::OS.into(),
+            arch: std::env::consts::ARCH.into(),
+            tree: tree.to_string(),
+            created_ms: 1,
+            from_peer: Some("12D3KooWPeer".into()),
+        };
+        let workspace = temp.path().join("workspace");
+        fs::create_dir_all(&workspace).expect("mkdir");
+        let restored =
+            restore(&store, &entry, &workspace, &temp.path().join("scratch")).expect("restores");
+        assert_eq!(
+            files(&restored.staged),
+            ["abs/root/.m2/repo/lib.jar", "rel/deps/ok.txt"]
+        );
+        assert!(
+            !restored.staged.join("abs/etc").exists(),
+            "emptied folders go too"
+        );
+
+        // This node's own entries were selected by these paths when saved: restored as they are.
+        entry.from_peer = None;
+        let own =
+            restore(&store, &entry, &workspace, &temp.path().join("scratch")).expect("restores");
+        assert_eq!(files(&own.staged).len(), 4);
+    }
+}

@@ -3,8 +3,7 @@
 //! directory) and, with `--api 127.0.0.1:PORT`, on loopback TCP behind the bearer token in
 //! `DATA_DIR/api.token`.
 //!
-//! Routes live in `route`: one match on method and path. Later slices add submit, builds, logs
-//! and cancel there, with their state in [`ApiState`].
+//! Routes live in `route`: one match on method and path; their state is in [`ApiState`].
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -52,8 +51,9 @@ pub struct ApiState {
 /// Event lines a submitter may fall behind by before the build waits for it.
 const SUBMIT_QUEUE: usize = 1024;
 
-/// The largest request body the API reads.
-const MAX_REQUEST_BODY_BYTES: usize = 256 * 1024;
+/// The largest request body the API reads (a submission holds a buildspec of up to 256 KiB
+/// and up to 1,024 variables and secrets: an offer's 1 MiB, with room for JSON's escaping).
+const MAX_REQUEST_BODY_BYTES: usize = 4 << 20;
 
 /// Binds `socket` with mode 0600 (creating it in a private temporary name first, so it is never
 /// reachable with looser permissions), replacing a stale socket of a node that died.
@@ -205,8 +205,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The routes. Later slices add `POST /v1/builds` (submit), `GET /v1/builds`,
-/// `GET /v1/builds/{id}/logs` and `POST /v1/builds/{id}/cancel` here.
+/// The routes (docs/PROTOCOL.md, "Control API"). Listing, logs and cancel stay with the CLI,
+/// which keeps each build's record; `GET /v1/builds` may come here later.
 async fn route(state: &ApiState, request: Request<Incoming>) -> Response<ApiBody> {
     let path = request.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();

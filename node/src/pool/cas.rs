@@ -26,6 +26,8 @@ use crate::store::{Store, StoreError};
 pub const MAX_SERVED_STREAMS: usize = 32;
 /// How long one exchange may take, either side.
 pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a peer may take to send its request once it opened a stream.
+const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn protocol() -> StreamProtocol {
     StreamProtocol::new(cas::CAS_PROTOCOL)
@@ -106,19 +108,26 @@ pub async fn serve(
     while let Some((peer, mut stream)) =
         next_stream(&mut incoming, allowed.as_deref(), &mut shutdown).await
     {
-        let permit = limit.clone().try_acquire_owned();
+        let limit = limit.clone();
         let store = store.clone();
         tokio::spawn(async move {
-            let answered = match permit {
-                Ok(_permit) => tokio::time::timeout(EXCHANGE_TIMEOUT, answer(&mut stream, &store))
-                    .await
-                    .unwrap_or_else(|_| Err("the exchange took too long".to_owned())),
-                Err(_) => {
-                    let busy = CasReply::Refused {
-                        reason: format!("busy: {MAX_SERVED_STREAMS} requests in flight"),
-                    };
-                    write_reply(&mut stream, &busy).await
-                }
+            // The request is read before a permit is taken, within a short deadline, so idle
+            // streams cannot hold the permits that answers need.
+            let answered = match read_request(&mut stream).await {
+                Err(err) => Err(err),
+                Ok(request) => match limit.try_acquire_owned() {
+                    Ok(_permit) => {
+                        tokio::time::timeout(EXCHANGE_TIMEOUT, answer(&mut stream, request, &store))
+                            .await
+                            .unwrap_or_else(|_| Err("the exchange took too long".to_owned()))
+                    }
+                    Err(_) => {
+                        let busy = CasReply::Refused {
+                            reason: format!("busy: {MAX_SERVED_STREAMS} requests in flight"),
+                        };
+                        write_reply(&mut stream, &busy).await
+                    }
+                },
             };
             if let Err(err) = answered {
                 debug!(%peer, error = %err, "blob request not answered");
@@ -128,25 +137,36 @@ pub async fn serve(
     }
 }
 
-/// Reads one request and writes its answer.
-async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
+/// Reads one request, within [`REQUEST_READ_TIMEOUT`]; a malformed one is answered `Refused`.
+async fn read_request<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
-    store: &Arc<Store>,
-) -> Result<(), String> {
-    let body = read_frame(stream, cas::MAX_REQUEST_BYTES)
-        .await
-        .map_err(|e| e.to_string())?
-        .ok_or("the stream ended before a request")?;
-    let request = match cas::decode_request(&body) {
-        Ok(request) => request,
+) -> Result<CasRequest, String> {
+    let body = tokio::time::timeout(
+        REQUEST_READ_TIMEOUT,
+        read_frame(stream, cas::MAX_REQUEST_BYTES),
+    )
+    .await
+    .map_err(|_| "no request in time".to_owned())?
+    .map_err(|e| e.to_string())?
+    .ok_or("the stream ended before a request")?;
+    match cas::decode_request(&body) {
+        Ok(request) => Ok(request),
         Err(err) => {
             let refused = CasReply::Refused {
                 reason: format!("malformed request: {err}"),
             };
             write_reply(stream, &refused).await?;
-            return Err(err.to_string());
+            Err(err.to_string())
         }
-    };
+    }
+}
+
+/// Writes the answer to `request`.
+async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    request: CasRequest,
+    store: &Arc<Store>,
+) -> Result<(), String> {
     match request {
         CasRequest::Has { digests } => {
             let held = digests.iter().map(|d| store.holds(d)).collect();
@@ -180,7 +200,12 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
             })
             .await
             .map_err(|e| e.to_string())?;
-            let entries = entries.iter().filter_map(cache::Entry::to_wire).collect();
+            // An entry over the wire's limits is left out rather than spoil the whole answer.
+            let entries = entries
+                .iter()
+                .filter_map(cache::Entry::to_wire)
+                .filter(|e| cas::check_cache_entry(e).is_ok())
+                .collect();
             write_reply(stream, &CasReply::Entries { entries }).await
         }
     }

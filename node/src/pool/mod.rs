@@ -183,9 +183,10 @@ async fn serve_node(
         view: Arc::new(Mutex::new(PoolView::new(local))),
         events,
         cache_index: Arc::new(Mutex::new(shared_cache::CacheIndex::default())),
-        running: Arc::new(std::sync::atomic::AtomicU32::new(0)),
+        slots: Arc::new(tokio::sync::Semaphore::new(
+            facts.slots_total.max(1) as usize
+        )),
     };
-    let slots = facts.slots_total.max(1);
     let (facts_sender, facts_receiver) = watch::channel(facts);
     let (addresses_sender, mut addresses) = watch::channel(Vec::<Multiaddr>::new());
     let (commands, command_receiver) = mpsc::channel(64);
@@ -221,8 +222,8 @@ async fn serve_node(
         control,
         view: shared.view.clone(),
         cache: cache.clone(),
-        slots: Arc::new(tokio::sync::Semaphore::new(slots as usize)),
-        running: shared.running.clone(),
+        slots: shared.slots.clone(),
+        next_folder: std::sync::atomic::AtomicU64::new(0),
     });
     let tasks_task = tokio::spawn(tasks::serve(
         tasks.clone(),

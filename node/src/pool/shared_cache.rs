@@ -55,7 +55,8 @@ pub struct CacheIndex {
 
 impl CacheIndex {
     /// `peer` says it saved `entry`.
-    pub fn heard(&mut self, peer: PeerId, entry: CacheEntry) {
+    pub fn heard(&mut self, peer: PeerId, mut entry: CacheEntry) {
+        entry.created_ms = entry.created_ms.min(cache::now_ms());
         let version = cache::version_for(&entry.paths, &entry.os, &entry.arch);
         let held = self.by_version.entry(version.clone()).or_default();
         if let Some(known) = held.iter_mut().find(|h| h.entry.key == entry.key) {
@@ -253,7 +254,10 @@ impl NodeCache {
         let (fetched, peers) = self
             .fetch_from(held.entry.tree, held.holders.clone(), &what)
             .await?;
-        let entry = Entry::from_wire(&held.entry);
+        let from = peers
+            .first()
+            .map_or_else(|| "the pool".to_owned(), PeerId::to_string);
+        let entry = Entry::from_wire(&held.entry, &from);
         let store = self.store.clone();
         let adopted = entry.clone();
         tokio::task::spawn_blocking(move || cache::adopt(&store, &adopted))

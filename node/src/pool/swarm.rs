@@ -101,8 +101,8 @@ pub struct Shared {
     pub events: broadcast::Sender<PoolEvent>,
     /// Cache entries peers announced.
     pub cache_index: Arc<Mutex<CacheIndex>>,
-    /// Builds running on this node now (its heartbeats' busy slots).
-    pub running: Arc<std::sync::atomic::AtomicU32>,
+    /// This node's build slots: heartbeats announce the free ones.
+    pub slots: Arc<tokio::sync::Semaphore>,
 }
 
 #[derive(NetworkBehaviour)]
@@ -472,11 +472,7 @@ impl LoopState {
     fn heartbeat(&self, swarm: &Swarm<Behaviour>) -> Heartbeat {
         let facts = self.facts.borrow().clone();
         let queue_length = 0;
-        let running = self
-            .shared
-            .running
-            .load(std::sync::atomic::Ordering::Relaxed);
-        let slots_free = facts.slots_total.saturating_sub(running);
+        let slots_free = (self.shared.slots.available_permits() as u32).min(facts.slots_total);
         Heartbeat {
             peer_id: swarm.local_peer_id().to_string(),
             sequence: self.sequence,

@@ -13,17 +13,17 @@ use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::io::AsyncWriteExt;
+use futures::io::{AsyncReadExt, AsyncWriteExt};
 use futures::{AsyncRead, AsyncWrite};
 use hyper::body::Bytes;
 use libp2p::identity::{Keypair, PublicKey};
 use libp2p::{PeerId, StreamProtocol};
 use protocol::Digest;
-use protocol::task::{self, TaskOffer, TaskReply};
+use protocol::task::{self, TaskOffer, TaskReply, TaskSecrets};
 use protocol::wire::Heartbeat;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncBufReadExt;
@@ -48,6 +48,10 @@ const NO_FREE_SLOT: &str = "no free slot";
 const FULL_BACKOFF: Duration = Duration::from_millis(500);
 /// How often a build waiting for a free slot looks again.
 const QUEUE_POLL: Duration = Duration::from_millis(100);
+/// How long a worker may take to write one frame to the coordinator before it is taken for gone.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long past a build's own timeout a coordinator waits for its worker's result.
+const RESULT_GRACE: Duration = Duration::from_secs(120);
 /// How long a build that is cancelled gets to stop before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
@@ -63,6 +67,8 @@ pub struct Submission {
     /// `sandbox` is the submitter's `--sandbox`: the owner's own choice when the build runs on
     /// this node, a request (checked against the worker owner's `sandbox.allow`) anywhere else.
     pub build: TaskOffer,
+    /// Only for the peer that accepts the build (sent after its `Accepted`).
+    pub secrets: Vec<(String, String)>,
     /// `--require LABEL=VALUE`.
     pub requires: Vec<(String, String)>,
 }
@@ -76,10 +82,11 @@ pub struct Tasks {
     pub control: libp2p_stream::Control,
     pub view: Arc<Mutex<PoolView>>,
     pub cache: Arc<NodeCache>,
-    /// Builds this node runs at once; a task beyond them is declined.
+    /// Builds this node runs at once (heartbeats count its free permits); a task beyond them
+    /// is declined.
     pub slots: Arc<Semaphore>,
-    /// Builds running here now, for heartbeats.
-    pub running: Arc<AtomicU32>,
+    /// Names task folders in `DATA_DIR/tasks/` (this node's own, never a peer's text).
+    pub next_folder: AtomicU64,
 }
 
 /// Where a build's events go: the submitter's API stream.
@@ -104,6 +111,20 @@ fn note(level: Level, message: String) -> Bytes {
     })
 }
 
+/// An event from a worker, checked and written out again: it must be one of the build's own
+/// events, never a result (only the coordinator says how a build ended, from the signed
+/// result), and it goes out as exactly one line.
+fn relay(json: &str) -> Result<Bytes, String> {
+    let envelope: Envelope =
+        serde_json::from_str(json).map_err(|e| format!("it sent an event that is not one: {e}"))?;
+    match envelope.event {
+        Event::BuildFinished { .. } | Event::MemberFinished { .. } => {
+            Err("it sent a result as an event".to_owned())
+        }
+        event => Ok(line(event)),
+    }
+}
+
 /// A result for a build that never ran to a result of its own.
 fn fault_result(submission: &Submission, status: Status, message: String) -> Bytes {
     let offer = &submission.build;
@@ -119,8 +140,11 @@ fn fault_result(submission: &Submission, status: Status, message: String) -> Byt
 enum Ending {
     /// A verified result.
     Result(Box<BuildResult>),
-    /// The worker's `peerbuild run` refused it: no other peer would think otherwise.
+    /// The worker's `peerbuild run` refused it (its owner's settings, its users): another peer
+    /// may not.
     Refused(String),
+    /// The build cannot end well anywhere (the worker outlived its timeout): stop.
+    Failed(String),
     /// The worker declined or failed before running it: try another.
     Declined(String),
     /// The worker has no free slot now: try another, or it again in a moment.
@@ -239,6 +263,17 @@ impl Tasks {
         let mut lost: Vec<String> = Vec::new();
         // Peers that just said they were full: passed over for a moment.
         let mut full: HashMap<String, Instant> = HashMap::new();
+        if !self.store.holds(&submission.build.source) {
+            let why = format!(
+                "the source tree {} is not in this node's store: the node must run on the data directory `peerbuild run` uses (its --data-dir)",
+                submission.build.source
+            );
+            let _ = out
+                .send(fault_result(&submission, Status::Fault, why))
+                .await;
+            return;
+        }
+        let mut refusals: Vec<String> = Vec::new();
         let waiting_since = Instant::now();
         let queue_limit = Duration::from_secs(submission.build.timeout_secs.max(1));
         let mut said_waiting = false;
@@ -274,17 +309,24 @@ impl Tasks {
                 ..submission.build.clone()
             };
             let ending = if here {
-                self.run_here(&offer, &out, &why).await
+                self.run_here(&offer, &submission.secrets, &out, &why).await
             } else {
                 match peer.peer_id.parse::<PeerId>() {
-                    Ok(worker) => self.run_on(worker, &offer, &out, &why).await,
+                    Ok(worker) => {
+                        self.run_on(worker, &offer, &submission.secrets, &out, &why)
+                            .await
+                    }
                     Err(err) => Ending::Declined(err.to_string()),
                 }
             };
             match ending {
                 Ending::Result(mut result) => {
-                    if !here && let Ok(worker) = peer.peer_id.parse() {
-                        self.fetch_artifacts(worker, &result, &out).await;
+                    if !here
+                        && let Ok(worker) = peer.peer_id.parse()
+                        && let Err(err) = self.fetch_artifacts(worker, &result).await
+                    {
+                        result.status = Status::Fault;
+                        result.message = Some(err);
                     }
                     if !lost.is_empty() {
                         let earlier = format!("ran again after losing {}", lost.join(", "));
@@ -296,11 +338,20 @@ impl Tasks {
                     let _ = out.send(line(Event::BuildFinished { result })).await;
                     return;
                 }
-                Ending::Refused(message) => {
+                Ending::Failed(message) => {
                     let _ = out
                         .send(fault_result(&submission, Status::Fault, message))
                         .await;
                     return;
+                }
+                Ending::Refused(message) => {
+                    attempts += 1;
+                    excluded.push(peer.peer_id.clone());
+                    refusals.push(format!("peer {}: {message}", peer.peer_id));
+                    let said = format!("peer {} refused the build: {message}", peer.peer_id);
+                    if out.send(note(Level::Warning, said)).await.is_err() {
+                        return;
+                    }
                 }
                 Ending::Full => {
                     full.insert(peer.peer_id.clone(), Instant::now() + FULL_BACKOFF);
@@ -329,7 +380,10 @@ impl Tasks {
                 Ending::Cancelled => return,
             }
         }
-        let why = self.unplaceable(&submission, &excluded);
+        let mut why = self.unplaceable(&submission, &excluded);
+        if !refusals.is_empty() {
+            why = format!("{why}; refused by {}", refusals.join("; "));
+        }
         let _ = out
             .send(fault_result(&submission, Status::Fault, why))
             .await;
@@ -345,8 +399,14 @@ impl Tasks {
         out.send(note(Level::Info, said)).await.is_ok()
     }
 
-    /// Runs the offer on this node, events straight to `out`.
-    async fn run_here(&self, offer: &TaskOffer, out: &Out, why: &str) -> Ending {
+    /// Runs the offer on this node, events straight to `out`; the submitter leaving stops it.
+    async fn run_here(
+        &self,
+        offer: &TaskOffer,
+        secrets: &[(String, String)],
+        out: &Out,
+        why: &str,
+    ) -> Ending {
         let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
             return Ending::Full;
         };
@@ -354,26 +414,39 @@ impl Tasks {
             return Ending::Cancelled;
         }
         let (replies, mut received) = mpsc::channel(256);
-        let (_keep, cancel) = watch::channel(false);
-        let run = self.run_task(offer, None, replies, cancel);
+        let (stop, cancel) = watch::channel(false);
+        let run = self.run_task(offer, secrets, None, replies, cancel);
         tokio::pin!(run);
         let mut ended = None;
+        let mut gone = false;
         loop {
             tokio::select! {
                 ending = &mut run, if ended.is_none() => ended = Some(ending),
                 reply = received.recv() => match reply {
-                    Some(TaskReply::Event { json }) => {
-                        if out.send(Bytes::from(json + "\n")).await.is_err() {
-                            return Ending::Cancelled;
+                    Some(TaskReply::Event { json }) if !gone => {
+                        let sent = match relay(&json) {
+                            Ok(line) => out.send(line).await.is_ok(),
+                            Err(_) => true,
+                        };
+                        if !sent {
+                            gone = true;
+                            let _ = stop.send(true);
                         }
                     }
                     Some(_) => {}
                     None => break,
                 },
+                _ = out.closed(), if !gone => {
+                    gone = true;
+                    let _ = stop.send(true);
+                }
             }
         }
+        if gone {
+            return Ending::Cancelled;
+        }
         match ended {
-            Some(TaskReply::Finished { result, .. }) => parse_result(&result),
+            Some(TaskReply::Finished { result, .. }) => parse_result(&result, self.me),
             Some(TaskReply::Refused { message }) => Ending::Refused(message),
             Some(TaskReply::Fault { message }) => Ending::Declined(message),
             _ => Ending::Declined("the build ended without a result".to_owned()),
@@ -381,10 +454,23 @@ impl Tasks {
     }
 
     /// Hands the offer to `worker` and relays what it says until the build ends.
-    async fn run_on(&self, worker: PeerId, offer: &TaskOffer, out: &Out, why: &str) -> Ending {
+    async fn run_on(
+        &self,
+        worker: PeerId,
+        offer: &TaskOffer,
+        secrets: &[(String, String)],
+        out: &Out,
+        why: &str,
+    ) -> Ending {
         let body = match task::encode_offer(offer) {
             Ok(body) => body,
-            Err(err) => return Ending::Refused(format!("the build cannot be sent: {err}")),
+            Err(err) => return Ending::Failed(format!("the build cannot be sent: {err}")),
+        };
+        let secrets = match task::encode_secrets(&TaskSecrets {
+            secrets: secrets.to_vec(),
+        }) {
+            Ok(secrets) => secrets,
+            Err(err) => return Ending::Failed(format!("the secrets cannot be sent: {err}")),
         };
         let mut control = self.control.clone();
         let opened = tokio::time::timeout(OFFER_TIMEOUT, async {
@@ -396,27 +482,40 @@ impl Tasks {
                 .await
                 .map_err(|e| e.to_string())?;
             match read_reply(&mut stream).await? {
-                TaskReply::Accepted => Ok(stream),
-                TaskReply::Declined { reason } => Err(reason),
-                other => Err(format!("answered {} to an offer", reply_name(&other))),
+                TaskReply::Accepted => {}
+                TaskReply::Declined { reason } => return Err(reason),
+                other => return Err(format!("answered {} to an offer", reply_name(&other))),
             }
+            // Only the peer that took the build gets its secrets.
+            write_frame(&mut stream, &secrets)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(stream)
         })
         .await;
-        let mut stream = match opened {
+        let stream = match opened {
             Ok(Ok(stream)) => stream,
             Ok(Err(reason)) if reason == NO_FREE_SLOT => return Ending::Full,
             Ok(Err(reason)) => return Ending::Declined(reason),
             Err(_) => return Ending::Declined("it did not answer the offer in time".to_owned()),
         };
+        let (reader, mut writer) = stream.split();
         if !self.say_where(&worker.to_string(), why, out).await {
-            let _ = stream.close().await;
+            let _ = writer.close().await;
             return Ending::Cancelled;
         }
+        // Frames are read whole by a task of their own, so waiting for the lease or the
+        // submitter never cuts a frame in half.
+        let (frames, mut replies) = mpsc::channel(64);
+        let reading = tokio::spawn(read_replies(reader, frames));
+        let _reading = AbortOnDrop(reading);
         let mut lease = tokio::time::interval(LEASE_CHECK);
+        let deadline = tokio::time::sleep(Duration::from_secs(offer.timeout_secs) + RESULT_GRACE);
+        tokio::pin!(deadline);
         let worker_id = worker.to_string();
         loop {
             let reply = tokio::select! {
-                reply = read_reply(&mut stream) => reply,
+                reply = replies.recv() => reply.unwrap_or_else(|| Err("the stream ended".to_owned())),
                 _ = lease.tick() => {
                     let alive = self.view.lock().unwrap_or_else(|e| e.into_inner()).is_alive(&worker_id);
                     if !alive {
@@ -424,25 +523,38 @@ impl Tasks {
                     }
                     continue;
                 }
+                _ = &mut deadline => {
+                    let _ = writer.close().await;
+                    return Ending::Failed(format!(
+                        "peer {worker} gave no result within the build's timeout and {} s more",
+                        RESULT_GRACE.as_secs()
+                    ));
+                }
                 _ = out.closed() => {
-                    let _ = stream.close().await;
+                    let _ = writer.close().await;
                     return Ending::Cancelled;
                 }
             };
             match reply {
-                Ok(TaskReply::Event { json }) => {
-                    if out.send(Bytes::from(json + "\n")).await.is_err() {
-                        let _ = stream.close().await;
-                        return Ending::Cancelled;
+                Ok(TaskReply::Event { json }) => match relay(&json) {
+                    Ok(line) => {
+                        if out.send(line).await.is_err() {
+                            let _ = writer.close().await;
+                            return Ending::Cancelled;
+                        }
                     }
-                }
+                    Err(why) => {
+                        let _ = writer.close().await;
+                        return Ending::Lost(why);
+                    }
+                },
                 Ok(TaskReply::Finished {
                     result,
                     public_key,
                     signature,
                 }) => {
                     return match verify(worker, &offer.task, &result, &public_key, &signature) {
-                        Ok(()) => parse_result(&result),
+                        Ok(()) => parse_result(&result, worker),
                         Err(why) => Ending::Lost(format!("its result is not signed by it: {why}")),
                     };
                 }
@@ -457,8 +569,9 @@ impl Tasks {
     }
 
     /// Fetches the result's artifact trees from the worker into this store, so the submitter
-    /// can export them; a failure is told, not fatal (the digests are in the result).
-    async fn fetch_artifacts(&self, worker: PeerId, result: &BuildResult, out: &Out) {
+    /// can export them. A tree that cannot be fetched is the build's fault: its artifacts did
+    /// not come back.
+    async fn fetch_artifacts(&self, worker: PeerId, result: &BuildResult) -> Result<(), String> {
         let mut digests: Vec<Digest> = Vec::new();
         for result in std::iter::once(result).chain(result.members.iter()) {
             digests.extend(
@@ -471,12 +584,12 @@ impl Tasks {
         for digest in digests {
             let what = format!("artifacts of {}", result.build_id);
             if let Err(err) = self.cache.fetch_from(digest, vec![worker], &what).await {
-                let said = format!(
+                return Err(format!(
                     "the artifacts {digest} could not be fetched from peer {worker}: {err}"
-                );
-                let _ = out.send(note(Level::Warning, said)).await;
+                ));
             }
         }
+        Ok(())
     }
 
     /// Runs `offer` with this node's `peerbuild run`, its events to `replies`; returns how it
@@ -485,6 +598,7 @@ impl Tasks {
     async fn run_task(
         &self,
         offer: &TaskOffer,
+        secrets: &[(String, String)],
         coordinator: Option<PeerId>,
         replies: mpsc::Sender<TaskReply>,
         mut cancel: watch::Receiver<bool>,
@@ -502,19 +616,22 @@ impl Tasks {
                 ));
             }
         }
-        let folder = self.data_root.join("tasks").join(task_folder(&offer.task));
-        let prepared = prepare_folder(&self.store, offer, &folder).await;
-        let (source, buildspec) = match prepared {
+        // The folder is named here, never from the peer's text, and goes when the task does
+        // (even if the task is dropped midway).
+        let number = self.next_folder.fetch_add(1, Ordering::Relaxed);
+        let folder = FolderGuard(
+            self.data_root
+                .join("tasks")
+                .join(format!("{}-{number}", std::process::id())),
+        );
+        let (source, buildspec) = match prepare_folder(&self.store, offer, &folder.0).await {
             Ok(paths) => paths,
-            Err(err) => {
-                remove_folder(&folder).await;
-                return fault(err);
-            }
+            Err(err) => return fault(err),
         };
-        self.running.fetch_add(1, Ordering::Relaxed);
         let ended = self
             .run_child(
                 offer,
+                secrets,
                 coordinator.is_none(),
                 &source,
                 &buildspec,
@@ -522,8 +639,7 @@ impl Tasks {
                 &mut cancel,
             )
             .await;
-        self.running.fetch_sub(1, Ordering::Relaxed);
-        remove_folder(&folder).await;
+        drop(folder);
         match ended {
             Ok(Some(result)) => {
                 let signature = match self.keypair.sign(&task::signed_bytes(&offer.task, &result)) {
@@ -544,9 +660,11 @@ impl Tasks {
 
     /// Runs `peerbuild run` for the offer; its `--json` lines go to `replies`. Returns the
     /// final result's JSON, if it printed one.
+    #[allow(clippy::too_many_arguments)]
     async fn run_child(
         &self,
         offer: &TaskOffer,
+        secrets: &[(String, String)],
         submitted_here: bool,
         source: &Path,
         buildspec: &Path,
@@ -575,8 +693,7 @@ impl Tasks {
             .env_remove("PEERBUILD_NODE")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+            .stderr(Stdio::piped());
         // SAFETY: prctl is async-signal-safe. The build is told to stop (SIGTERM: it kills its
         // processes in order) when this node dies, as a lost worker's build must not go on.
         unsafe {
@@ -616,7 +733,7 @@ impl Tasks {
         }
         // Secrets reach the child through a pipe on descriptor 3, never a file or its
         // command line.
-        let secrets = if offer.secrets.is_empty() {
+        let pipe_secrets = if secrets.is_empty() {
             None
         } else {
             let (read, write) = pipe().map_err(|e| ChildEnd::Failed(format!("pipe: {e}")))?;
@@ -642,10 +759,11 @@ impl Tasks {
         let mut child = command
             .spawn()
             .map_err(|e| ChildEnd::Failed(format!("cannot start peerbuild run: {e}")))?;
-        if let Some((read, write)) = secrets {
+        // Dropped midway (the node stopping), the build is still stopped in order.
+        let stop_on_drop = child.id().map(TermOnDrop);
+        if let Some((read, write)) = pipe_secrets {
             drop(read);
-            let text: String = offer
-                .secrets
+            let text: String = secrets
                 .iter()
                 .map(|(name, value)| format!("{name}={value}\n"))
                 .collect();
@@ -702,6 +820,8 @@ impl Tasks {
             }
         }
         let status = child.wait().await;
+        // Reaped: its pid may be anyone's now.
+        std::mem::forget(stop_on_drop);
         let tail = errors.await.unwrap_or_default();
         let tail = tail.trim().trim_start_matches("peerbuild: ").to_owned();
         match status.map(|s| s.code()) {
@@ -747,17 +867,54 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// A task's folder name: its reference with anything but `[A-Za-z0-9_-]` made `-`.
-fn task_folder(task: &str) -> String {
-    task.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect()
+/// A task's folder, removed (off the async threads) when the task ends or is dropped.
+struct FolderGuard(PathBuf);
+
+impl Drop for FolderGuard {
+    fn drop(&mut self) {
+        let folder = std::mem::take(&mut self.0);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn_blocking(move || std::fs::remove_dir_all(folder));
+        } else {
+            let _ = std::fs::remove_dir_all(folder);
+        }
+    }
+}
+
+/// A running `peerbuild run`: asked to stop (SIGTERM: it stops its build in order) if the task
+/// is dropped before it was reaped. Forgotten once the child is reaped.
+struct TermOnDrop(u32);
+
+impl Drop for TermOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: kill on our own child's pid, which has not been reaped (the guard is forgotten
+        // right after `wait`), so it cannot be another process's.
+        unsafe { libc::kill(self.0 as i32, libc::SIGTERM) };
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Reads a worker's replies whole, one after another, into `frames`; ends at the stream's end
+/// (an error last, unless it ended cleanly after a final reply).
+async fn read_replies<R: AsyncRead + Unpin>(
+    mut reader: R,
+    frames: mpsc::Sender<Result<TaskReply, String>>,
+) {
+    loop {
+        let reply = read_reply(&mut reader).await;
+        let failed = reply.is_err();
+        if frames.send(reply).await.is_err() || failed {
+            return;
+        }
+    }
 }
 
 /// Writes the source tree and the buildspec into the task's folder; returns their paths.
@@ -784,14 +941,17 @@ async fn prepare_folder(
     Ok(paths)
 }
 
-async fn remove_folder(folder: &Path) {
-    let folder = folder.to_owned();
-    let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(folder)).await;
-}
-
-fn parse_result(json: &str) -> Ending {
+/// The worker's result, naming the peer that ran it as the coordinator knows it (never as the
+/// result claims), members too.
+fn parse_result(json: &str, worker: PeerId) -> Ending {
     match serde_json::from_str::<BuildResult>(json) {
-        Ok(result) => Ending::Result(Box::new(result)),
+        Ok(mut result) => {
+            result.peer = worker.to_string();
+            for member in &mut result.members {
+                member.peer = worker.to_string();
+            }
+            Ending::Result(Box::new(result))
+        }
         Err(err) => Ending::Lost(format!("its result is not understood: {err}")),
     }
 }
@@ -848,39 +1008,44 @@ pub async fn serve(
     allowed: Option<Vec<PeerId>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    while let Some((peer, mut stream)) =
+    while let Some((peer, stream)) =
         next_stream(&mut incoming, allowed.as_deref(), &mut shutdown).await
     {
         let tasks = tasks.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            if let Err(err) = tasks.work(peer, &mut stream, shutdown).await {
+            if let Err(err) = tasks.work(peer, stream, shutdown).await {
                 debug!(%peer, error = %err, "task stream ended");
             }
-            let _ = stream.close().await;
         });
     }
 }
 
 impl Tasks {
-    /// One task from `coordinator`: accept it if a slot is free, run it, relay its events.
+    /// One task from `coordinator`: accept it if a slot is free, take its secrets, run it, and
+    /// relay its events. The coordinator closing its side (or not reading for a minute) stops
+    /// the build.
     async fn work(
         &self,
         coordinator: PeerId,
-        stream: &mut libp2p::Stream,
+        stream: libp2p::Stream,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), String> {
-        let frame = tokio::time::timeout(OFFER_TIMEOUT, read_frame(stream, task::MAX_OFFER_BYTES))
-            .await
-            .map_err(|_| "no offer in time".to_owned())?
-            .map_err(|e| e.to_string())?
-            .ok_or("the stream ended before an offer")?;
+        let (mut reader, mut writer) = stream.split();
+        let frame = tokio::time::timeout(
+            OFFER_TIMEOUT,
+            read_frame(&mut reader, task::MAX_OFFER_BYTES),
+        )
+        .await
+        .map_err(|_| "no offer in time".to_owned())?
+        .map_err(|e| e.to_string())?
+        .ok_or("the stream ended before an offer")?;
         let offer = match task::decode_offer(&frame) {
             Ok(offer) => offer,
             Err(err) => {
                 let reason = format!("malformed offer: {err}");
                 write_reply(
-                    stream,
+                    &mut writer,
                     &TaskReply::Declined {
                         reason: reason.clone(),
                     },
@@ -891,13 +1056,31 @@ impl Tasks {
         };
         let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
             let reason = NO_FREE_SLOT.to_owned();
-            return write_reply(stream, &TaskReply::Declined { reason }).await;
+            return write_reply(&mut writer, &TaskReply::Declined { reason }).await;
         };
-        write_reply(stream, &TaskReply::Accepted).await?;
+        write_reply(&mut writer, &TaskReply::Accepted).await?;
+        let frame = tokio::time::timeout(
+            OFFER_TIMEOUT,
+            read_frame(&mut reader, task::MAX_OFFER_BYTES),
+        )
+        .await
+        .map_err(|_| "no secrets in time".to_owned())?
+        .map_err(|e| e.to_string())?
+        .ok_or("the stream ended before the secrets")?;
+        let secrets = task::decode_secrets(&frame).map_err(|e| e.to_string())?;
         info!(%coordinator, build = %offer.build_id, "running a build for a peer");
+        // The coordinator writes nothing more: anything it sends, or the end of its side, means
+        // it is gone or cancels.
+        let (gone_sender, mut gone) = watch::channel(false);
+        let watching = tokio::spawn(async move {
+            let mut byte = [0u8; 1];
+            let _ = reader.read(&mut byte).await;
+            let _ = gone_sender.send(true);
+        });
+        let _watching = AbortOnDrop(watching);
         let (replies, mut received) = mpsc::channel(256);
         let (stop, cancel) = watch::channel(false);
-        let run = self.run_task(&offer, Some(coordinator), replies, cancel);
+        let run = self.run_task(&offer, &secrets.secrets, Some(coordinator), replies, cancel);
         tokio::pin!(run);
         let mut ending = None;
         let mut open = true;
@@ -907,14 +1090,24 @@ impl Tasks {
                 ended = &mut run, if ending.is_none() => ending = Some(ended),
                 reply = received.recv() => match reply {
                     Some(reply) => {
-                        if open && write_reply(stream, &reply).await.is_err() {
-                            // The coordinator is gone: stop the build.
+                        let written = open
+                            && tokio::time::timeout(WRITE_TIMEOUT, write_reply(&mut writer, &reply))
+                                .await
+                                .is_ok_and(|w| w.is_ok());
+                        if open && !written {
+                            // The coordinator is gone or stopped reading: stop the build.
                             open = false;
                             let _ = stop.send(true);
                         }
                     }
                     None => break,
                 },
+                changed = gone.changed(), if open => {
+                    if changed.is_ok() {
+                        open = false;
+                        let _ = stop.send(true);
+                    }
+                }
                 _ = shutdown.changed(), if !stopping => {
                     // Handing the build back: the coordinator runs it elsewhere.
                     stopping = true;
@@ -934,8 +1127,38 @@ impl Tasks {
             })
         };
         if open {
-            write_reply(stream, &ending).await?;
+            tokio::time::timeout(WRITE_TIMEOUT, write_reply(&mut writer, &ending))
+                .await
+                .map_err(|_| "the coordinator stopped reading".to_owned())??;
         }
+        let _ = writer.close().await;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_cannot_pass_a_result_off_as_an_event() {
+        let finished = r#"{"v":1,"event":"build_finished","result":{"build_id":"a:b","build_number":1,"status":"SUCCEEDED","start_time_ms":0,"duration_ms":0,"peer":"x","phases":[]}}"#;
+        assert!(relay(finished).is_err());
+        assert!(relay("not json").is_err());
+        // An event with a line break inside its text goes out as one line.
+        let log = r#"{"v":1,"event":"log","phase":"BUILD","line":"a\nb"}"#;
+        let line = relay(log).expect("an event");
+        assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1);
+        assert!(line.ends_with(b"\n"));
+    }
+
+    #[test]
+    fn a_result_names_the_peer_that_ran_it_whatever_it_claims() {
+        let worker = PeerId::random();
+        let claimed = r#"{"build_id":"a:b","build_number":1,"status":"SUCCEEDED","start_time_ms":0,"duration_ms":0,"peer":"someone else","phases":[]}"#;
+        match parse_result(claimed, worker) {
+            Ending::Result(result) => assert_eq!(result.peer, worker.to_string()),
+            _ => panic!("a result"),
+        }
     }
 }

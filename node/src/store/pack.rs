@@ -53,8 +53,8 @@ pub struct Packs {
     dir: PathBuf,
     index: RwLock<HashMap<Digest, Location>>,
     loaded: Mutex<Option<HashSet<String>>>,
-    /// The pack folder's modification time when its indexes were last read.
-    seen_mtime: Mutex<Option<std::time::SystemTime>>,
+    /// The pack folder's modification time when its indexes were last read, and when that was.
+    seen: Mutex<(Option<std::time::SystemTime>, Option<std::time::Instant>)>,
     writer: Mutex<Option<Writer>>,
 }
 
@@ -74,22 +74,51 @@ impl Packs {
             dir,
             index: RwLock::new(HashMap::new()),
             loaded: Mutex::new(None),
-            seen_mtime: Mutex::new(None),
+            seen: Mutex::new((None, None)),
             writer: Mutex::new(None),
         }
     }
 
-    /// Reads the indexes of packs published since this process last looked, if the pack
-    /// folder changed (one `stat` when it did not): for answers that must see what other
-    /// processes (a build beside a node, the node itself) stored meanwhile.
+    /// Brings the index up to date with the pack folder, when it changed (one `stat` when it
+    /// did not; a full look at least once a second, as a folder's time may not tick for a pack
+    /// published within the same tick): packs published since are read, and when a pack is
+    /// gone (another process's gc repacked), the index is read again from scratch. For answers
+    /// that must match what is on disk now: a peer's "do you hold it", a cache lookup.
     pub fn refresh(&self) {
         let mtime = fs::metadata(&self.dir).and_then(|m| m.modified()).ok();
-        let mut seen = lock(&self.seen_mtime);
-        if mtime.is_some() && *seen == mtime {
+        let now = std::time::Instant::now();
+        let mut seen = lock(&self.seen);
+        let recent = seen
+            .1
+            .is_some_and(|at| now.duration_since(at) < std::time::Duration::from_secs(1));
+        if mtime.is_some() && seen.0 == mtime && recent {
             return;
         }
-        *seen = mtime;
+        *seen = (mtime, Some(now));
         drop(seen);
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        let present: HashSet<String> = entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.strip_suffix(".idx").map(str::to_owned)
+            })
+            .collect();
+        {
+            let mut loaded = lock(&self.loaded);
+            let gone = loaded
+                .as_ref()
+                .is_some_and(|names| names.iter().any(|n| !present.contains(n)));
+            if gone {
+                self.index
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clear();
+                *loaded = None;
+            }
+        }
         self.load();
     }
 

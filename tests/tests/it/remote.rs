@@ -74,7 +74,7 @@ fn files_under(root: &std::path::Path) -> Vec<(String, Vec<u8>, bool)> {
             let path = entry.path();
             if path.is_dir() {
                 stack.push(path);
-            } else {
+            } else if path.is_file() {
                 let executable = entry.metadata().expect("stat").permissions().mode() & 0o111 != 0;
                 let relative = path
                     .strip_prefix(root)
@@ -140,9 +140,17 @@ fn a_build_runs_on_the_peer_with_the_label_and_its_artifacts_come_back() {
         transcript.contains(&format!("running on peer {worker}")),
         "the build says where it runs: {transcript}"
     );
-    // The secret reached the build on the worker, and no output shows it.
+    // The secret reached the build on the worker, and no output shows it; nothing the worker
+    // keeps holds it, nor the secret the build does not read (which never left this machine).
     assert!(remote.log().contains("token ***"), "{}", remote.log());
     assert!(!remote.stdout.contains("s3cr3t-value"));
+    for (path, bytes, _) in files_under(cluster.node(1).data_dir()) {
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(
+            !text.contains("s3cr3t-value") && !text.contains("never-sent"),
+            "the worker keeps a secret in {path}"
+        );
+    }
 
     // The same build on an embedded pool gives the same artifacts, byte for byte and mode.
     let local_out = project.root().join("local-artifacts");
