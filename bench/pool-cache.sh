@@ -30,7 +30,7 @@ fetch() {
     -H 'content-type: application/json' -d "{\"tree\":\"$digest\"}" http://node/v1/cache/fetch
 }
 sync
-t=$(ms); out=$(fetch); fetched=$(( $(ms) - t ))
+t=$(ms); out=$(fetch) || { echo "fetch failed: $out" >&2; cat "$work/nodes.log" >&2; exit 1; }; fetched=$(( $(ms) - t ))
 t=$(ms); "$pb" --data-dir "$work/b" cache export "$digest" "$work/out" >/dev/null; exported=$(( $(ms) - t ))
 echo "peerbuild restore from a peer: $(( fetched + exported )) ms (fetch $fetched ms: $out; export $exported ms)"
 diff -r --no-dereference "$work/tree" "$work/out" >/dev/null && echo "restored tree is identical"

@@ -288,16 +288,20 @@ fn submit(state: &ApiState, submission: Submission) -> Response<ApiBody> {
     response
 }
 
-/// What `POST /v1/cache/fetch` takes.
+/// What `POST /v1/cache/fetch` takes: the tree's digest as `HASH/SIZE`.
 #[derive(serde::Serialize, serde::Deserialize)]
 pub struct FetchRequest {
-    pub tree: protocol::Digest,
+    pub tree: String,
 }
 
 /// `POST /v1/cache/fetch`: a `FetchRequest`; fetches the tree into the node's store from its
 /// peers and answers a `TreeFetched`.
 async fn cache_fetch(state: &ApiState, fetch: FetchRequest) -> Response<ApiBody> {
-    match state.cache.fetch_tree(fetch.tree).await {
+    let tree = match fetch.tree.parse::<protocol::Digest>() {
+        Ok(tree) => tree,
+        Err(err) => return error(StatusCode::BAD_REQUEST, &format!("tree: {err}")),
+    };
+    match state.cache.fetch_tree(tree).await {
         Ok(fetched) => match serde_json::to_vec(&fetched) {
             Ok(json) => json_response(StatusCode::OK, json),
             Err(err) => error(StatusCode::INTERNAL_SERVER_ERROR, &err.to_string()),

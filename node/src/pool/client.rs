@@ -281,7 +281,9 @@ impl ApiPoolCache {
 impl ApiPoolCache {
     /// Asks the node to fetch the tree `digest` from its peers into the store.
     pub async fn fetch_tree(&self, digest: protocol::Digest) -> Result<TreeFetched> {
-        let json = serde_json::to_vec(&api::FetchRequest { tree: digest })?;
+        let json = serde_json::to_vec(&api::FetchRequest {
+            tree: digest.to_string(),
+        })?;
         let asked = post(&self.endpoint, "/v1/cache/fetch", json);
         let body = tokio::time::timeout(FIND_TIMEOUT, asked)
             .await
