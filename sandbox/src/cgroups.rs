@@ -131,11 +131,19 @@ impl Cgroups {
         write_settings(dir, settings)
     }
 
-    /// Moves the calling process into every cgroup of the session.
-    pub(crate) fn join(&self) -> Result<(), String> {
+    /// Whether no cgroup was made (no limit asked, or only rlimits apply).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.dirs.is_empty()
+    }
+
+    /// Moves the process `pid` (in the caller's pid namespace) into every cgroup of the
+    /// session. Slow: each move waits for the kernel's cgroup lock, and the first one after a
+    /// quiet spell for an RCU grace period (5 to 15 ms), so the helper does it while init
+    /// builds the sandbox (see `isolate.rs`).
+    pub(crate) fn attach(&self, pid: i32) -> Result<(), String> {
         for dir in &self.dirs {
-            fs::write(dir.join("cgroup.procs"), "0")
-                .map_err(|e| format!("cannot join the cgroup {}: {e}", dir.display()))?;
+            fs::write(dir.join("cgroup.procs"), pid.to_string())
+                .map_err(|e| format!("cannot move the sandbox into {}: {e}", dir.display()))?;
         }
         Ok(())
     }

@@ -4,8 +4,9 @@
 //! The helper runs as root on the host. It prepares everything that needs host privileges (the
 //! overlay's layers and masks, see `layers.rs`; the limits, see `cgroups.rs`; a user
 //! namespace), then forks the sandbox's init process (pid 1 of a new pid namespace), which:
-//! 1. joins the session's cgroups (or sets rlimits where no cgroup is delegated);
-//! 2. unshares the mount, network, IPC, UTS and cgroup namespaces, still as host root, so that
+//! 1. sets rlimits where no cgroup is delegated (the helper moves init into the session's
+//!    cgroups meanwhile, see [`Attacher`]);
+//! 2. unshares the mount, network, IPC and UTS namespaces, still as host root, so that
 //!    every mount it makes belongs to a mount namespace the build has no power over: the build
 //!    can never unmount a mask; brings the loopback up and, when the session has outbound
 //!    network, waits while the helper starts slirp4netns on the new network namespace (see
@@ -17,7 +18,8 @@
 //!    private `/tmp` and `/run`, and the workspace read-write at its own path; home folders,
 //!    the host's own secrets and the node's are masked by opaque folders or whiteouts in the
 //!    upper layer, and password hashes are scrubbed;
-//! 4. pivots into that root, joins the user namespace the helper made (root inside is uid
+//! 4. pivots into that root, waits until the helper has moved it into the session's cgroups,
+//!    unshares the cgroup namespace, joins the user namespace the helper made (root inside is uid
 //!    [`HOST_ID_BASE`] on the host), checks that every namespace really is new, and starts the
 //!    shell. When the shell exits, init exits, and the kernel kills everything else in the pid
 //!    namespace.
@@ -145,6 +147,7 @@ pub fn start(
     if unsafe { libc::unshare(libc::CLONE_NEWPID) } < 0 {
         return Err(os_error("cannot create a pid namespace"));
     }
+    let (attached_read, attached_write) = pipe()?;
     let (cgroups, memory, processes) = Cgroups::create(isolation)?;
     // SAFETY: the helper is single-threaded, so the child may do anything after fork.
     let pid = unsafe { libc::fork() };
@@ -155,6 +158,7 @@ pub fn start(
     }
     if pid == 0 {
         drop(report_read);
+        drop(attached_write);
         let plan = Plan {
             layout: &layout,
             root: isolation.root.as_deref().unwrap_or(Path::new("/")),
@@ -163,14 +167,31 @@ pub fn start(
             identity,
             user_namespace: &user_namespace,
             cgroups: &cgroups,
+            attached: attached_read,
             host_namespaces: &host_namespaces,
             uplink: uplink.map(|(_, uplink)| uplink.into_init_side()),
         };
         init_main(&plan, report_write);
     }
     drop(report_write);
-    let slirp = uplink
-        .and_then(|(program, uplink)| connect_uplink(program, uplink, pid, &host_pid_namespace));
+    drop(attached_read);
+    // The helper's other children (the attacher, slirp4netns) live in the host's pid namespace,
+    // never in the sandbox's.
+    // SAFETY: setns only changes the pid namespace of this process's next children.
+    let returned = if unsafe { libc::setns(host_pid_namespace.as_raw_fd(), libc::CLONE_NEWPID) } < 0
+    {
+        Err(os_error("cannot return to the host's pid namespace"))
+    } else {
+        Ok(())
+    };
+    // Moving init into its cgroups waits on the kernel for most of a session's start-up, so a
+    // child of the helper does it while init builds the sandbox and the helper starts
+    // slirp4netns; init starts nothing of the build's before it hears that the move is done.
+    let attacher = returned.and_then(|()| Attacher::start(&cgroups, pid));
+    let slirp = match &attacher {
+        Ok(_) => uplink.and_then(|(program, uplink)| connect_uplink(program, uplink, pid)),
+        Err(_) => None,
+    };
     let started = Started {
         init_pid: pid,
         cgroups,
@@ -178,8 +199,21 @@ pub fn start(
         processes,
         _slirp: slirp,
     };
+    let attached = attacher.and_then(Attacher::wait);
+    let mut attached_write = fs::File::from(attached_write);
+    if attached.is_ok() {
+        let _ = attached_write.write_all(b"1");
+    }
+    // Without the byte init reads the end of the pipe and stops.
+    drop(attached_write);
     let mut report = String::new();
     let _ = fs::File::from(report_read).read_to_string(&mut report);
+    if let Err(reason) = attached {
+        // Init may have failed first, on its own (and so left nothing to move).
+        if report.is_empty() || report == NOT_ATTACHED {
+            report = reason;
+        }
+    }
     if report == "ok" {
         return Ok(started);
     }
@@ -274,6 +308,9 @@ struct Plan<'a> {
     identity: &'a Identity,
     user_namespace: &'a OwnedFd,
     cgroups: &'a Cgroups,
+    /// Readable once the helper has moved init into `cgroups` (the end of the pipe if it could
+    /// not).
+    attached: OwnedFd,
     host_namespaces: &'a NamespaceIds,
     /// Set when the session has outbound network: init waits on it for slirp4netns.
     uplink: Option<InitUplink>,
@@ -319,12 +356,7 @@ impl Uplink {
 /// from the host's pid namespace (never inside the sandbox's), and lets init go on. A
 /// slirp4netns that fails costs the session its outbound network, never the session: the
 /// reason goes to the build's log.
-fn connect_uplink(
-    program: &Path,
-    uplink: Uplink,
-    init_pid: i32,
-    host_pid_namespace: &fs::File,
-) -> Option<Slirp> {
+fn connect_uplink(program: &Path, uplink: Uplink, init_pid: i32) -> Option<Slirp> {
     let Uplink {
         unshared_read,
         unshared_write,
@@ -346,12 +378,6 @@ fn connect_uplink(
         Err(reason) => Err(format!(
             "the host's own addresses cannot be guarded from the build ({reason})"
         )),
-        // SAFETY: setns only changes the pid namespace of this process's next children.
-        Ok(())
-            if unsafe { libc::setns(host_pid_namespace.as_raw_fd(), libc::CLONE_NEWPID) } < 0 =>
-        {
-            Err(os_error("cannot return to the host's pid namespace"))
-        }
         Ok(()) => start_slirp(program, init_pid),
     };
     let slirp = match slirp {
@@ -381,6 +407,86 @@ fn wait_for_uplink(uplink: &InitUplink) -> Result<(), String> {
     Ok(())
 }
 
+/// A child of the helper that moves init into the session's cgroups (see
+/// [`Cgroups::attach`]), so that the kernel's wait overlaps with the rest of the set-up.
+struct Attacher {
+    /// `None` when there are no cgroups to move into.
+    pid: Option<i32>,
+    /// The child's reason, if it fails; the end of the pipe once it exits.
+    reason: Option<OwnedFd>,
+}
+
+impl Attacher {
+    fn start(cgroups: &Cgroups, init_pid: i32) -> Result<Attacher, String> {
+        if cgroups.is_empty() {
+            return Ok(Attacher {
+                pid: None,
+                reason: None,
+            });
+        }
+        let (reason_read, reason_write) = pipe()?;
+        // SAFETY: the helper is single-threaded, so the child may do anything after fork.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(os_error("cannot fork"));
+        }
+        if pid == 0 {
+            drop(reason_read);
+            let code = match cgroups.attach(init_pid) {
+                Ok(()) => 0,
+                Err(reason) => {
+                    let _ = fs::File::from(reason_write).write_all(reason.as_bytes());
+                    1
+                }
+            };
+            // SAFETY: _exit ends the child without running the helper's exit handlers.
+            unsafe { libc::_exit(code) };
+        }
+        drop(reason_write);
+        Ok(Attacher {
+            pid: Some(pid),
+            reason: Some(reason_read),
+        })
+    }
+
+    /// Waits until init is in every cgroup, or says why it is not.
+    fn wait(self) -> Result<(), String> {
+        let (Some(pid), Some(reason_read)) = (self.pid, self.reason) else {
+            return Ok(());
+        };
+        let mut reason = String::new();
+        let _ = fs::File::from(reason_read).read_to_string(&mut reason);
+        let mut status = 0;
+        // SAFETY: waitpid writes only to `status`; the child exits once it has written.
+        let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
+        let exited_ok = waited == pid && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+        match (exited_ok, reason.is_empty()) {
+            (true, true) => Ok(()),
+            (_, false) => Err(reason),
+            (false, true) => Err("cannot move the sandbox into its cgroups".into()),
+        }
+    }
+}
+
+/// Init's side of [`Attacher`]: waits for the helper's word that init is in its cgroups.
+fn wait_until_attached(attached: &OwnedFd) -> Result<(), String> {
+    let mut byte = [0u8; 1];
+    loop {
+        // SAFETY: reads at most one byte into `byte` from a descriptor init owns.
+        let read = unsafe { libc::read(attached.as_raw_fd(), byte.as_mut_ptr().cast(), 1) };
+        if read < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+            continue;
+        }
+        if read == 1 && byte[0] == b'1' {
+            return Ok(());
+        }
+        return Err(NOT_ATTACHED.into());
+    }
+}
+
+/// What init reports when the helper did not say that it is in its cgroups.
+const NOT_ATTACHED: &str = "the helper did not move the sandbox into its cgroups";
+
 /// The sandbox's init: sets the sandbox up, starts the shell, reaps orphans, and exits with the
 /// shell's status, which kills whatever is left in the pid namespace.
 fn init_main(plan: &Plan, report: OwnedFd) -> ! {
@@ -402,16 +508,11 @@ fn init_main(plan: &Plan, report: OwnedFd) -> ! {
 }
 
 fn set_up(plan: &Plan) -> Result<(), String> {
-    plan.cgroups.join()?;
     plan.cgroups.apply_rlimits()?;
     // SAFETY: unshare changes only this process's namespaces.
     let unshared = unsafe {
         libc::unshare(
-            libc::CLONE_NEWNS
-                | libc::CLONE_NEWNET
-                | libc::CLONE_NEWIPC
-                | libc::CLONE_NEWUTS
-                | libc::CLONE_NEWCGROUP,
+            libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS,
         )
     };
     if unshared < 0 {
@@ -455,6 +556,15 @@ fn set_up(plan: &Plan) -> Result<(), String> {
     }
     std::env::set_current_dir(plan.workdir)
         .map_err(|e| format!("cannot enter the workspace {}: {e}", plan.workdir.display()))?;
+    // The limits hold before anything of the build's runs: init goes on only once the helper
+    // has moved it into the session's cgroups. The cgroup namespace comes after the move, so
+    // that its root is the session's cgroup, and before the user namespace, so that the host's
+    // user namespace owns it.
+    wait_until_attached(&plan.attached)?;
+    // SAFETY: unshare changes only this process's namespaces.
+    if unsafe { libc::unshare(libc::CLONE_NEWCGROUP) } < 0 {
+        return Err(os_error("cannot create the sandbox's cgroup namespace"));
+    }
     enter_user_namespace(plan.user_namespace)?;
     // If the helper dies (even by SIGKILL), init dies, and with it the whole sandbox. Set
     // here because changing credentials clears it.

@@ -448,6 +448,25 @@ fn memory_past_the_limit_is_refused() {
     );
 }
 
+/// The helper moves init into the session's cgroups while init builds the sandbox; the build's
+/// very first command must already be inside them, at the root of its own cgroup namespace (a
+/// namespace made before the move would show the session's cgroup as `/peerbuild-PID`).
+#[test]
+fn the_first_command_runs_in_the_sessions_cgroups() {
+    if !available() {
+        return;
+    }
+    let project = build_of(&["cat /proc/self/cgroup"]);
+    let run = run_namespaced(&project, &[]);
+    assert_eq!(run.code, 0, "{}", run.transcript());
+    let log = run.log();
+    let lines: Vec<&str> = log.lines().filter(|line| line.contains(':')).collect();
+    assert!(!lines.is_empty(), "{log}");
+    for line in lines {
+        assert!(line.ends_with(":/"), "outside the session's cgroup: {log}");
+    }
+}
+
 const GROW: &str = "\
 blocks = []
 for i in range(32):
