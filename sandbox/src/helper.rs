@@ -89,6 +89,9 @@ pub(crate) fn isolation_arguments(isolation: &Isolation) -> Vec<OsString> {
     if let isolate::Network::Slirp(program) = &isolation.network {
         args.extend(["--slirp".into(), program.as_os_str().to_owned()]);
     }
+    if let Some(generation) = isolation.guard_generation {
+        args.extend(["--guard-generation".into(), generation.to_string().into()]);
+    }
     if let Some(root) = &isolation.root {
         args.extend(["--root".into(), root.as_os_str().to_owned()]);
     }
@@ -155,6 +158,11 @@ fn parse_options(args: Vec<OsString>) -> Result<Options, String> {
             Some("--slirp") => {
                 isolation.get_or_insert_with(Isolation::default).network =
                     isolate::Network::Slirp(value.into())
+            }
+            Some("--guard-generation") => {
+                isolation
+                    .get_or_insert_with(Isolation::default)
+                    .guard_generation = Some(number(&text())?)
             }
             Some("--root") => {
                 isolation.get_or_insert_with(Isolation::default).root = Some(value.into())
@@ -447,6 +455,7 @@ mod tests {
             memory_limit_bytes: Some(1 << 30),
             process_limit: Some(512),
             network: isolate::Network::Slirp(PathBuf::from("/usr/bin/slirp4netns")),
+            guard_generation: Some(4_000_000_000),
             root: Some(PathBuf::from("/images/debian")),
         };
         let mut args = arguments("sh", std::path::Path::new("/w"), None);

@@ -46,7 +46,7 @@ use crate::layers::{
     Layout, SCRUBBED, check_path, default_masks, is_given, mask_in_upper, scrub_in_upper,
     shift_tree,
 };
-use crate::network::{Slirp, install_guard, resolv_conf_in_upper, start_slirp};
+use crate::network::{Slirp, guard_unchanged, install_guard, resolv_conf_in_upper, start_slirp};
 
 /// The host uid (and gid) that root inside the sandbox is.
 pub const HOST_ID_BASE: u32 = 100_000;
@@ -63,6 +63,10 @@ pub struct Isolation {
     pub memory_limit_bytes: Option<u64>,
     pub process_limit: Option<u64>,
     pub network: Network,
+    /// The generation of the host's nftables ruleset that the node found holding the guard
+    /// (see [`crate::network::install_guard`]): while the ruleset is still at it, the guard
+    /// needs no new install before slirp4netns starts.
+    pub guard_generation: Option<u32>,
     /// The root folder the overlay is built over: an image's root file system, or (`None`)
     /// the host's `/`.
     pub root: Option<PathBuf>,
@@ -189,7 +193,9 @@ pub fn start(
     // slirp4netns; init starts nothing of the build's before it hears that the move is done.
     let attacher = returned.and_then(|()| Attacher::start(&cgroups, pid));
     let slirp = match &attacher {
-        Ok(_) => uplink.and_then(|(program, uplink)| connect_uplink(program, uplink, pid)),
+        Ok(_) => uplink.and_then(|(program, uplink)| {
+            connect_uplink(program, uplink, pid, isolation.guard_generation)
+        }),
         Err(_) => None,
     };
     let started = Started {
@@ -356,7 +362,12 @@ impl Uplink {
 /// from the host's pid namespace (never inside the sandbox's), and lets init go on. A
 /// slirp4netns that fails costs the session its outbound network, never the session: the
 /// reason goes to the build's log.
-fn connect_uplink(program: &Path, uplink: Uplink, init_pid: i32) -> Option<Slirp> {
+fn connect_uplink(
+    program: &Path,
+    uplink: Uplink,
+    init_pid: i32,
+    guard_generation: Option<u32>,
+) -> Option<Slirp> {
     let Uplink {
         unshared_read,
         unshared_write,
@@ -365,10 +376,13 @@ fn connect_uplink(program: &Path, uplink: Uplink, init_pid: i32) -> Option<Slirp
     } = uplink;
     drop(unshared_write);
     drop(configured_read);
-    // The guard is put in place again for every session (while init builds the sandbox): the
-    // ruleset may have been flushed since the executor installed it, and slirp4netns must
-    // never run unguarded.
-    let guard = install_guard();
+    // The guard is checked for every session (while init builds the sandbox), and put in place
+    // again unless the ruleset is still at the generation that holds it: the ruleset may have
+    // been flushed since the node looked, and slirp4netns must never run unguarded.
+    let guard = match guard_generation {
+        Some(generation) if guard_unchanged(generation) => Ok(()),
+        _ => install_guard().map(|_| ()),
+    };
     let mut byte = [0u8; 1];
     if fs::File::from(unshared_read).read_exact(&mut byte).is_err() {
         // Init failed before its network namespace existed; its report says why.

@@ -11,11 +11,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::helper::{self, EXIT_CANNOT_START, START_FAILURE};
 use crate::host::spawn_helper;
 use crate::isolate::{self, Isolation};
-use crate::network::{find_program, install_guard};
+use crate::network::{find_program, guard_unchanged, install_guard};
 use crate::{
     BoxFuture, Capabilities, Enforcement, Executor, HelperCommand, Network, SandboxError, Session,
     SessionSpec, ShellKind,
@@ -44,6 +45,9 @@ pub struct NamespaceExecutor {
     capabilities: Capabilities,
     /// The slirp4netns that gives sessions outbound network, or why there is none.
     outbound: Result<PathBuf, String>,
+    /// The generation of the host's nftables ruleset known to hold the guard as installed
+    /// (shared by the executor's clones); `None` until one is known.
+    guard_generation: Arc<Mutex<Option<u32>>>,
 }
 
 impl NamespaceExecutor {
@@ -78,7 +82,10 @@ impl NamespaceExecutor {
             "rlimit" => Enforcement::BestEffort,
             _ => Enforcement::None,
         };
-        let outbound = outbound();
+        let (outbound, guard_generation) = match outbound() {
+            Ok((slirp, generation)) => (Ok(slirp), generation),
+            Err(reason) => (Err(reason), None),
+        };
         let capabilities = Capabilities {
             filesystem: Enforcement::Enforced,
             // The session has its own network namespace: a loopback only, or outbound access
@@ -96,18 +103,41 @@ impl NamespaceExecutor {
             config,
             capabilities,
             outbound,
+            guard_generation: Arc::new(Mutex::new(guard_generation)),
         })
+    }
+
+    /// Checks that the guard is still in place before a session with outbound network starts:
+    /// one netlink round trip while the host's ruleset has not changed since the guard was
+    /// installed, a new install (an `nft` run) when it has. Returns the generation to hand the
+    /// helper, which checks it again right before slirp4netns starts; or why the guard cannot
+    /// be installed.
+    fn guard_generation(&self) -> Result<Option<u32>, String> {
+        let mut known = self
+            .guard_generation
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(generation) = *known
+            && guard_unchanged(generation)
+        {
+            return Ok(Some(generation));
+        }
+        *known = install_guard().map_err(|reason| {
+            format!("the host's own addresses cannot be guarded from the build ({reason})")
+        })?;
+        Ok(*known)
     }
 }
 
-/// The slirp4netns for sessions with outbound network, once the guard is in place; or why
-/// sessions get none (a line their log shows).
-fn outbound() -> Result<PathBuf, String> {
+/// The slirp4netns for sessions with outbound network, once the guard is in place, with the
+/// ruleset generation that holds it if known; or why sessions get none (a line their log
+/// shows).
+fn outbound() -> Result<(PathBuf, Option<u32>), String> {
     let slirp = find_program("slirp4netns").ok_or("install slirp4netns")?;
-    install_guard().map_err(|reason| {
+    let generation = install_guard().map_err(|reason| {
         format!("the host's own addresses cannot be guarded from the build ({reason})")
     })?;
-    Ok(slirp)
+    Ok((slirp, generation))
 }
 
 /// What the helper is asked to build for a session in `workdir`.
@@ -115,6 +145,7 @@ fn isolation(
     config: &NamespaceConfig,
     workdir: &Path,
     network: isolate::Network,
+    guard_generation: Option<u32>,
 ) -> Result<Isolation, SandboxError> {
     let base = sandbox_folder(workdir).ok_or_else(|| SandboxError::Unavailable {
         backend: "namespace",
@@ -126,6 +157,7 @@ fn isolation(
         memory_limit_bytes: config.memory_limit_bytes,
         process_limit: config.process_limit,
         network,
+        guard_generation,
         root: config.root.clone(),
     })
 }
@@ -156,15 +188,26 @@ impl Executor for NamespaceExecutor {
         spec: &'a SessionSpec,
     ) -> BoxFuture<'a, Result<Box<dyn Session>, SandboxError>> {
         Box::pin(async move {
-            let (network, note) = match (spec.network, &self.outbound) {
-                (Network::Isolated, _) => (isolate::Network::Loopback, None),
-                (Network::Outbound, Ok(slirp)) => (isolate::Network::Slirp(slirp.clone()), None),
-                (Network::Outbound, Err(reason)) => (
+            let guard = match (spec.network, &self.outbound) {
+                (Network::Isolated, _) => None,
+                (Network::Outbound, Ok(slirp)) => Some(
+                    self.guard_generation()
+                        .map(|generation| (slirp, generation)),
+                ),
+                (Network::Outbound, Err(reason)) => Some(Err(reason.clone())),
+            };
+            let (network, guard_generation, note) = match guard {
+                None => (isolate::Network::Loopback, None, None),
+                Some(Ok((slirp, generation))) => {
+                    (isolate::Network::Slirp(slirp.clone()), generation, None)
+                }
+                Some(Err(reason)) => (
                     isolate::Network::Loopback,
+                    None,
                     Some(format!("outbound network unavailable: {reason}")),
                 ),
             };
-            let isolation = isolation(&self.config, &spec.workdir, network)?;
+            let isolation = isolation(&self.config, &spec.workdir, network, guard_generation)?;
             let mut arguments = helper::isolation_arguments(&isolation);
             if let Some(note) = note {
                 arguments.extend(helper::note_arguments(&note));
@@ -211,7 +254,7 @@ fn probe(helper: &HelperCommand, config: &NamespaceConfig) -> Result<Probe, Sand
     let workdir = folder.join("src");
     std::fs::create_dir_all(&workdir)
         .map_err(|e| unavailable(format!("cannot create {}: {e}", workdir.display())))?;
-    let isolation = isolation(config, &workdir, isolate::Network::Loopback)?;
+    let isolation = isolation(config, &workdir, isolate::Network::Loopback, None)?;
     let output = Command::new(&helper.program)
         .args(&helper.args)
         .args(helper::arguments("/bin/true", &workdir, None))

@@ -86,8 +86,144 @@ fn guard_rules() -> String {
     )
 }
 
-/// Installs (or replaces) the guard table. Needs root and the `nft` command.
-pub fn install_guard() -> Result<(), String> {
+/// Installs (or replaces) the guard table. Needs root and the `nft` command. Returns the
+/// generation of the host's nftables ruleset ([`ruleset_generation`]) that holds the guard just
+/// as installed, when that is known: when the install was the one change between two readings
+/// (none where netlink cannot be read, or another program changed the ruleset meanwhile).
+pub fn install_guard() -> Result<Option<u32>, String> {
+    let before = ruleset_generation().ok();
+    run_nft()?;
+    let after = ruleset_generation().ok();
+    Ok(match (before, after) {
+        (Some(before), Some(after)) if after == next_generation(before) => Some(after),
+        _ => None,
+    })
+}
+
+/// Whether the guard is certainly in place: installed as the ruleset's change to `generation`
+/// (see [`install_guard`]), and the ruleset not changed since. Any change to any table, a flush
+/// among them, moves the generation on; so this costs one netlink round trip instead of an
+/// `nft` run.
+pub fn guard_unchanged(generation: u32) -> bool {
+    ruleset_generation() == Ok(generation)
+}
+
+/// The generation after `generation`: the kernel counts commits and skips 0.
+fn next_generation(generation: u32) -> u32 {
+    match generation.wrapping_add(1) {
+        0 => 1,
+        next => next,
+    }
+}
+
+/// The generation of the host's nftables ruleset (in this network namespace), which the kernel
+/// moves on with every change committed to any table (`NFT_MSG_GETGEN` over netlink).
+pub fn ruleset_generation() -> Result<u32, String> {
+    const NETLINK_NETFILTER: libc::c_int = 12;
+    const NFNL_SUBSYS_NFTABLES: u16 = 10;
+    const NFT_MSG_NEWGEN: u16 = 15;
+    const NFT_MSG_GETGEN: u16 = 16;
+    const NFTA_GEN_ID: u16 = 1;
+    const HEADER: usize = 16;
+    const NFGENMSG: usize = 4;
+    // SAFETY: a plain netlink socket, owned below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            NETLINK_NETFILTER,
+        )
+    };
+    if fd < 0 {
+        return Err(os_error("cannot open a netfilter netlink socket"));
+    }
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    let socket = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // nlmsghdr (length, type, flags, sequence, port id), then nfgenmsg (family AF_UNSPEC,
+    // version NFNETLINK_V0, resource id 0), all in host order but the resource id.
+    let sequence: u32 = 1;
+    let mut request = Vec::with_capacity(HEADER + NFGENMSG);
+    request.extend_from_slice(&((HEADER + NFGENMSG) as u32).to_ne_bytes());
+    request.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN).to_ne_bytes());
+    request.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    request.extend_from_slice(&sequence.to_ne_bytes());
+    request.extend_from_slice(&0u32.to_ne_bytes());
+    request.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]);
+    // SAFETY: sockaddr_nl is plain data; zeroed, it names the kernel.
+    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    // SAFETY: sends `request` to the address above, both valid for the call.
+    let sent = unsafe {
+        libc::sendto(
+            socket.as_raw_fd(),
+            request.as_ptr().cast(),
+            request.len(),
+            0,
+            (&kernel as *const libc::sockaddr_nl).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    if sent != request.len() as isize {
+        return Err(os_error(
+            "cannot ask netfilter for the ruleset's generation",
+        ));
+    }
+    let mut reply = [0u8; 512];
+    let received = loop {
+        // SAFETY: receives at most `reply.len()` bytes into `reply`.
+        let n = unsafe {
+            libc::recv(
+                socket.as_raw_fd(),
+                reply.as_mut_ptr().cast(),
+                reply.len(),
+                0,
+            )
+        };
+        if n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+            continue;
+        }
+        if n < 0 {
+            return Err(os_error("cannot read the ruleset's generation"));
+        }
+        break n as usize;
+    };
+    parse_generation(
+        &reply[..received],
+        (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN,
+        NFTA_GEN_ID,
+    )
+    .ok_or_else(|| "netfilter's answer holds no ruleset generation".to_owned())
+}
+
+/// The generation in a `NFT_MSG_NEWGEN` message: its `NFTA_GEN_ID` attribute (big-endian).
+fn parse_generation(message: &[u8], newgen: u16, gen_id: u16) -> Option<u32> {
+    let u16_at = |at: usize| {
+        Some(u16::from_ne_bytes(
+            message.get(at..at + 2)?.try_into().ok()?,
+        ))
+    };
+    let length = u32::from_ne_bytes(message.get(0..4)?.try_into().ok()?) as usize;
+    if u16_at(4)? != newgen || length > message.len() {
+        return None;
+    }
+    // Attributes follow the 16-byte header and the 4-byte nfgenmsg, each 4-byte aligned.
+    let mut at = 20;
+    while at + 4 <= length {
+        let size = u16_at(at)? as usize;
+        if size < 4 || at + size > length {
+            return None;
+        }
+        if u16_at(at + 2)? & 0x3fff == gen_id && size >= 8 {
+            return Some(u32::from_be_bytes(
+                message.get(at + 4..at + 8)?.try_into().ok()?,
+            ));
+        }
+        at += (size + 3) & !3;
+    }
+    None
+}
+
+fn run_nft() -> Result<(), String> {
     let nft = find_program("nft").ok_or("the nft command (package nftables) is not installed")?;
     let mut child = Command::new(&nft)
         .args(["-f", "-"])
@@ -373,6 +509,30 @@ mod tests {
         );
         check("nameserver 127.0.0.53\n", None, "nameserver 10.0.2.3\n");
         check("", None, "nameserver 10.0.2.3\n");
+    }
+
+    #[test]
+    fn generations_are_read_from_netfilter_answers() {
+        let newgen = (10 << 8) | 15;
+        let mut message = Vec::new();
+        message.extend_from_slice(&44u32.to_ne_bytes());
+        message.extend_from_slice(&(newgen as u16).to_ne_bytes());
+        message.extend_from_slice(&[0; 10]);
+        message.extend_from_slice(&[0; 4]);
+        // NFTA_GEN_PROC_PID 42, then NFTA_GEN_ID 29, then NFTA_GEN_PROC_NAME "nft".
+        for (kind, value) in [(2u16, 42u32.to_be_bytes()), (1, 29u32.to_be_bytes())] {
+            message.extend_from_slice(&8u16.to_ne_bytes());
+            message.extend_from_slice(&kind.to_ne_bytes());
+            message.extend_from_slice(&value);
+        }
+        message.extend_from_slice(&7u16.to_ne_bytes());
+        message.extend_from_slice(&3u16.to_ne_bytes());
+        message.extend_from_slice(b"nft\0");
+        assert_eq!(parse_generation(&message, newgen, 1), Some(29));
+        assert_eq!(parse_generation(&message, newgen + 1, 1), None);
+        assert_eq!(parse_generation(&message[..20], newgen, 1), None);
+        assert_eq!(next_generation(u32::MAX), 1);
+        assert_eq!(next_generation(7), 8);
     }
 
     #[test]
