@@ -595,12 +595,16 @@ fn build_root(plan: &Plan) -> Result<(), String> {
     // relative to the sandbox folder: its own path may hold any character.
     std::env::set_current_dir(&layout.base)
         .map_err(|e| format!("cannot enter {}: {e}", layout.base.display()))?;
+    // `volatile`: nothing syncs the upper layer's file system, which would otherwise be synced as
+    // a whole (every other writer's data on it too) when init exits and the overlay goes, at
+    // the end of every session, and whenever the build calls sync. The upper layer is scratch
+    // that lives no longer than its build; see `Layout::clear_volatile_marker`.
     mount(
         Some("overlay"),
         &layout.root,
         Some("overlay"),
         0,
-        Some("lowerdir=./lower,upperdir=./upper,workdir=./work"),
+        Some("lowerdir=./lower,upperdir=./upper,workdir=./work,volatile"),
     )?;
     let root = &layout.root;
     let inside = |path: &str| root.join(path);

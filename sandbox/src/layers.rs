@@ -139,7 +139,37 @@ impl Layout {
         }
         // The upper folder's own attributes are those of `/` inside: root's, world-readable.
         shift_owner(&layout.upper, Path::new("/"))?;
+        layout.clear_volatile_marker()?;
         Ok(layout)
+    }
+
+    /// The overlay is mounted `volatile` (see `isolate.rs`), so overlayfs leaves
+    /// `work/work/incompat/volatile` behind and refuses the next mount while it is there: after a
+    /// crash the upper layer may have lost writes. The marker is removed when a session of this
+    /// boot left it (the boot id written beside the layers says so); one from before a reboot
+    /// stays, and the session cannot start.
+    fn clear_volatile_marker(&self) -> Result<(), String> {
+        let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map_err(|e| format!("cannot read the boot id: {e}"))?;
+        let stamp = self.base.join("boot-id");
+        let stamped = fs::read_to_string(&stamp).ok();
+        let marker = self.work.join("work/incompat/volatile");
+        if marker.symlink_metadata().is_ok() {
+            if stamped.as_deref() != Some(boot.as_str()) {
+                return Err(format!(
+                    "the sandbox's upper layer {} was in use when the machine stopped, and may \
+                     have lost writes; remove the build's folder",
+                    self.upper.display()
+                ));
+            }
+            fs::remove_dir_all(&marker)
+                .map_err(|e| format!("cannot remove {}: {e}", marker.display()))?;
+        }
+        if stamped.as_deref() != Some(boot.as_str()) {
+            fs::write(&stamp, &boot)
+                .map_err(|e| format!("cannot write {}: {e}", stamp.display()))?;
+        }
+        Ok(())
     }
 }
 
