@@ -474,6 +474,39 @@ mod tests {
     }
 
     #[test]
+    fn the_volatile_marker_is_cleared_only_when_this_boot_left_it() {
+        let base = std::env::temp_dir().join(format!("pb-volatile-{}", std::process::id()));
+        let layout = Layout {
+            base: base.clone(),
+            upper: base.join("upper"),
+            work: base.join("work"),
+            lower: base.join("lower"),
+            root: base.join("root"),
+        };
+        let marker = layout.work.join("work/incompat/volatile");
+        fs::create_dir_all(&base).expect("mkdir");
+        // A first session finds no marker and stamps the boot.
+        layout.clear_volatile_marker().expect("nothing to clear");
+        let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").expect("boot id");
+        assert_eq!(
+            fs::read_to_string(base.join("boot-id")).expect("stamp"),
+            boot
+        );
+        // The marker a session of this boot left goes.
+        fs::create_dir_all(&marker).expect("mkdir");
+        fs::write(marker.join("dirty"), "").expect("write");
+        layout.clear_volatile_marker().expect("cleared");
+        assert!(!marker.exists());
+        // One from another boot stays, and the session does not start.
+        fs::create_dir_all(&marker).expect("mkdir");
+        fs::write(base.join("boot-id"), "another boot\n").expect("write");
+        let refused = layout.clear_volatile_marker().expect_err("refused");
+        assert!(refused.contains("may have lost writes"), "{refused}");
+        assert!(marker.exists());
+        fs::remove_dir_all(&base).expect("clean up");
+    }
+
+    #[test]
     fn relative_paths_are_refused() {
         assert!(check_path("x", Path::new("/a,b:c")).is_ok());
         assert!(check_path("x", Path::new("a/b")).is_err());
