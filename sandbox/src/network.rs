@@ -513,10 +513,10 @@ mod tests {
 
     #[test]
     fn generations_are_read_from_netfilter_answers() {
-        let newgen = (10 << 8) | 15;
+        let newgen: u16 = (10 << 8) | 15;
         let mut message = Vec::new();
         message.extend_from_slice(&44u32.to_ne_bytes());
-        message.extend_from_slice(&(newgen as u16).to_ne_bytes());
+        message.extend_from_slice(&newgen.to_ne_bytes());
         message.extend_from_slice(&[0; 10]);
         message.extend_from_slice(&[0; 4]);
         // NFTA_GEN_PROC_PID 42, then NFTA_GEN_ID 29, then NFTA_GEN_PROC_NAME "nft".
