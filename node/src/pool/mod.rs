@@ -224,6 +224,7 @@ async fn serve_node(
         cache: cache.clone(),
         slots: shared.slots.clone(),
         next_folder: std::sync::atomic::AtomicU64::new(0),
+        placed: Mutex::new(std::collections::HashMap::new()),
     });
     let tasks_task = tokio::spawn(tasks::serve(
         tasks.clone(),

@@ -45,7 +45,7 @@ const OFFER_TIMEOUT: Duration = Duration::from_secs(30);
 /// A worker's answer when it has no free slot (the coordinator tries others, then it again).
 const NO_FREE_SLOT: &str = "no free slot";
 /// How long a peer that said it was full is passed over.
-const FULL_BACKOFF: Duration = Duration::from_millis(500);
+const FULL_BACKOFF: Duration = Duration::from_millis(200);
 /// How often a build waiting for a free slot looks again.
 const QUEUE_POLL: Duration = Duration::from_millis(100);
 /// How long a worker may take to write one frame to the coordinator before it is taken for gone.
@@ -87,6 +87,29 @@ pub struct Tasks {
     pub slots: Arc<Semaphore>,
     /// Names task folders in `DATA_DIR/tasks/` (this node's own, never a peer's text).
     pub next_folder: AtomicU64,
+    /// When this node placed each build still running on a peer, by peer.
+    pub placed: Mutex<HashMap<String, Vec<Instant>>>,
+}
+
+/// One placement on a peer, counted in [`Tasks::placed`] until it ends.
+struct Placed<'a> {
+    tasks: &'a Tasks,
+    peer: String,
+    at: Instant,
+}
+
+impl Drop for Placed<'_> {
+    fn drop(&mut self) {
+        let mut placed = self.tasks.placed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(starts) = placed.get_mut(&self.peer) {
+            if let Some(index) = starts.iter().position(|at| *at == self.at) {
+                starts.swap_remove(index);
+            }
+            if starts.is_empty() {
+                placed.remove(&self.peer);
+            }
+        }
+    }
 }
 
 /// Where a build's events go: the submitter's API stream.
@@ -172,11 +195,28 @@ impl Tasks {
         tried: &[String],
         free_only: bool,
     ) -> Vec<(Heartbeat, String)> {
-        let mut peers = self
+        let heard = self
             .view
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .placeable();
+        // A heartbeat's free slots do not yet count what this node placed there since it was
+        // sent: take those off, so concurrent builds do not all pick one peer.
+        let placed = self
+            .placed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut peers: Vec<Heartbeat> = heard
+            .into_iter()
+            .map(|(mut heartbeat, heard_at)| {
+                let since = placed.get(&heartbeat.peer_id).map_or(0, |starts| {
+                    starts.iter().filter(|at| **at > heard_at).count()
+                });
+                heartbeat.slots_free = heartbeat.slots_free.saturating_sub(since as u32);
+                heartbeat
+            })
+            .collect();
         peers.push(self.heartbeat_of_me());
         let mut fitting: Vec<(Heartbeat, String)> = peers
             .into_iter()
@@ -313,6 +353,18 @@ impl Tasks {
             } else {
                 match peer.peer_id.parse::<PeerId>() {
                     Ok(worker) => {
+                        let at = Instant::now();
+                        self.placed
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .entry(peer.peer_id.clone())
+                            .or_default()
+                            .push(at);
+                        let _placed = Placed {
+                            tasks: &self,
+                            peer: peer.peer_id.clone(),
+                            at,
+                        };
                         self.run_on(worker, &offer, &submission.secrets, &out, &why)
                             .await
                     }

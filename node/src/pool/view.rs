@@ -187,11 +187,11 @@ impl PoolView {
 
     /// The latest heartbeat of every peer heard from (within its lease) and directly
     /// connected: the peers a build can be placed on.
-    pub fn placeable(&self) -> Vec<Heartbeat> {
+    pub fn placeable(&self) -> Vec<(Heartbeat, Instant)> {
         self.peers
             .values()
             .filter(|p| p.connections > 0)
-            .filter_map(|p| p.heartbeat.clone())
+            .filter_map(|p| Some((p.heartbeat.clone()?, p.heard_at?)))
             .collect()
     }
 
