@@ -1,20 +1,22 @@
-//! Exporting a tree from the store into a folder: every blob verified, files written in
-//! parallel, large files assembled in order and checked against their whole-file digest,
-//! executable bits, symlinks and empty folders restored. The export is built in a temporary
+//! Exporting a tree from the store into a folder: every blob verified, folders and small files
+//! written by threads taking a folder each, large files written chunk by chunk in parallel and
+//! checked against their whole-file digest, executable bits, symlinks and empty folders
+//! restored. The export is built in a temporary
 //! folder beside the destination and renamed into place, so a failure never leaves the
 //! destination half-written.
 
 use std::fs;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use protocol::Digest;
 use protocol::tree::{EntryKind, Tree, decode_chunk_list};
 
-use super::parallel::ordered;
-use super::{Result, Store, StoreError};
+use super::parallel::{each, ordered};
+use super::{Blob, Reader, Result, Store, StoreError};
 
 /// What an export wrote.
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
@@ -73,87 +75,118 @@ pub fn export(store: &Store, root: &Digest, dest: &Path) -> Result<Exported> {
     }
 }
 
+/// What an export writes: the folders with their symlinks and small files, in batches, and
+/// the large (chunked) files apart.
+#[derive(Default)]
+struct Plan {
+    batches: Vec<Batch>,
+    large: Vec<FileJob>,
+}
+
+/// One thread's share of a folder: the folder (made if it is not yet), its symlinks, and up to
+/// [`BATCH_FILES`] of its small files.
+struct Batch {
+    folder: PathBuf,
+    symlinks: Vec<(PathBuf, PathBuf)>,
+    files: Vec<FileJob>,
+}
+
+/// The most files of one folder a thread writes in a row: a large folder is shared out.
+const BATCH_FILES: usize = 256;
+
 fn fill(store: &Store, root: &Digest, dir: &Path) -> Result<Exported> {
     let mut exported = Exported::default();
-    let mut jobs = Vec::new();
-    plan(store, root, dir, 0, &mut jobs, &mut exported)?;
-    let (small, large): (Vec<FileJob>, Vec<FileJob>) =
-        jobs.into_iter().partition(|j| j.chunks.is_none());
+    let mut plan = Plan::default();
+    let reader = store.reader();
+    let reader = &reader;
+    make_plan(reader, root, dir, 0, &mut plan, &mut exported)?;
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     // Large files are written on a thread of their own while the small ones go on, so the
     // disk is kept busy by both (a tree is usually a few big files among many small ones).
     // When one side fails, the other stops at its next file instead of writing on in vain.
-    let failed = std::sync::atomic::AtomicBool::new(false);
-    let stopped = || failed.load(std::sync::atomic::Ordering::Relaxed);
+    let failed = AtomicBool::new(false);
+    let stopped = || failed.load(Ordering::Relaxed);
     let fail = |err: StoreError| {
-        failed.store(true, std::sync::atomic::Ordering::Relaxed);
+        failed.store(true, Ordering::Relaxed);
         err
     };
+    let (files, bytes) = (AtomicU64::new(0), AtomicU64::new(0));
     std::thread::scope(|scope| {
         let large = scope.spawn(|| {
-            let mut written = Exported::default();
-            for job in large {
+            for job in &plan.large {
                 if stopped() {
                     break;
                 }
-                written.bytes += write_chunked(store, &job, workers).map_err(fail)?;
-                written.files += 1;
+                let written = write_chunked(reader, job, workers).map_err(fail)?;
+                bytes.fetch_add(written, Ordering::Relaxed);
+                files.fetch_add(1, Ordering::Relaxed);
             }
-            Ok::<Exported, StoreError>(written)
+            Ok::<(), StoreError>(())
         });
-        // Small files are bound by file-system calls more than by the CPU, so more threads
-        // than cores keep the disk busy.
-        let small = ordered(
-            small.into_iter(),
-            workers * 4,
-            128,
-            |job| -> Result<u64> {
-                let bytes = store.get(&job.digest)?;
-                write_file(&job.path, &bytes, job.executable)?;
-                Ok(bytes.len() as u64)
-            },
-            |written| {
-                if stopped() {
-                    return Err(StoreError::Refused {
-                        path: dir.to_owned(),
-                        reason: "the export stopped: writing a large file failed".into(),
-                    });
-                }
-                exported.bytes += written.map_err(fail)?;
-                exported.files += 1;
-                Ok::<(), StoreError>(())
-            },
-        );
+        // Folders and small files cost file-system calls more than CPU. Creating a file or a
+        // folder holds its parent's lock while the file system finds a free inode, which can
+        // take long (ext4 without a journal steps over recently deleted inodes one by one), so
+        // each thread makes whole folders and their files: threads in different folders create
+        // side by side instead of waiting on each other's folder lock.
+        let small = each(&plan.batches, workers, |batch| {
+            if stopped() {
+                return Err(StoreError::Refused {
+                    path: dir.to_owned(),
+                    reason: "the export stopped: writing another file failed".into(),
+                });
+            }
+            write_batch(reader, batch, &bytes).map_err(fail)?;
+            files.fetch_add(batch.files.len() as u64, Ordering::Relaxed);
+            Ok(())
+        });
         let large = large
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         // The large side's own error says more than the small side's "stopped".
-        let large = large?;
-        small?;
-        exported.bytes += large.bytes;
-        exported.files += large.files;
-        Ok(exported)
-    })
+        large?;
+        small
+    })?;
+    exported.files += files.into_inner();
+    exported.bytes += bytes.into_inner();
+    Ok(exported)
 }
 
-/// Creates folders and symlinks, and lists the files to write.
-fn plan(
-    store: &Store,
+/// Makes a batch's folder (and any parent another thread has not made yet: all are inside the
+/// export's new temporary folder), then its symlinks and files.
+fn write_batch(reader: &Reader<'_>, batch: &Batch, bytes: &AtomicU64) -> Result<()> {
+    fs::create_dir_all(&batch.folder).map_err(|e| StoreError::io(&batch.folder, e))?;
+    for (path, target) in &batch.symlinks {
+        std::os::unix::fs::symlink(target, path).map_err(|e| StoreError::io(path, e))?;
+    }
+    for job in &batch.files {
+        let blob = reader.get(&job.digest)?;
+        write_file(&job.path, &blob, job.executable)?;
+        bytes.fetch_add(blob.len() as u64, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// Reads the trees and lists what to write, each folder before the folders in it.
+fn make_plan(
+    store: &Reader<'_>,
     tree: &Digest,
     dir: &Path,
     depth: usize,
-    jobs: &mut Vec<FileJob>,
+    plan: &mut Plan,
     exported: &mut Exported,
 ) -> Result<()> {
     let tree = Tree::decode(&store.get(tree)?)?;
     exported.dirs += 1;
+    let mut batch = Batch {
+        folder: dir.to_owned(),
+        symlinks: Vec::new(),
+        files: Vec::new(),
+    };
+    let mut folders = Vec::new();
     for entry in tree.entries() {
         let path = dir.join(std::ffi::OsStr::from_bytes(&entry.name));
         match &entry.kind {
-            EntryKind::Dir { digest } => {
-                fs::create_dir(&path).map_err(|e| StoreError::io(&path, e))?;
-                plan(store, digest, &path, depth + 1, jobs, exported)?;
-            }
+            EntryKind::Dir { digest } => folders.push((path, *digest)),
             EntryKind::Symlink { target } => {
                 let target = Path::new(std::ffi::OsStr::from_bytes(target));
                 // A link leading out of the tree is never recreated (it could point a later
@@ -162,20 +195,39 @@ fn plan(
                     exported.skipped_symlinks += 1;
                     continue;
                 }
-                std::os::unix::fs::symlink(target, &path).map_err(|e| StoreError::io(&path, e))?;
+                batch.symlinks.push((path, target.to_owned()));
                 exported.symlinks += 1;
             }
             EntryKind::File {
                 digest,
                 executable,
                 chunks,
-            } => jobs.push(FileJob {
-                path,
-                digest: *digest,
-                chunks: *chunks,
-                executable: *executable,
-            }),
+            } => {
+                let job = FileJob {
+                    path,
+                    digest: *digest,
+                    chunks: *chunks,
+                    executable: *executable,
+                };
+                if job.chunks.is_some() {
+                    plan.large.push(job);
+                    continue;
+                }
+                if batch.files.len() == BATCH_FILES {
+                    let next = Batch {
+                        folder: dir.to_owned(),
+                        symlinks: Vec::new(),
+                        files: Vec::new(),
+                    };
+                    plan.batches.push(std::mem::replace(&mut batch, next));
+                }
+                batch.files.push(job);
+            }
         }
+    }
+    plan.batches.push(batch);
+    for (path, digest) in folders {
+        make_plan(store, &digest, &path, depth + 1, plan, exported)?;
     }
     Ok(())
 }
@@ -200,22 +252,35 @@ fn stays_inside(target: &Path, depth: usize) -> bool {
     true
 }
 
-/// Writes a new file with its mode set at creation; a second `chmod` is needed only when the
-/// process's umask would strip bits from 0644/0755.
+/// Writes a new file with its mode set at creation.
 fn write_file(path: &Path, bytes: &[u8], executable: bool) -> Result<()> {
+    let mut file = create_file(path, executable)?;
+    file.write_all(bytes).map_err(|e| StoreError::io(path, e))?;
+    restore_mode(&file, path, executable)
+}
+
+/// Creates a new file with its mode set at creation.
+fn create_file(path: &Path, executable: bool) -> Result<fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
-    let mode = if executable { 0o755 } else { 0o644 };
-    let mut file = fs::OpenOptions::new()
+    fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(mode)
+        .mode(mode(executable))
         .open(path)
-        .map_err(|e| StoreError::io(path, e))?;
-    file.write_all(bytes).map_err(|e| StoreError::io(path, e))?;
-    if umask() & mode != 0 {
-        set_mode(path, executable)?;
+        .map_err(|e| StoreError::io(path, e))
+}
+
+/// A second `chmod` is needed only when the process's umask stripped bits from 0644/0755.
+fn restore_mode(file: &fs::File, path: &Path, executable: bool) -> Result<()> {
+    if umask() & mode(executable) != 0 {
+        file.set_permissions(fs::Permissions::from_mode(mode(executable)))
+            .map_err(|e| StoreError::io(path, e))?;
     }
     Ok(())
+}
+
+fn mode(executable: bool) -> u32 {
+    if executable { 0o755 } else { 0o644 }
 }
 
 /// The process's umask, read without changing it (`umask(2)` would race with other threads).
@@ -233,42 +298,56 @@ fn umask() -> u32 {
     })
 }
 
-fn set_mode(path: &Path, executable: bool) -> Result<()> {
-    let mode = if executable { 0o755 } else { 0o644 };
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|e| StoreError::io(path, e))
-}
-
-/// Writes a chunked file: chunks fetched and verified in parallel, written in order, and the
-/// assembled file checked against its whole-file digest.
-fn write_chunked(store: &Store, job: &FileJob, workers: usize) -> Result<u64> {
+/// Writes a chunked file. Each chunk is fetched, decoded and written at its place by several
+/// threads, and the file's bytes are hashed once, in order, against the whole file's digest,
+/// which covers every chunk: a chunk is not hashed a second time on its own. The file is in
+/// the export's temporary folder until then, seen by no one. When the digest does not match,
+/// the chunks are read again one by one, verified, so a corrupt one is named and set aside.
+fn write_chunked(reader: &Reader<'_>, job: &FileJob, workers: usize) -> Result<u64> {
     let Some(list) = job.chunks else {
         return Ok(0);
     };
-    let chunks = decode_chunk_list(&store.get(&list)?)?;
-    let mut file = fs::File::create(&job.path).map_err(|e| StoreError::io(&job.path, e))?;
-    let mut hasher = blake3::Hasher::new();
+    let chunks = decode_chunk_list(&reader.get(&list)?)?;
+    // Its folder may still be waiting for a thread of the small files.
+    if let Some(folder) = job.path.parent() {
+        fs::create_dir_all(folder).map_err(|e| StoreError::io(folder, e))?;
+    }
+    let file = create_file(&job.path, job.executable)?;
     let mut size = 0u64;
+    let placed: Vec<(Digest, u64)> = chunks
+        .iter()
+        .map(|chunk| {
+            let offset = size;
+            size += chunk.size();
+            (*chunk, offset)
+        })
+        .collect();
+    let mut hasher = blake3::Hasher::new();
     ordered(
-        chunks.into_iter(),
+        placed.into_iter(),
         workers,
         workers * 4,
-        |chunk| store.get(&chunk),
-        |bytes| {
-            let bytes = bytes?;
-            hasher.update(&bytes);
-            size += bytes.len() as u64;
-            file.write_all(&bytes)
-                .map_err(|e| StoreError::io(&job.path, e))
+        |(chunk, offset)| {
+            let bytes = reader.get_unverified(&chunk)?;
+            file.write_all_at(&bytes, offset)
+                .map_err(|e| StoreError::io(&job.path, e))?;
+            Ok(bytes)
+        },
+        |bytes: Result<Blob>| {
+            hasher.update(&bytes?);
+            Ok::<(), StoreError>(())
         },
     )?;
-    drop(file);
     if Digest::from_parts(*hasher.finalize().as_bytes(), size) != job.digest {
+        for chunk in &chunks {
+            reader.get(chunk)?;
+        }
         return Err(StoreError::Corrupt {
             digest: job.digest,
             detail: "its chunks do not assemble into the file's digest".into(),
         });
     }
-    set_mode(&job.path, job.executable)?;
+    restore_mode(&file, &job.path, job.executable)?;
     Ok(size)
 }
 

@@ -229,22 +229,37 @@ impl Store {
     /// Reads a blob, verified against its digest: a mismatch is an error naming the digest,
     /// never wrong bytes.
     pub fn get(&self, digest: &Digest) -> Result<Vec<u8>> {
+        self.get_blob(digest).map(Blob::into_vec)
+    }
+
+    /// Reads a blob, verified, without copying raw bytes out of the buffer they were read into.
+    fn get_blob(&self, digest: &Digest) -> Result<Blob> {
         let path = self.object_path(digest);
         match fs::read(&path) {
-            Ok(stored) => self.verify(digest, &stored, || self.quarantine(&path)),
+            Ok(stored) => self.verify(digest, stored, || self.quarantine(&path)),
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => self.get_packed(digest),
             Err(err) => Err(StoreError::io(&path, err)),
         }
     }
 
     /// Reads a packed blob, verified.
-    fn get_packed(&self, digest: &Digest) -> Result<Vec<u8>> {
+    fn get_packed(&self, digest: &Digest) -> Result<Blob> {
         let (stored, location) = self.read_packed(digest)?;
-        self.verify(digest, &stored, || {
+        self.verify(digest, stored, || {
             if let Some(location) = &location {
                 self.packs.drop_entry(digest, location);
             }
         })
+    }
+
+    /// Starts a run of many reads (an export): published packs are opened once for the whole
+    /// run rather than once a read. Hold the store's lock while it lives, so gc does not
+    /// rewrite the packs it has open.
+    pub(crate) fn reader(&self) -> Reader<'_> {
+        Reader {
+            store: self,
+            packs: std::sync::RwLock::new(std::collections::HashMap::new()),
+        }
     }
 
     /// Reads a packed blob as stored: from the pack this process is writing (no location), or
@@ -307,7 +322,7 @@ impl Store {
         if self.contains(digest) {
             return Ok(0);
         }
-        self.verify(digest, stored, || {})?;
+        self.check_stored(digest, stored)?;
         let (kind, payload) = stored
             .split_first()
             .map(|(kind, payload)| (*kind, payload))
@@ -317,29 +332,38 @@ impl Store {
 
     /// Decodes stored bytes and checks them against the digest; on a mismatch `set_aside`
     /// makes the store stop claiming the blob.
-    fn verify(&self, digest: &Digest, stored: &[u8], set_aside: impl Fn()) -> Result<Vec<u8>> {
-        let corrupt = |detail: &str| {
+    fn verify(&self, digest: &Digest, stored: Vec<u8>, set_aside: impl Fn()) -> Result<Blob> {
+        let corrupt = |detail: String| {
             set_aside();
             StoreError::Corrupt {
                 digest: *digest,
-                detail: detail.to_owned(),
+                detail,
             }
         };
-        let bytes = match stored.split_first() {
-            Some((&KIND_RAW, rest)) => rest.to_vec(),
-            Some((&KIND_ZSTD, rest)) => {
-                let capacity = usize::try_from(digest.size()).map_err(|_| corrupt("too large"))?;
-                decompress(rest, capacity)
-                    .map_err(|e| corrupt(&format!("cannot decompress: {e}")))?
-            }
-            _ => return Err(corrupt("unknown object kind")),
-        };
-        if !digest.matches(&bytes) {
-            return Err(corrupt("its bytes do not match the digest"));
+        let blob = Blob::decode(digest, stored).map_err(corrupt)?;
+        if blake3::hash(&blob).as_bytes() != digest.hash() {
+            return Err(corrupt(MISMATCH.into()));
         }
         self.progress
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        Ok(bytes)
+            .fetch_add(blob.len() as u64, Ordering::Relaxed);
+        Ok(blob)
+    }
+
+    /// Checks bytes received as stored against their digest.
+    fn check_stored(&self, digest: &Digest, stored: &[u8]) -> Result<()> {
+        let corrupt = |detail: String| StoreError::Corrupt {
+            digest: *digest,
+            detail,
+        };
+        let matches = match decode(digest, stored).map_err(corrupt)? {
+            Decoded::Raw(bytes) => blake3::hash(bytes).as_bytes() == digest.hash(),
+            Decoded::Decompressed(bytes) => blake3::hash(&bytes).as_bytes() == digest.hash(),
+        };
+        if !matches {
+            return Err(corrupt(MISMATCH.into()));
+        }
+        self.progress.fetch_add(digest.size(), Ordering::Relaxed);
+        Ok(())
     }
 
     /// Moves a corrupt object aside (into `corrupt/`, for inspection), so the store no longer
@@ -509,6 +533,145 @@ impl Drop for Store {
             let _ = self.packs.publish(sealed);
         }
         let _ = fs::remove_dir_all(&self.tmp);
+    }
+}
+
+/// What a corrupt blob's error says when its bytes are not the digest's.
+const MISMATCH: &str = "its bytes do not match the digest";
+
+/// A blob's bytes as read from the store. Raw bytes stay in the buffer they were read into,
+/// past their kind byte, instead of being copied out of it.
+pub(crate) struct Blob {
+    bytes: Vec<u8>,
+    start: usize,
+}
+
+impl Blob {
+    /// Decodes stored bytes, checking their size against the digest but not their hash.
+    fn decode(digest: &Digest, stored: Vec<u8>) -> std::result::Result<Blob, String> {
+        match decode(digest, &stored)? {
+            Decoded::Raw(_) => {}
+            Decoded::Decompressed(bytes) => return Ok(Blob { bytes, start: 0 }),
+        }
+        Ok(Blob {
+            bytes: stored,
+            start: 1,
+        })
+    }
+
+    fn into_vec(mut self) -> Vec<u8> {
+        self.bytes.drain(..self.start);
+        self.bytes
+    }
+}
+
+impl std::ops::Deref for Blob {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.bytes[self.start..]
+    }
+}
+
+/// Stored bytes decoded: raw ones borrowed, compressed ones decompressed.
+enum Decoded<'a> {
+    Raw(&'a [u8]),
+    Decompressed(Vec<u8>),
+}
+
+/// Decodes stored bytes (a kind byte, then raw or zstd bytes) and checks their size against
+/// the digest; the hash is the caller's to check. The error is the corruption's description.
+fn decode<'a>(digest: &Digest, stored: &'a [u8]) -> std::result::Result<Decoded<'a>, String> {
+    let decoded = match stored.split_first() {
+        Some((&KIND_RAW, rest)) => Decoded::Raw(rest),
+        Some((&KIND_ZSTD, rest)) => {
+            let capacity = usize::try_from(digest.size()).map_err(|_| "too large".to_owned())?;
+            Decoded::Decompressed(
+                decompress(rest, capacity).map_err(|e| format!("cannot decompress: {e}"))?,
+            )
+        }
+        _ => return Err("unknown object kind".into()),
+    };
+    let len = match &decoded {
+        Decoded::Raw(bytes) => bytes.len(),
+        Decoded::Decompressed(bytes) => bytes.len(),
+    };
+    if len as u64 != digest.size() {
+        return Err(MISMATCH.into());
+    }
+    Ok(decoded)
+}
+
+/// Reads for a run of many (see [`Store::reader`]): each published pack is opened once.
+pub(crate) struct Reader<'a> {
+    store: &'a Store,
+    packs:
+        std::sync::RwLock<std::collections::HashMap<std::sync::Arc<str>, std::sync::Arc<fs::File>>>,
+}
+
+impl Reader<'_> {
+    /// A blob, verified against its digest, as [`Store::get`] reads it.
+    pub(crate) fn get(&self, digest: &Digest) -> Result<Blob> {
+        match self.read_published(digest)? {
+            Some((stored, location)) => self.store.verify(digest, stored, || {
+                self.store.packs.drop_entry(digest, &location);
+            }),
+            None => self.store.get_blob(digest),
+        }
+    }
+
+    /// A blob decoded and its size checked, but not its hash: only for a caller that checks
+    /// the bytes against another digest that covers them before anyone can see them (an
+    /// export checks a large file's chunks through the whole file's digest) and that reads
+    /// them again with [`Reader::get`] when that check fails, to find and set aside the
+    /// corrupt blob.
+    pub(crate) fn get_unverified(&self, digest: &Digest) -> Result<Blob> {
+        let stored = match self.read_published(digest)? {
+            Some((stored, _)) => stored,
+            None => self.store.get_stored(digest)?,
+        };
+        let blob = Blob::decode(digest, stored).map_err(|detail| StoreError::Corrupt {
+            digest: *digest,
+            detail,
+        })?;
+        self.store
+            .progress
+            .fetch_add(blob.len() as u64, Ordering::Relaxed);
+        Ok(blob)
+    }
+
+    /// A record of a published pack, read through the pack's file opened once; `None` when no
+    /// published pack this process knows of holds it.
+    fn read_published(&self, digest: &Digest) -> Result<Option<(Vec<u8>, pack::Location)>> {
+        let Some(location) = self.store.packs.locate(digest) else {
+            return Ok(None);
+        };
+        let open = self
+            .packs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&location.pack)
+            .cloned();
+        let file = match open {
+            Some(file) => file,
+            None => match self.store.packs.open(&location.pack) {
+                Ok(file) => {
+                    let file = std::sync::Arc::new(file);
+                    self.packs
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(location.pack.clone(), file.clone());
+                    file
+                }
+                // Rewritten by a gc since this process read the index: the store's own
+                // read looks again.
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(err) => return Err(StoreError::io(&self.store.root.join("packs"), err)),
+            },
+        };
+        let stored = pack::read_at(&file, location.offset, location.len)
+            .map_err(|e| StoreError::io(&self.store.root.join("packs"), e))?;
+        Ok(Some((stored, location)))
     }
 }
 

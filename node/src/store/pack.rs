@@ -277,8 +277,12 @@ impl Packs {
 
     /// Reads a published record.
     pub fn read(&self, location: &Location) -> std::io::Result<Vec<u8>> {
-        let file = fs::File::open(self.dir.join(format!("{}.pack", location.pack)))?;
-        read_at(&file, location.offset, location.len)
+        read_at(&self.open(&location.pack)?, location.offset, location.len)
+    }
+
+    /// Opens a published pack for reading.
+    pub fn open(&self, pack: &str) -> std::io::Result<fs::File> {
+        fs::File::open(self.dir.join(format!("{pack}.pack")))
     }
 
     /// Forgets a record that failed verification, in memory and in its pack's index, so the
@@ -365,7 +369,7 @@ fn read_index(path: &Path) -> Option<Vec<IndexEntry>> {
     postcard::from_bytes(&fs::read(path).ok()?).ok()
 }
 
-fn read_at(file: &fs::File, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
+pub fn read_at(file: &fs::File, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
     let mut bytes = vec![0u8; len as usize];
     file.read_exact_at(&mut bytes, offset)?;
     Ok(bytes)

@@ -1,10 +1,52 @@
-//! An ordered parallel pipeline: items from a producer are worked on by several threads, and
-//! the results reach the consumer in the producer's order. At most `window` items are in flight,
-//! so memory stays bounded however slow one item is.
+//! Parallel work. [`ordered`]: items from a producer are worked on by several threads, and the
+//! results reach the consumer in the producer's order; at most `window` items are in flight, so
+//! memory stays bounded however slow one item is. [`each`]: every item of a list worked on by
+//! several threads, in no particular order, with nothing in flight but the items themselves.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
+
+/// Runs `work` on every item of `items` with `workers` threads, each taking the next item not
+/// yet taken, and stops at the first error: the threads finish the item they are on and take
+/// no other. Returns that first error.
+pub fn each<T, E>(
+    items: &[T],
+    workers: usize,
+    work: impl Fn(&T) -> Result<(), E> + Sync,
+) -> Result<(), E>
+where
+    T: Sync,
+    E: Send,
+{
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let first_error = Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..workers.min(items.len()).max(1) {
+            scope.spawn(|| {
+                while !failed.load(Ordering::Relaxed) {
+                    let Some(item) = items.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                        return;
+                    };
+                    if let Err(err) = work(item) {
+                        failed.store(true, Ordering::Relaxed);
+                        first_error
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get_or_insert(err);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    match first_error.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        Some(err) => Err(err),
+        None => Ok(()),
+    }
+}
 
 /// Runs `work` on every item of `items` with `workers` threads and hands each result to
 /// `consume` in order. Stops at the first error from `consume` (or from an item, when `R` is a
@@ -127,6 +169,31 @@ mod tests {
         );
         assert!(outcome.is_ok());
         assert_eq!(seen, vec![8]);
+    }
+
+    #[test]
+    fn each_works_on_every_item_once() {
+        let seen: Vec<AtomicUsize> = (0..1000).map(|_| AtomicUsize::new(0)).collect();
+        let items: Vec<usize> = (0..1000).collect();
+        let outcome: Result<(), ()> = each(&items, 3, |&i| {
+            seen[i].fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        });
+        assert!(outcome.is_ok());
+        assert!(seen.iter().all(|n| n.load(Ordering::Relaxed) == 1));
+        assert!(each(&[] as &[u8], 4, |_| Err::<(), ()>(())).is_ok());
+    }
+
+    #[test]
+    fn each_stops_at_the_first_error() {
+        let done = AtomicUsize::new(0);
+        let items: Vec<u64> = (0..100_000).collect();
+        let outcome = each(&items, 2, |&i| {
+            done.fetch_add(1, Ordering::Relaxed);
+            if i == 10 { Err(i) } else { Ok(()) }
+        });
+        assert_eq!(outcome, Err(10));
+        assert!(done.load(Ordering::Relaxed) < items.len());
     }
 
     #[test]

@@ -230,6 +230,88 @@ fn a_failed_export_leaves_no_half_written_folder() {
     fs::remove_dir_all(&work).ok();
 }
 
+/// A chunked file's chunks are checked through the whole file's digest, not one by one: a
+/// corrupt chunk still fails the export, is named, and is set aside.
+#[test]
+fn a_corrupt_chunk_fails_the_export_and_is_set_aside() {
+    let work = scratch("corruptchunk");
+    let source = work.join("source");
+    fs::create_dir_all(&source).expect("mkdir");
+    let mut rng = Rng(7);
+    let large: Vec<u8> = (0..3_000_000).map(|_| rng.next() as u8).collect();
+    fs::write(source.join("large"), &large).expect("write");
+    fs::write(source.join("small"), b"small").expect("write");
+    let store = Store::open(&work.join("store")).expect("opens");
+    let root = import::import_dir(&store, &source, "test")
+        .expect("imports")
+        .root
+        .expect("root");
+    let tree = protocol::tree::Tree::decode(&store.get(&root).expect("tree")).expect("decodes");
+    let list = tree
+        .entries()
+        .iter()
+        .find_map(|e| match e.kind {
+            protocol::tree::EntryKind::File {
+                chunks: Some(list), ..
+            } => Some(list),
+            _ => None,
+        })
+        .expect("the large file is chunked");
+    let chunks =
+        protocol::tree::decode_chunk_list(&store.get(&list).expect("list")).expect("decodes");
+    assert!(chunks.len() > 2, "{} chunks", chunks.len());
+    let victim = chunks[1];
+    store.damage(&victim);
+    let out = work.join("out");
+    let err = export::export(&store, &root, &out).expect_err("corruption is caught");
+    assert!(
+        matches!(err, StoreError::Corrupt { .. }) && err.to_string().contains(&victim.to_string()),
+        "{err}"
+    );
+    assert!(!out.exists(), "no half-written destination");
+    assert!(!store.contains(&victim), "the corrupt chunk is set aside");
+    // Imported again, the chunk is stored again and the export is whole.
+    import::import_dir(&store, &source, "test").expect("imports again");
+    export::export(&store, &root, &out).expect("exports");
+    assert_eq!(fs::read(out.join("large")).expect("read"), large);
+    fs::remove_dir_all(&work).ok();
+}
+
+/// A tree (from a peer, say) whose chunk list holds sound chunks that are not the file it
+/// names is refused, though every chunk matches its own digest.
+#[test]
+fn chunks_that_do_not_make_the_named_file_are_refused() {
+    use protocol::tree::{Entry, EntryKind, Tree, encode_chunk_list};
+    let work = scratch("wrongchunks");
+    let store = Store::open(&work.join("store")).expect("opens");
+    let (a, _) = store.put(&[1u8; 200_000]).expect("puts");
+    let (b, _) = store.put(&[2u8; 200_000]).expect("puts");
+    let (list, _) = store.put(&encode_chunk_list(&[a, b])).expect("puts");
+    let claimed = protocol::Digest::of(&[3u8; 400_000]);
+    let tree = Tree::new(vec![Entry {
+        name: b"f".to_vec(),
+        kind: EntryKind::File {
+            digest: claimed,
+            executable: false,
+            chunks: Some(list),
+        },
+    }])
+    .expect("a tree");
+    let (root, _) = store.put(&tree.encode()).expect("puts");
+    let out = work.join("out");
+    let err = export::export(&store, &root, &out).expect_err("refused");
+    assert!(
+        matches!(err, StoreError::Corrupt { .. }) && err.to_string().contains(&claimed.to_string()),
+        "{err}"
+    );
+    assert!(!out.exists(), "no half-written destination");
+    assert!(
+        store.contains(&a) && store.contains(&b),
+        "sound chunks are kept"
+    );
+    fs::remove_dir_all(&work).ok();
+}
+
 #[test]
 fn symlinks_pointing_outside_are_not_restored_and_devices_are_refused_on_import() {
     let work = scratch("escape");
