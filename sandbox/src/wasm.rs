@@ -302,8 +302,10 @@ impl WasmSession {
             .name("wasm-module".into())
             .spawn(move || {
                 let status = job.run(&sender);
-                let _ = sender.send(Message::Done(status));
+                // The module has ended: say so before the status, so that a session ended
+                // right after it never waits a tick for this thread.
                 done.store(true, Ordering::SeqCst);
+                let _ = sender.send(Message::Done(status));
             })
             .map_err(|source| SandboxError::Spawn {
                 what: "thread for the module",
@@ -316,7 +318,10 @@ impl WasmSession {
                     None => output.write(&bytes),
                 },
                 Message::Stderr(bytes) => output.write(&bytes),
-                Message::Done(status) => return Ok(status),
+                Message::Done(status) => {
+                    self.running = None;
+                    return Ok(status);
+                }
             }
         }
         Err(SandboxError::Protocol {
