@@ -37,12 +37,13 @@ pub async fn submit(data_dir: Option<&Path>, args: RunArgs, endpoint: Endpoint) 
         }
     }
     let prepared = run::prepare(data_dir, &args, Placing::Pool)?;
+    let store = Arc::new(crate::cache_cli::open_store(Some(prepared.data.root()))?);
+    // Everything that can refuse comes before the build's record is started.
+    let submission = submission(&prepared, &args, &store).await?;
     let build_dir = prepared.data.build(&prepared.id.to_string());
     run::start_record(&build_dir)?;
     let reporter = Reporter::new(run::sinks(&args, Some(&build_dir))?);
     reporter.add_secrets(prepared.secrets.entries().map(|(_, value)| value.clone()));
-    let store = Arc::new(crate::cache_cli::open_store(Some(prepared.data.root()))?);
-    let submission = submission(&prepared, &args, &store).await?;
     let (stop_sender, stop) = watch::channel(None);
     let signals = tokio::spawn(run::forward_signals(stop_sender));
     let ticker = tokio::spawn(run::tick(reporter.clone()));
