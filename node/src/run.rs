@@ -885,7 +885,7 @@ fn choose_sandbox(args: &RunArgs, buildspec: &Buildspec, settings: &Settings) ->
         phase_sandboxes.push((kind, phase_image));
         if settings_of_phase.placement == Placement::Separate {
             warnings.push(format!(
-                "{at}.placement `separate` is not acted on yet (it needs a pool): the phase runs with the rest of the build"
+                "{at}.placement `separate` is not acted on yet (a phase is not placed on its own peer): it runs with the rest of the build"
             ));
         }
     }
