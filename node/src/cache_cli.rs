@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 
 use crate::cli::CacheCommand;
 use crate::data_dir::DataDir;
-use crate::store::{Store, export, gc, import};
+use crate::store::{Store, StoreError, export, gc, import};
 
 /// Opens the store in the data directory.
 pub fn open_store(data_dir: Option<&Path>) -> Result<Store> {
@@ -16,18 +16,13 @@ pub fn open_store(data_dir: Option<&Path>) -> Result<Store> {
     Store::open(&path).with_context(|| format!("cannot open the store at {}", path.display()))
 }
 
-/// When the store lacks any part of the tree `digest` and a node runs on the data directory,
-/// has the node fetch it from its peers (into the store both share). `None` when nothing was
-/// missing or no node runs (the export then says what is missing).
+/// Has the node running on the data directory, if one does, fetch what the store lacks of the
+/// tree `digest` from its peers (into the store both share). `None` when no node runs (the
+/// export then says what is missing).
 fn fetch_from_pool(
-    store: &Store,
     data_dir: Option<&Path>,
     digest: &protocol::Digest,
 ) -> Result<Option<crate::pool::shared_cache::TreeFetched>> {
-    let complete = crate::store::transfer::missing(store, digest).is_ok_and(|m| m.is_empty());
-    if complete {
-        return Ok(None);
-    }
     let data = DataDir::open(data_dir)?;
     let Some(pool) = crate::pool::client::ApiPoolCache::on_data_dir(data.root()) else {
         return Ok(None);
@@ -131,12 +126,22 @@ pub fn run(data_dir: Option<&Path>, command: CacheCommand) -> Result<u8> {
         }
         CacheCommand::Export { digest, dir, json } => {
             let started = Instant::now();
-            let fetched = fetch_from_pool(&store, data_dir, &digest)?;
             let progress = Progress::start(&store, "exporting");
-            let exported = export::export(&store, &digest, &dir)
-                .with_context(|| format!("cannot export {digest} into {}", dir.display()));
+            let mut exported = export::export(&store, &digest, &dir);
             drop(progress);
-            let exported = exported?;
+            // A blob this store lacks (or had to set aside as corrupt) comes from the pool, when
+            // a node runs here; the failed export left nothing behind, so it starts again.
+            let mut fetched = None;
+            if let Err(StoreError::Missing { .. } | StoreError::Corrupt { .. }) = &exported {
+                fetched = fetch_from_pool(data_dir, &digest)?;
+                if fetched.is_some() {
+                    let progress = Progress::start(&store, "exporting");
+                    exported = export::export(&store, &digest, &dir);
+                    drop(progress);
+                }
+            }
+            let exported = exported
+                .with_context(|| format!("cannot export {digest} into {}", dir.display()))?;
             if exported.skipped_symlinks > 0 {
                 eprintln!(
                     "peerbuild: {} symlinks point outside the tree and were not restored",

@@ -70,6 +70,8 @@ pub(crate) struct Prepared {
     pub(crate) data: DataDir,
     pub(crate) source: Arc<Source>,
     pub(crate) buildspec: Buildspec,
+    /// The buildspec's text, as read.
+    pub(crate) buildspec_text: String,
     pub(crate) id: BuildId,
     pub(crate) number: u64,
     pub(crate) base_env: Variables,
@@ -612,6 +614,11 @@ fn run_as_names(buildspec: &Buildspec) -> Vec<String> {
 }
 
 fn load_buildspec(path: &Path, display: impl AsRef<Path>) -> Result<Buildspec> {
+    Ok(load_buildspec_text(path, display)?.0)
+}
+
+/// A buildspec parsed, with its text (which a pool build sends to the peer running it).
+fn load_buildspec_text(path: &Path, display: impl AsRef<Path>) -> Result<(Buildspec, String)> {
     let text = match std::fs::read(path) {
         Ok(bytes) => match String::from_utf8(bytes) {
             Ok(text) => text,
@@ -630,8 +637,9 @@ fn load_buildspec(path: &Path, display: impl AsRef<Path>) -> Result<Buildspec> {
         }
         Err(err) => return Err(err).with_context(|| format!("cannot read {}", path.display())),
     };
-    buildspec::parse(&display.as_ref().display().to_string(), &text)
-        .map_err(|e| Refused(e.to_string()).into())
+    let parsed = buildspec::parse(&display.as_ref().display().to_string(), &text)
+        .map_err(|e| Refused(e.to_string()))?;
+    Ok((parsed, text))
 }
 
 /// Where the build is placed: on this machine (its labels must meet `--require`), or by a node
@@ -658,7 +666,7 @@ pub(crate) fn prepare(
         .buildspec
         .clone()
         .unwrap_or_else(|| dir.join("buildspec.yml"));
-    let buildspec = load_buildspec(&buildspec_path, &buildspec_path)?;
+    let (buildspec, buildspec_text) = load_buildspec_text(&buildspec_path, &buildspec_path)?;
     let data = DataDir::open(data_dir)?;
     let settings = Settings::load(data.root()).map_err(|e| Refused(format!("{e:#}")))?;
     let Chosen {
@@ -752,6 +760,7 @@ pub(crate) fn prepare(
         data,
         source: Arc::new(source),
         buildspec,
+        buildspec_text,
         id,
         number,
         base_env,

@@ -269,12 +269,6 @@ async fn submission(prepared: &Prepared, args: &RunArgs, store: &Arc<Store>) -> 
     })
     .await??;
     let tree = imported.root.context("the source produced no tree")?;
-    let buildspec_path = args
-        .buildspec
-        .clone()
-        .unwrap_or_else(|| prepared.source.root.join("buildspec.yml"));
-    let buildspec = std::fs::read_to_string(&buildspec_path)
-        .with_context(|| format!("cannot read {}", buildspec_path.display()))?;
     let mut requires = Vec::new();
     for requirement in &args.require {
         let Some((label, value)) = requirement.split_once('=') else {
@@ -294,7 +288,7 @@ async fn submission(prepared: &Prepared, args: &RunArgs, store: &Arc<Store>) -> 
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "build".into()),
             source_version: prepared.source.git_commit.clone(),
-            buildspec,
+            buildspec: prepared.buildspec_text.clone(),
             build_id: prepared.id.to_string(),
             build_number: prepared.number,
             env: prepared.submitted.clone(),

@@ -753,6 +753,15 @@ pub fn busybox_root(root: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// A listener on every address of this machine, as the pool's port is, with its port: what a
+/// network probe from a sandbox must never reach. Non-blocking, so a test can poll it.
+pub fn host_listener() -> (std::net::TcpListener, u16) {
+    let listener = std::net::TcpListener::bind("0.0.0.0:0").expect("listen");
+    listener.set_nonblocking(true).expect("non-blocking");
+    let port = listener.local_addr().expect("address").port();
+    (listener, port)
+}
+
 #[cfg(test)]
 mod tests {
     use super::normalize_ids;

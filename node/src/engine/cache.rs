@@ -158,8 +158,9 @@ pub fn entries_with_prefix(store: &Store, version: &str, prefix: &str, max: usiz
         return Vec::new();
     }
     let mut here = entries_in(&cache_dir(store).join(version));
+    store.refresh();
     here.retain(|e| {
-        e.key.starts_with(prefix) && e.tree.parse::<Digest>().is_ok_and(|d| store.holds(&d))
+        e.key.starts_with(prefix) && e.tree.parse::<Digest>().is_ok_and(|d| store.contains(&d))
     });
     here.sort_by_key(|e| std::cmp::Reverse(e.created_ms));
     here.truncate(max);
@@ -243,7 +244,8 @@ pub fn lookup(store: &Store, cache: &Cache, key: &str, fallbacks: &[String]) -> 
     let version = version(&cache.paths);
     let mut here = entries_in(&cache_dir(store).join(&version));
     // An entry whose tree gc removed is no entry.
-    here.retain(|e| e.tree.parse::<Digest>().is_ok_and(|d| store.holds(&d)));
+    store.refresh();
+    here.retain(|e| e.tree.parse::<Digest>().is_ok_and(|d| store.contains(&d)));
     here.sort_by_key(|e| std::cmp::Reverse(e.created_ms));
     if let Some(entry) = here.iter().find(|e| e.key == key) {
         return Lookup::Hit {

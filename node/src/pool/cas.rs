@@ -169,7 +169,8 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<(), String> {
     match request {
         CasRequest::Has { digests } => {
-            let held = digests.iter().map(|d| store.holds(d)).collect();
+            store.refresh();
+            let held = digests.iter().map(|d| store.contains(d)).collect();
             write_reply(stream, &CasReply::Held { held }).await
         }
         CasRequest::Fetch { digests } => {

@@ -241,13 +241,7 @@ pub fn submit_endpoint(data_dir: Option<&Path>, node: Option<&str>) -> Result<Op
         };
     }
     let data = DataDir::open(data_dir)?;
-    let Ok(bytes) = std::fs::read(data.root().join("node.json")) else {
-        return Ok(None);
-    };
-    let Some(socket) = serde_json::from_slice::<NodeFile>(&bytes)
-        .ok()
-        .and_then(|node| api::unix_path(&node.api))
-    else {
+    let Some(socket) = NodeFile::read(data.root()).and_then(|node| node.socket()) else {
         return Ok(None);
     };
     if std::os::unix::net::UnixStream::connect(&socket).is_err() {
@@ -269,10 +263,8 @@ pub struct ApiPoolCache {
 impl ApiPoolCache {
     /// The node on `data_dir`, if one is running there (its node.json and socket exist).
     pub fn on_data_dir(data_dir: &Path) -> Option<ApiPoolCache> {
-        let bytes = std::fs::read(data_dir.join("node.json")).ok()?;
-        let node: NodeFile = serde_json::from_slice(&bytes).ok()?;
-        let socket = api::unix_path(&node.api)?;
-        socket.exists().then_some(ApiPoolCache {
+        let socket = NodeFile::read(data_dir)?.socket()?;
+        Some(ApiPoolCache {
             endpoint: Endpoint::Unix(socket),
         })
     }

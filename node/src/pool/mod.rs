@@ -55,6 +55,19 @@ pub struct NodeFile {
     pub agent_version: String,
 }
 
+impl NodeFile {
+    /// `DATA_DIR/node.json`, if there is one and it reads (a node may be running).
+    pub fn read(data_root: &Path) -> Option<NodeFile> {
+        let bytes = fs::read(data_root.join("node.json")).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// The node's API socket, if node.json names one that exists.
+    pub fn socket(&self) -> Option<PathBuf> {
+        api::unix_path(&self.api).filter(|socket| socket.exists())
+    }
+}
+
 /// The data directory's files for the node.
 struct NodePaths {
     lock: PathBuf,
@@ -343,9 +356,10 @@ fn lock_data_dir(paths: &NodePaths) -> Result<fs::File> {
         .with_context(|| format!("cannot open {}", paths.lock.display()))?;
     // SAFETY: flock on a descriptor we hold open.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } < 0 {
-        let running = fs::read(&paths.node_file)
-            .ok()
-            .and_then(|bytes| serde_json::from_slice::<NodeFile>(&bytes).ok())
+        let running = paths
+            .node_file
+            .parent()
+            .and_then(NodeFile::read)
             .map(|node| format!(" (pid {}, peer {})", node.pid, node.peer_id))
             .unwrap_or_default();
         anyhow::bail!(

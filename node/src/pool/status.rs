@@ -133,9 +133,7 @@ pub fn pool_init(data_dir: Option<&Path>, out: Option<&Path>) -> Result<u8> {
         "Wrote a new pool key to {} (mode 0600). Copy it to each machine of the pool over a secure channel (scp); anyone holding it can join.",
         shown.display()
     );
-    let running = std::fs::read(data.root().join("node.json"))
-        .ok()
-        .and_then(|bytes| serde_json::from_slice::<NodeFile>(&bytes).ok());
+    let running = NodeFile::read(data.root());
     let bootstrap = running.as_ref().and_then(|node| {
         // Other machines cannot reach loopback addresses; offer the others first.
         let mut addresses: Vec<&String> = node

@@ -149,15 +149,22 @@ impl Store {
                 .is_ok_and(|m| m.len() > 0)
     }
 
-    /// Whether the store holds `digest`, counting packs other processes published since this
-    /// one looked ([`Store::contains`] may miss those: fine for deduplicating writes, not for
-    /// answers that others act on, such as a peer's "do you hold it" or a cache lookup).
-    pub fn holds(&self, digest: &Digest) -> bool {
-        if self.contains(digest) {
-            return true;
-        }
+    /// Reads the indexes of packs other processes published (or removed) since this one looked,
+    /// when the pack folder changed. [`Store::contains`] does not look again by itself, which
+    /// is fine for deduplicating writes but not for answers others act on (a peer's "do you
+    /// hold it", a cache lookup, what a transfer still lacks): call this once before such a
+    /// batch of `contains`, or ask [`Store::holds`] for a single answer.
+    pub fn refresh(&self) {
         self.packs.refresh();
-        self.packs.contains(digest)
+    }
+
+    /// Whether the store holds `digest`, counting packs other processes published since this
+    /// one looked (see [`Store::refresh`]).
+    pub fn holds(&self, digest: &Digest) -> bool {
+        self.contains(digest) || {
+            self.refresh();
+            self.contains(digest)
+        }
     }
 
     /// Stores `bytes`; returns their digest and how many bytes were newly written (0 when the

@@ -64,7 +64,10 @@ impl BlobSource for StoreSource {
     }
 
     fn has<'a>(&'a self, digests: &'a [Digest]) -> BoxFuture<'a, Result<Vec<bool>, String>> {
-        Box::pin(async move { Ok(digests.iter().map(|d| self.store.holds(d)).collect()) })
+        Box::pin(async move {
+            self.store.refresh();
+            Ok(digests.iter().map(|d| self.store.contains(d)).collect())
+        })
     }
 
     fn fetch<'a>(&'a self, digests: &'a [Digest]) -> BoxFuture<'a, Result<StoredBlobs, String>> {
@@ -134,6 +137,8 @@ fn dropped_note(dropped: &[(String, String)]) -> String {
 /// tell: `root` itself if it is missing; else every missing subtree, file, chunk list and chunk
 /// under the trees present.
 pub fn missing(store: &Store, root: &Digest) -> Result<Vec<Digest>, StoreError> {
+    // What other processes stored since is counted once, not looked for blob by blob.
+    store.refresh();
     let mut missing = Vec::new();
     let mut seen = HashSet::new();
     let mut trees = vec![*root];
@@ -141,7 +146,7 @@ pub fn missing(store: &Store, root: &Digest) -> Result<Vec<Digest>, StoreError> 
         if !seen.insert(digest) {
             return false;
         }
-        if store.holds(&digest) {
+        if store.contains(&digest) {
             return true;
         }
         missing.push(digest);

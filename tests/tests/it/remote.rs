@@ -58,6 +58,13 @@ fn pool(options: Vec<NodeOptions>) -> Cluster {
     cluster
 }
 
+/// Writes the project's secrets file; returns its path.
+fn secrets_file(project: &Project, text: &str) -> String {
+    let path = project.root().join("secrets.env");
+    std::fs::write(&path, text).expect("write the secrets file");
+    path.to_str().expect("utf-8").to_owned()
+}
+
 fn labelled(label: &str) -> NodeOptions {
     NodeOptions {
         labels: vec![label.into()],
@@ -101,9 +108,8 @@ fn a_build_runs_on_the_peer_with_the_label_and_its_artifacts_come_back() {
         ("input.txt", "from the source\n"),
     ]);
     let remote_out = project.root().join("remote-artifacts");
-    let secrets = project.root().join("secrets.env");
-    std::fs::write(&secrets, "/ci/token=s3cr3t-value\n/unused=never-sent\n").expect("write");
-    let secrets = secrets.to_str().expect("utf-8");
+    let secrets = secrets_file(&project, "/ci/token=s3cr3t-value\n/unused=never-sent\n");
+    let secrets = secrets.as_str();
     let remote = cluster.run_on(
         0,
         &project,
@@ -189,17 +195,11 @@ fn a_build_no_peer_can_run_fails_at_once_saying_why() {
     let cluster = pool(vec![NodeOptions::default(), NodeOptions::default()]);
     let project = Project::new(&[("buildspec.yml", BUILDSPEC), ("input.txt", "x\n")]);
     let started = Instant::now();
-    let secrets = project.root().join("secrets.env");
-    std::fs::write(&secrets, "/ci/token=not-in-any-peer-id\n").expect("write");
+    let secrets = secrets_file(&project, "/ci/token=not-in-any-peer-id\n");
     let run = cluster.run_on(
         0,
         &project,
-        &[
-            "--require",
-            "gpu=a100",
-            "--secrets",
-            secrets.to_str().expect("utf-8"),
-        ],
+        &["--require", "gpu=a100", "--secrets", &secrets],
     );
     assert_eq!(run.code, 3, "{}\n{}", run.stdout, run.stderr);
     let message = run.result()["message"]
@@ -228,17 +228,11 @@ fn a_worker_killed_mid_build_has_its_build_run_again_on_another_peer() {
         "      - sleep 4\n      - mkdir -p out/sub\n",
     );
     let project = Project::new(&[("buildspec.yml", slow.as_str()), ("input.txt", "x\n")]);
-    let secrets = project.root().join("secrets.env");
-    std::fs::write(&secrets, "/ci/token=not-in-any-peer-id\n").expect("write");
+    let secrets = secrets_file(&project, "/ci/token=not-in-any-peer-id\n");
     let mut child = cluster.spawn_run_on(
         0,
         &project,
-        &[
-            "--require",
-            "role=worker",
-            "--secrets",
-            secrets.to_str().expect("utf-8"),
-        ],
+        &["--require", "role=worker", "--secrets", &secrets],
     );
     // Whichever worker took it is killed as soon as it runs the build.
     let mut victim = None;

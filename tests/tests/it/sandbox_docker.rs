@@ -316,9 +316,7 @@ fn builds_reach_other_machines_but_never_the_host() {
     }
     let outside = Outside::new();
     // A service on every address of the host, as the pool's port is.
-    let listener = TcpListener::bind("0.0.0.0:0").expect("listen");
-    listener.set_nonblocking(true).expect("non-blocking");
-    let port = listener.local_addr().expect("address").port();
+    let (listener, port) = tests::host_listener();
     let mut host_addresses = vec![outside.host_address.clone()];
     host_addresses.extend(tests::default_route_address());
     let gateway = "$(ip route | awk \"/default/ {print \\$3}\")";

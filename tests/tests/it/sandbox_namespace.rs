@@ -914,9 +914,7 @@ fn the_hosts_own_addresses_are_out_of_reach() {
     }
     let outside = Outside::new();
     // A service on every address of the host, as the pool's port is.
-    let listener = TcpListener::bind("0.0.0.0:0").expect("listen");
-    listener.set_nonblocking(true).expect("non-blocking");
-    let port = listener.local_addr().expect("address").port();
+    let (listener, port) = tests::host_listener();
     let mut host_addresses = vec![outside.host_address.clone(), "10.0.2.2".to_owned()];
     host_addresses.extend(tests::default_route_address());
     let mut commands = vec![connect(&outside.address, outside.port)];
@@ -1077,9 +1075,7 @@ fn a_flushed_guard_is_restored_before_the_next_session() {
         return;
     }
     let outside = Outside::new();
-    let listener = TcpListener::bind("0.0.0.0:0").expect("listen");
-    listener.set_nonblocking(true).expect("non-blocking");
-    let port = listener.local_addr().expect("address").port();
+    let (listener, port) = tests::host_listener();
     let host = tests::default_route_address().unwrap_or_else(|| outside.host_address.clone());
     // The first shell waits, then exits: the build phase starts a new session, after the test
     // has deleted the guard's table.
