@@ -28,7 +28,7 @@ pub const KAD_PROTOCOL: &str = "/peerbuild/kad/1";
 /// The gossipsub topic of heartbeats and other pool announcements.
 pub const POOL_TOPIC: &str = "peerbuild/pool/1";
 
-/// The gossipsub topic of build events: cache entries saved (later: task states, results).
+/// The gossipsub topic of build events: cache entries saved, and runs taken and finished.
 pub const EVENTS_TOPIC: &str = "peerbuild/events/1";
 
 /// The largest pool message a node sends or accepts (gossipsub itself refuses anything over its
@@ -47,7 +47,7 @@ pub const MAX_TEXT_BYTES: usize = 256;
 /// reordered), so an older node reads the kind first and ignores one it does not know: this is
 /// how a message grows new fields without a format version bump (a `Heartbeat2` beside
 /// `Heartbeat`, sent side by side until old nodes are gone).
-pub const POOL_MESSAGE_KINDS: u32 = 3;
+pub const POOL_MESSAGE_KINDS: u32 = 4;
 
 /// Everything said on the pool topic.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -62,6 +62,30 @@ pub enum PoolMessage {
         peer_id: String,
         entry: crate::cas::CacheEntry,
     },
+    /// A peer took a run of a build, or finished one (on the events topic). Gossipsub signs
+    /// every message with its author's key, so this is the worker's signed word; `result` ties
+    /// it to the result the coordinator got on the task stream.
+    TaskState {
+        peer_id: String,
+        /// The offer's `task` (the coordinator's name for the run).
+        task: String,
+        build_id: String,
+        state: TaskState,
+    },
+}
+
+/// Where a run stands, as the peer running it announces it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskState {
+    Running,
+    /// `status` as the result says (`SUCCEEDED`, `FAILED`, ...); `result` is the BLAKE3 hash of
+    /// the result's JSON as sent on the task stream, where it is signed.
+    Finished {
+        status: String,
+        result: [u8; 32],
+    },
+    /// The run ended without a result (refused, faulted, handed back).
+    Ended,
 }
 
 impl PoolMessage {
@@ -71,6 +95,7 @@ impl PoolMessage {
             PoolMessage::Heartbeat(heartbeat) => &heartbeat.peer_id,
             PoolMessage::Leaving { peer_id } => peer_id,
             PoolMessage::CacheSaved { peer_id, .. } => peer_id,
+            PoolMessage::TaskState { peer_id, .. } => peer_id,
         }
     }
 }
@@ -106,7 +131,14 @@ pub struct Heartbeat {
     pub load_milli: u32,
     /// Tasks waiting for a slot on this node, as coordinator.
     pub queue_length: u32,
+    /// The tasks this node runs now, for any coordinator (the `task` of each offer it took; at
+    /// most [`MAX_RUNNING`]). A coordinator whose run is missing from two heartbeats in a row
+    /// takes it as lost and runs the task again.
+    pub running: Vec<String>,
 }
+
+/// The most runs a heartbeat lists (a node runs at most this many builds at once).
+pub const MAX_RUNNING: usize = 64;
 
 /// A detected runtime: its buildspec name (`python`, `nodejs`, ...) and version.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -265,6 +297,20 @@ fn check_limits(message: &PoolMessage) -> Result<(), WireError> {
             check_text("peer_id", peer_id)?;
             crate::cas::check_cache_entry(entry)
         }
+        PoolMessage::TaskState {
+            peer_id,
+            task,
+            build_id,
+            state,
+        } => {
+            check_text("peer_id", peer_id)?;
+            check_text("task", task)?;
+            check_text("build_id", build_id)?;
+            match state {
+                TaskState::Finished { status, .. } => check_text("status", status),
+                TaskState::Running | TaskState::Ended => Ok(()),
+            }
+        }
     }
 }
 
@@ -272,6 +318,7 @@ fn check_heartbeat(heartbeat: &Heartbeat) -> Result<(), WireError> {
     check_count("labels", heartbeat.labels.len(), MAX_LABELS)?;
     check_count("runtimes", heartbeat.runtimes.len(), MAX_RUNTIMES)?;
     check_count("sandboxes", heartbeat.sandboxes.len(), MAX_SANDBOXES)?;
+    check_count("running", heartbeat.running.len(), MAX_RUNNING)?;
     check_count(
         "listen_addresses",
         heartbeat.listen_addresses.len(),
@@ -299,6 +346,9 @@ fn check_heartbeat(heartbeat: &Heartbeat) -> Result<(), WireError> {
     }
     for sandbox in &heartbeat.sandboxes {
         check_text("sandboxes", &sandbox.kind)?;
+    }
+    for task in &heartbeat.running {
+        check_text("running", task)?;
     }
     Ok(())
 }
@@ -359,7 +409,33 @@ mod tests {
             }],
             load_milli: 1500,
             queue_length: 0,
+            running: vec!["12D3KooWCoordinator/1764000000000/3#1".into()],
         }
+    }
+
+    #[test]
+    fn a_task_state_round_trips_and_is_bounded() {
+        let message = PoolMessage::TaskState {
+            peer_id: "12D3KooWExample".into(),
+            task: "12D3KooWCoordinator/1764000000000/3#1".into(),
+            build_id: "app:1234".into(),
+            state: TaskState::Finished {
+                status: "SUCCEEDED".into(),
+                result: [7; 32],
+            },
+        };
+        let bytes = encode_pool_message(&message).expect("encodes");
+        assert_eq!(decode_pool_message(&bytes), Ok(message));
+        let long = PoolMessage::TaskState {
+            peer_id: "12D3KooWExample".into(),
+            task: "t".repeat(MAX_TEXT_BYTES + 1),
+            build_id: "app:1234".into(),
+            state: TaskState::Running,
+        };
+        assert_eq!(
+            encode_pool_message(&long),
+            Err(WireError::OverLimit { field: "task" })
+        );
     }
 
     #[test]
@@ -415,6 +491,12 @@ mod tests {
         assert_eq!(
             encode_pool_message(&PoolMessage::Heartbeat(too_many)),
             Err(WireError::OverLimit { field: "labels" })
+        );
+        let mut busy = heartbeat();
+        busy.running = (0..=MAX_RUNNING).map(|i| format!("t{i}")).collect();
+        assert_eq!(
+            encode_pool_message(&PoolMessage::Heartbeat(busy)),
+            Err(WireError::OverLimit { field: "running" })
         );
         let mut lying = heartbeat();
         lying.slots_free = 9;

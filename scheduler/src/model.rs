@@ -17,6 +17,19 @@ pub enum SandboxKind {
     Host,
 }
 
+impl SandboxKind {
+    /// The kind a name (`namespace`, `docker`, `wasm`, `host`) stands for.
+    pub fn from_name(name: &str) -> Option<SandboxKind> {
+        match name {
+            "namespace" => Some(SandboxKind::Namespace),
+            "docker" => Some(SandboxKind::Docker),
+            "wasm" => Some(SandboxKind::Wasm),
+            "host" => Some(SandboxKind::Host),
+            _ => None,
+        }
+    }
+}
+
 impl fmt::Display for SandboxKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -97,7 +110,9 @@ pub struct Requirements {
     pub labels: BTreeMap<String, String>,
     /// From the install phase's `runtime-versions`.
     pub runtimes: BTreeMap<String, String>,
-    pub sandbox: SandboxKind,
+    /// `None`: whichever sandbox the peer's owner runs builds in (any peer that offers one).
+    pub sandbox: Option<SandboxKind>,
+    /// What the sandbox must enforce; checked only when `sandbox` names one.
     pub guarantees: Guarantees,
     /// The build wants network access (the default, as in CodeBuild).
     pub network: bool,
@@ -110,7 +125,7 @@ impl Default for Requirements {
             arch: None,
             labels: BTreeMap::new(),
             runtimes: BTreeMap::new(),
-            sandbox: SandboxKind::Namespace,
+            sandbox: Some(SandboxKind::Namespace),
             guarantees: Guarantees::NONE,
             network: true,
         }
@@ -137,6 +152,8 @@ pub enum Unmet {
     Sandbox {
         kind: SandboxKind,
     },
+    /// The peer offers no sandbox at all (its owner allows none).
+    AnySandbox,
     Guarantees {
         kind: SandboxKind,
         missing: Guarantees,
@@ -152,6 +169,7 @@ impl fmt::Display for Unmet {
             Unmet::Label { key, value } => write!(f, "label {key}={value}"),
             Unmet::Runtime { name, version } => write!(f, "runtime {name} {version}"),
             Unmet::Sandbox { kind } => write!(f, "sandbox {kind}"),
+            Unmet::AnySandbox => f.write_str("any sandbox"),
             Unmet::Guarantees { kind, missing } => {
                 write!(f, "enforced {missing} limits in the {kind} sandbox")
             }
@@ -196,15 +214,19 @@ impl Requirements {
                 });
             }
         }
-        match capabilities.sandboxes.get(&self.sandbox) {
-            None => unmet.push(Unmet::Sandbox { kind: self.sandbox }),
-            Some(offered) if !offered.contains(self.guarantees) => {
-                unmet.push(Unmet::Guarantees {
-                    kind: self.sandbox,
-                    missing: offered.missing(self.guarantees),
-                });
-            }
-            Some(_) => {}
+        match self.sandbox {
+            None if capabilities.sandboxes.is_empty() => unmet.push(Unmet::AnySandbox),
+            None => {}
+            Some(kind) => match capabilities.sandboxes.get(&kind) {
+                None => unmet.push(Unmet::Sandbox { kind }),
+                Some(offered) if !offered.contains(self.guarantees) => {
+                    unmet.push(Unmet::Guarantees {
+                        kind,
+                        missing: offered.missing(self.guarantees),
+                    });
+                }
+                Some(_) => {}
+            },
         }
         if self.network && !capabilities.network {
             unmet.push(Unmet::Network);

@@ -538,7 +538,7 @@ fn requirement_kinds() -> Vec<Requirements> {
         any.clone(),
         Requirements {
             runtimes: BTreeMap::from([("python".into(), "3.11".into())]),
-            sandbox: SandboxKind::Docker,
+            sandbox: Some(SandboxKind::Docker),
             ..any.clone()
         },
         Requirements {
@@ -553,7 +553,7 @@ fn requirement_kinds() -> Vec<Requirements> {
         },
         Requirements {
             os: Some("macos".into()),
-            sandbox: SandboxKind::Host,
+            sandbox: Some(SandboxKind::Host),
             ..any
         },
     ]

@@ -3,6 +3,7 @@
 
 pub mod cluster;
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -760,6 +761,37 @@ pub fn host_listener() -> (std::net::TcpListener, u16) {
     listener.set_nonblocking(true).expect("non-blocking");
     let port = listener.local_addr().expect("address").port();
     (listener, port)
+}
+
+/// Sends one HTTP/1.1 GET over `stream` and reads until `done` holds for what arrived (or 30 s).
+pub fn http_get(
+    mut stream: impl Read + Write,
+    path: &str,
+    headers: &str,
+    mut done: impl FnMut(&str) -> bool,
+) -> String {
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{headers}\r\n"
+    )
+    .expect("send");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !done(&String::from_utf8_lossy(&received)) {
+        assert!(
+            Instant::now() < deadline,
+            "no answer: {}",
+            String::from_utf8_lossy(&received)
+        );
+        match stream.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => received.extend_from_slice(&buffer[..n]),
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(err) => panic!("read: {err}"),
+        }
+    }
+    String::from_utf8_lossy(&received).into_owned()
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 pub mod api;
 pub mod cas;
 pub mod client;
+pub mod coordinator;
 pub mod facts;
 pub mod identity;
 pub mod shared_cache;
@@ -161,6 +162,7 @@ async fn serve_node(
 ) -> Result<()> {
     let allowed = settings.allow_peers.clone();
     let keypair = settings.keypair.clone();
+    let lease = settings.lease;
     let pool = PoolSwarm::start(settings)?;
     let peer_id = pool.peer_id();
     let store = Arc::new(crate::cache_cli::open_store(Some(data.root()))?);
@@ -199,6 +201,8 @@ async fn serve_node(
         slots: Arc::new(tokio::sync::Semaphore::new(
             facts.slots_total.max(1) as usize
         )),
+        running: Arc::new(Mutex::new(std::collections::BTreeSet::new())),
+        queued: Arc::new(std::sync::atomic::AtomicU32::new(0)),
     };
     let (facts_sender, facts_receiver) = watch::channel(facts);
     let (addresses_sender, mut addresses) = watch::channel(Vec::<Multiaddr>::new());
@@ -237,7 +241,15 @@ async fn serve_node(
         cache: cache.clone(),
         slots: shared.slots.clone(),
         next_folder: std::sync::atomic::AtomicU64::new(0),
-        placed: Mutex::new(std::collections::HashMap::new()),
+        coordinator: coordinator::Coordinator::start(coordinator::Local {
+            me: peer_id.to_string(),
+            view: shared.view.clone(),
+            slots: shared.slots.clone(),
+            running: shared.running.clone(),
+            queued: shared.queued.clone(),
+            lease,
+        }),
+        running: shared.running.clone(),
     });
     let tasks_task = tokio::spawn(tasks::serve(
         tasks.clone(),

@@ -87,6 +87,12 @@ pub enum SwarmCommand {
     Announce(CacheEntry),
     /// This node holds a tree now: provide it in the DHT.
     Provide(Digest),
+    /// This node took or finished a run: say so on the events topic.
+    TaskState {
+        task: String,
+        build_id: String,
+        state: wire::TaskState,
+    },
     /// Which peers provide this digest in the DHT (at most 16).
     FindProviders {
         digest: Digest,
@@ -103,6 +109,10 @@ pub struct Shared {
     pub cache_index: Arc<Mutex<CacheIndex>>,
     /// This node's build slots: heartbeats announce the free ones.
     pub slots: Arc<tokio::sync::Semaphore>,
+    /// The tasks this node runs now, by offer `task` (heartbeats list them).
+    pub running: Arc<Mutex<std::collections::BTreeSet<String>>>,
+    /// Tasks waiting in this node's coordinator queue.
+    pub queued: Arc<std::sync::atomic::AtomicU32>,
 }
 
 #[derive(NetworkBehaviour)]
@@ -116,6 +126,23 @@ struct Behaviour {
     gossipsub: gossipsub::Behaviour,
     /// Raw streams: the blob protocol (`pool::cas`).
     stream: libp2p_stream::Behaviour,
+}
+
+/// Says `message` on the events topic; best effort (no peers yet, or over the wire limits, is
+/// a debug line).
+fn publish_event(swarm: &mut Swarm<Behaviour>, message: &PoolMessage, what: &str) {
+    match wire::encode_pool_message(message) {
+        Ok(bytes) => {
+            if let Err(err) = swarm
+                .behaviour_mut()
+                .gossipsub
+                .publish(events_topic(), bytes)
+            {
+                debug!(error = %err, "{what} not announced by gossip");
+            }
+        }
+        Err(err) => debug!(error = %err, "{what} over the wire limits: not announced"),
+    }
 }
 
 /// The transport: TCP + Noise + yamux, inside pnet when there is a pool key; QUIC beside it
@@ -362,25 +389,27 @@ impl LoopState {
                     warn!(%address, error = %err, "cannot dial");
                 }
             }
+            SwarmCommand::TaskState {
+                task,
+                build_id,
+                state,
+            } => {
+                let message = PoolMessage::TaskState {
+                    peer_id: swarm.local_peer_id().to_string(),
+                    task,
+                    build_id,
+                    state,
+                };
+                publish_event(swarm, &message, "task state");
+            }
             SwarmCommand::Announce(entry) => {
                 let tree = entry.tree;
                 let message = PoolMessage::CacheSaved {
                     peer_id: swarm.local_peer_id().to_string(),
                     entry,
                 };
-                match wire::encode_pool_message(&message) {
-                    Ok(bytes) => {
-                        if let Err(err) = swarm
-                            .behaviour_mut()
-                            .gossipsub
-                            .publish(events_topic(), bytes)
-                        {
-                            debug!(error = %err, "cache entry not announced by gossip");
-                        }
-                    }
-                    // Peers still find it by asking (`CacheEntries`) and through the DHT.
-                    Err(err) => debug!(error = %err, "cache entry too large to announce"),
-                }
+                // Peers that miss it still find it by asking (`CacheEntries`) and in the DHT.
+                publish_event(swarm, &message, "cache entry");
                 self.provide(swarm, &tree);
             }
             SwarmCommand::Provide(digest) => self.provide(swarm, &digest),
@@ -471,7 +500,19 @@ impl LoopState {
 
     fn heartbeat(&self, swarm: &Swarm<Behaviour>) -> Heartbeat {
         let facts = self.facts.borrow().clone();
-        let queue_length = 0;
+        let queue_length = self
+            .shared
+            .queued
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let running: Vec<String> = self
+            .shared
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .take(wire::MAX_RUNNING)
+            .cloned()
+            .collect();
         let slots_free = (self.shared.slots.available_permits() as u32).min(facts.slots_total);
         Heartbeat {
             peer_id: swarm.local_peer_id().to_string(),
@@ -493,6 +534,7 @@ impl LoopState {
             sandboxes: facts.sandboxes,
             load_milli: super::facts::load_milli(),
             queue_length,
+            running,
         }
     }
 
@@ -673,6 +715,31 @@ impl LoopState {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .heard(source, entry);
+            }
+            PoolMessage::TaskState {
+                task,
+                build_id,
+                state,
+                ..
+            } => {
+                debug!(peer = %source, %task, ?state, "task state announced");
+                let (state, status, result) = match state {
+                    wire::TaskState::Running => ("running", None, None),
+                    wire::TaskState::Finished { status, result } => (
+                        "finished",
+                        Some(status),
+                        Some(blake3::Hash::from(result).to_hex().to_string()),
+                    ),
+                    wire::TaskState::Ended => ("ended", None, None),
+                };
+                self.publish_events(vec![PoolEvent::TaskState {
+                    peer_id: source.to_string(),
+                    task,
+                    build_id,
+                    state: state.to_owned(),
+                    status,
+                    result,
+                }]);
             }
             _ => return MessageAcceptance::Ignore,
         }

@@ -9,7 +9,7 @@
 //! breaks, or its lease runs out) has its build run again on another peer, and the submitter is
 //! told why.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -24,30 +24,32 @@ use libp2p::identity::{Keypair, PublicKey};
 use libp2p::{PeerId, StreamProtocol};
 use protocol::Digest;
 use protocol::task::{self, TaskOffer, TaskReply, TaskSecrets};
-use protocol::wire::Heartbeat;
+use protocol::wire::TaskState;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::{Semaphore, mpsc, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
+
+use scheduler::{
+    Attempt, DeclineReason, Event as SchedulerEvent, PeerId as SchedulerPeer, TaskId, TaskOutcome,
+};
 
 use super::cas::{next_stream, read_frame, write_frame};
+use super::coordinator::{self, Coordinator, Order};
 use super::shared_cache::NodeCache;
+use super::swarm::SwarmCommand;
 use super::view::PoolView;
 use crate::events::{BuildResult, Envelope, Event, Level, SCHEMA_VERSION, Status};
 use crate::store::{Store, export};
 
-/// Peers a build is offered to before the coordinator gives up (each declined, failed or lost).
-const MAX_ATTEMPTS: usize = 4;
-/// How often a running remote build checks that its worker's lease still holds.
-const LEASE_CHECK: Duration = Duration::from_secs(1);
+/// Runs of a build that may be lost (a peer gone, failed or refusing) before it fails.
+pub const MAX_ATTEMPTS: u32 = 4;
+/// How often a run tells the scheduler it is alive (renewing its worker's lease).
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// How long a worker may take to accept or decline.
-const OFFER_TIMEOUT: Duration = Duration::from_secs(30);
+pub const OFFER_TIMEOUT: Duration = Duration::from_secs(30);
 /// A worker's answer when it has no free slot (the coordinator tries others, then it again).
 const NO_FREE_SLOT: &str = "no free slot";
-/// How long a peer that said it was full is passed over.
-const FULL_BACKOFF: Duration = Duration::from_millis(200);
-/// How often a build waiting for a free slot looks again.
-const QUEUE_POLL: Duration = Duration::from_millis(100);
 /// How long a worker may take to write one frame to the coordinator before it is taken for gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long past a build's own timeout a coordinator waits for its worker's result.
@@ -87,29 +89,105 @@ pub struct Tasks {
     pub slots: Arc<Semaphore>,
     /// Names task folders in `DATA_DIR/tasks/` (this node's own, never a peer's text).
     pub next_folder: AtomicU64,
-    /// When this node placed each build still running on a peer, by peer.
-    pub placed: Mutex<HashMap<String, Vec<Instant>>>,
+    /// Places this node's builds (the scheduler crate's engine).
+    pub coordinator: Coordinator,
+    /// The tasks this node runs now, by offer `task` (its heartbeats list them).
+    pub running: Arc<Mutex<BTreeSet<String>>>,
 }
 
-/// One placement on a peer, counted in [`Tasks::placed`] until it ends.
-struct Placed<'a> {
-    tasks: &'a Tasks,
-    peer: String,
-    at: Instant,
+/// One run the scheduler ordered: which build and attempt, on which peer, under which name.
+struct Attempt_ {
+    build: scheduler::BuildId,
+    attempt: Attempt,
+    peer: SchedulerPeer,
+    /// The peer's id.
+    name: String,
+    /// The offer's `task`.
+    task: String,
 }
 
-impl Drop for Placed<'_> {
-    fn drop(&mut self) {
-        let mut placed = self.tasks.placed.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(starts) = placed.get_mut(&self.peer) {
-            if let Some(index) = starts.iter().position(|at| *at == self.at) {
-                starts.swap_remove(index);
-            }
-            if starts.is_empty() {
-                placed.remove(&self.peer);
-            }
+/// Tells the scheduler how a run goes: accepted, and alive (at most once a second, which
+/// renews the worker's lease as a heartbeat does).
+struct Reporter {
+    coordinator: Coordinator,
+    task: TaskId,
+    attempt: Attempt,
+    peer: SchedulerPeer,
+    last: Option<Instant>,
+}
+
+impl Reporter {
+    async fn accepted(&mut self) {
+        let (task, attempt, peer) = (self.task, self.attempt, self.peer);
+        self.coordinator
+            .report(SchedulerEvent::Started {
+                task,
+                attempt,
+                peer,
+            })
+            .await;
+        self.last = Some(Instant::now());
+    }
+
+    async fn progress(&mut self) {
+        if self.last.is_some_and(|at| at.elapsed() < PROGRESS_EVERY) {
+            return;
+        }
+        self.last = Some(Instant::now());
+        let (task, attempt, peer) = (self.task, self.attempt, self.peer);
+        self.coordinator
+            .report(SchedulerEvent::Progress {
+                task,
+                attempt,
+                peer,
+            })
+            .await;
+    }
+}
+
+/// A task this node runs, listed in its heartbeats while it runs.
+struct Running<'a> {
+    running: &'a Mutex<BTreeSet<String>>,
+    task: String,
+}
+
+impl<'a> Running<'a> {
+    fn new(running: &'a Mutex<BTreeSet<String>>, task: &str) -> Running<'a> {
+        running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(task.to_owned());
+        Running {
+            running,
+            task: task.to_owned(),
         }
     }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.task);
+    }
+}
+
+/// What makes runs of different builds "the same task" for the scheduler's learned durations:
+/// the project, the buildspec and the batch member.
+fn task_key(offer: &TaskOffer) -> u64 {
+    let mut hasher = blake3::Hasher::new();
+    for part in [
+        offer.source_name.as_str(),
+        offer.buildspec.as_str(),
+        offer.batch_member.as_deref().unwrap_or(""),
+    ] {
+        hasher.update(&(part.len() as u64).to_le_bytes());
+        hasher.update(part.as_bytes());
+    }
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&hasher.finalize().as_bytes()[..8]);
+    u64::from_le_bytes(first)
 }
 
 /// Where a build's events go: the submitter's API stream.
@@ -168,141 +246,23 @@ enum Ending {
     Refused(String),
     /// The build cannot end well anywhere (the worker outlived its timeout): stop.
     Failed(String),
-    /// The worker declined or failed before running it: try another.
+    /// The worker declined the offer (not for want of a slot): try another.
     Declined(String),
     /// The worker has no free slot now: try another, or it again in a moment.
     Full,
-    /// The worker was lost while running it: run it again elsewhere.
+    /// The worker could not be reached, or was lost or failed while running it, or sent what
+    /// it should not: run it again elsewhere.
     Lost(String),
     /// The submitter went away: stop.
     Cancelled,
 }
 
 impl Tasks {
-    fn heartbeat_of_me(&self) -> Heartbeat {
-        let view = self.view.lock().unwrap_or_else(|e| e.into_inner());
-        let mut local = view.local().clone();
-        local.slots_free = self.slots.available_permits() as u32;
-        local
-    }
-
-    /// The peers that can run `submission`, best first: labels asked for (the implicit `os`
-    /// and `arch` too), a free slot, the sandbox asked for; then the most free slots, the
-    /// lightest load. `tried` are left out. The reason is for the build's output.
-    fn placements(
-        &self,
-        submission: &Submission,
-        tried: &[String],
-        free_only: bool,
-    ) -> Vec<(Heartbeat, String)> {
-        let heard = self
-            .view
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .placeable();
-        // A heartbeat's free slots do not yet count what this node placed there since it was
-        // sent: take those off, so concurrent builds do not all pick one peer.
-        let placed = self
-            .placed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let mut peers: Vec<Heartbeat> = heard
-            .into_iter()
-            .map(|(mut heartbeat, heard_at)| {
-                let since = placed.get(&heartbeat.peer_id).map_or(0, |starts| {
-                    starts.iter().filter(|at| **at > heard_at).count()
-                });
-                heartbeat.slots_free = heartbeat.slots_free.saturating_sub(since as u32);
-                heartbeat
-            })
-            .collect();
-        peers.push(self.heartbeat_of_me());
-        let mut fitting: Vec<(Heartbeat, String)> = peers
-            .into_iter()
-            .filter(|p| !tried.contains(&p.peer_id))
-            .filter(|p| !free_only || p.slots_free > 0)
-            .filter(|p| {
-                submission.requires.iter().all(|(label, value)| {
-                    p.labels.iter().any(|(l, v)| l == label && v == value)
-                        || (label == "os" && *value == p.os)
-                        || (label == "arch" && *value == p.arch)
-                })
-            })
-            .filter(|p| {
-                submission.build.sandbox.as_ref().is_none_or(|kind| {
-                    p.sandboxes.is_empty() || p.sandboxes.iter().any(|s| s.kind == *kind)
-                })
-            })
-            .map(|p| {
-                let why = format!(
-                    "{} of {} slots free, load {:.2}{}",
-                    p.slots_free,
-                    p.slots_total,
-                    p.load_milli as f64 / 1000.0,
-                    if submission.requires.is_empty() {
-                        String::new()
-                    } else {
-                        let labels: Vec<String> = submission
-                            .requires
-                            .iter()
-                            .map(|(l, v)| format!("{l}={v}"))
-                            .collect();
-                        format!(", has {}", labels.join(", "))
-                    }
-                );
-                (p, why)
-            })
-            .collect();
-        fitting.sort_by(|(a, _), (b, _)| {
-            b.slots_free
-                .cmp(&a.slots_free)
-                .then(a.load_milli.cmp(&b.load_milli))
-                .then(a.peer_id.cmp(&b.peer_id))
-        });
-        fitting
-    }
-
-    /// Why no peer fits, for the build's failure.
-    fn unplaceable(&self, submission: &Submission, tried: &[String]) -> String {
-        let known = self
-            .view
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .placeable()
-            .len()
-            + 1;
-        let labels: Vec<String> = submission
-            .requires
-            .iter()
-            .map(|(l, v)| format!("{l}={v}"))
-            .collect();
-        let mut why = format!("no peer can run this build (of {known} in the pool");
-        if !labels.is_empty() {
-            why.push_str(&format!("; it requires {}", labels.join(", ")));
-        }
-        if let Some(sandbox) = &submission.build.sandbox {
-            why.push_str(&format!("; it asks for the {sandbox} sandbox"));
-        }
-        if !tried.is_empty() {
-            why.push_str(&format!("; tried: {}", tried.join(", ")));
-        }
-        why.push_str("; or every fitting peer is busy)");
-        why
-    }
-
-    /// Coordinates `submission`: places it, runs it, relays its events to `out`, and ends with
-    /// a `build_finished` line. Returns when the build ended or the submitter left.
+    /// Coordinates `submission`: hands it to the scheduler ([`super::coordinator`]), carries
+    /// out its orders (offer the build to a peer, stop a lost run, accept a result), relays the
+    /// build's events to `out`, and ends with a `build_finished` line. Returns when the build
+    /// ended or the submitter left.
     pub async fn submit(self: Arc<Self>, submission: Submission, out: Out) {
-        let task_id = match &submission.build.batch_member {
-            Some(member) => format!("{}/{member}@{}", submission.build.build_id, self.me),
-            None => format!("{}@{}", submission.build.build_id, self.me),
-        };
-        // Peers that declined for good, failed or were lost: never offered this build again.
-        let mut excluded: Vec<String> = Vec::new();
-        let mut lost: Vec<String> = Vec::new();
-        // Peers that just said they were full: passed over for a moment.
-        let mut full: HashMap<String, Instant> = HashMap::new();
         if !self.store.holds(&submission.build.source) {
             let why = format!(
                 "the source tree {} is not in this node's store: the node must run on the data directory `peerbuild run` uses (its --data-dir)",
@@ -313,132 +273,189 @@ impl Tasks {
                 .await;
             return;
         }
-        let mut refusals: Vec<String> = Vec::new();
-        let waiting_since = Instant::now();
-        let queue_limit = Duration::from_secs(submission.build.timeout_secs.max(1));
-        let mut said_waiting = false;
-        let mut attempts = 0;
-        while attempts < MAX_ATTEMPTS {
-            let now = Instant::now();
-            full.retain(|_, until| *until > now);
-            let mut skip = excluded.clone();
-            skip.extend(full.keys().cloned());
-            let Some((peer, why)) = self.placements(&submission, &skip, true).into_iter().next()
-            else {
-                // Every fitting peer is busy: wait for a slot (up to the build's own timeout);
-                // no fitting peer at all: fail at once.
-                let fits = !self.placements(&submission, &excluded, false).is_empty();
-                if !fits || waiting_since.elapsed() > queue_limit {
-                    break;
-                }
-                if !said_waiting {
-                    said_waiting = true;
-                    let said = "every peer that can run the build is busy; waiting for a free slot";
-                    if out.send(note(Level::Info, said.to_owned())).await.is_err() {
-                        return;
+        let (orders_to, mut orders) = mpsc::channel(coordinator::ORDERS);
+        let plan = coordinator::Plan {
+            label: submission.build.build_id.clone(),
+            requires: submission.requires.clone(),
+            sandbox: submission.build.sandbox.clone(),
+            source: submission.build.source,
+            key: task_key(&submission.build),
+            queued_timeout: Duration::from_secs(submission.build.timeout_secs.max(1)),
+        };
+        let build = match self.coordinator.submit(plan, orders_to).await {
+            Ok(build) => build,
+            Err(why) => {
+                let _ = out
+                    .send(fault_result(&submission, Status::Fault, why))
+                    .await;
+                return;
+            }
+        };
+        let submission = Arc::new(submission);
+        // Runs in flight, by attempt (dropping one stops it); their endings come back on
+        // `ended`.
+        let mut runs: HashMap<Attempt, AbortOnDrop> = HashMap::new();
+        let (ended_to, mut ended) = mpsc::channel::<(Attempt, SchedulerPeer, String, Ending)>(8);
+        // Results of finished runs, until the scheduler says which one counts.
+        let mut results: HashMap<Attempt, (String, Box<BuildResult>)> = HashMap::new();
+        let mut lost: Vec<String> = Vec::new();
+        let mut answered = false;
+        loop {
+            tokio::select! {
+                order = orders.recv() => match order {
+                    Some(Order::Offer { attempt, peer, name, why, task }) => {
+                        let run = self.clone().attempt(
+                            submission.clone(),
+                            Attempt_ { build, attempt, peer, name, task },
+                            why,
+                            out.clone(),
+                            ended_to.clone(),
+                        );
+                        runs.insert(attempt, AbortOnDrop(tokio::spawn(run)));
                     }
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(QUEUE_POLL) => continue,
-                    _ = out.closed() => return,
-                }
-            };
-            let here = peer.peer_id == self.me.to_string();
-            let offer = TaskOffer {
-                task: task_id.clone(),
-                ..submission.build.clone()
-            };
-            let ending = if here {
-                self.run_here(&offer, &submission.secrets, &out, &why).await
-            } else {
-                match peer.peer_id.parse::<PeerId>() {
-                    Ok(worker) => {
-                        let at = Instant::now();
-                        self.placed
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .entry(peer.peer_id.clone())
-                            .or_default()
-                            .push(at);
-                        let _placed = Placed {
-                            tasks: &self,
-                            peer: peer.peer_id.clone(),
-                            at,
+                    Some(Order::Cancel { attempt }) => {
+                        runs.remove(&attempt);
+                    }
+                    Some(Order::Note(said)) => {
+                        if out.send(note(Level::Info, said)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Some(Order::Lost { peer, said }) => {
+                        lost.push(peer);
+                        if out.send(note(Level::Warning, said)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Some(Order::Accept { attempt }) => {
+                        let Some((peer, mut result)) = results.remove(&attempt) else {
+                            continue;
                         };
-                        self.run_on(worker, &offer, &submission.secrets, &out, &why)
-                            .await
+                        if peer != self.me.to_string()
+                            && let Ok(worker) = peer.parse()
+                            && let Err(err) = self.fetch_artifacts(worker, &result).await
+                        {
+                            result.status = Status::Fault;
+                            result.message = Some(err);
+                        }
+                        if !lost.is_empty() {
+                            let earlier = format!("ran again after losing {}", lost.join(", "));
+                            result.message = Some(match result.message.take() {
+                                Some(message) => format!("{message} ({earlier})"),
+                                None => earlier,
+                            });
+                        }
+                        answered = true;
+                        let _ = out.send(line(Event::BuildFinished { result })).await;
                     }
-                    Err(err) => Ending::Declined(err.to_string()),
-                }
-            };
-            match ending {
-                Ending::Result(mut result) => {
-                    if !here
-                        && let Ok(worker) = peer.peer_id.parse()
-                        && let Err(err) = self.fetch_artifacts(worker, &result).await
-                    {
-                        result.status = Status::Fault;
-                        result.message = Some(err);
+                    Some(Order::Fail(why)) => {
+                        if !answered {
+                            answered = true;
+                            let _ = out.send(fault_result(&submission, Status::Fault, why)).await;
+                        }
                     }
-                    if !lost.is_empty() {
-                        let earlier = format!("ran again after losing {}", lost.join(", "));
-                        result.message = Some(match result.message.take() {
-                            Some(message) => format!("{message} ({earlier})"),
-                            None => earlier,
-                        });
-                    }
-                    let _ = out.send(line(Event::BuildFinished { result })).await;
-                    return;
-                }
-                Ending::Failed(message) => {
-                    let _ = out
-                        .send(fault_result(&submission, Status::Fault, message))
-                        .await;
-                    return;
-                }
-                Ending::Refused(message) => {
-                    attempts += 1;
-                    excluded.push(peer.peer_id.clone());
-                    refusals.push(format!("peer {}: {message}", peer.peer_id));
-                    let said = format!("peer {} refused the build: {message}", peer.peer_id);
-                    if out.send(note(Level::Warning, said)).await.is_err() {
+                    Some(Order::Done) | None => {
+                        if !answered {
+                            let why = "the node stopped coordinating the build".to_owned();
+                            let _ = out.send(fault_result(&submission, Status::Fault, why)).await;
+                        }
                         return;
                     }
+                },
+                Some((attempt, peer, name, ending)) = ended.recv() => {
+                    runs.remove(&attempt);
+                    let task = TaskId { build, index: 0 };
+                    let event = match ending {
+                        Ending::Result(result) => {
+                            let outcome = match result.status {
+                                Status::Succeeded => TaskOutcome::Succeeded,
+                                // The build could not run there (its sandbox, its disk):
+                                // another peer may do better.
+                                Status::Fault => TaskOutcome::Error {
+                                    message: result.message.clone().unwrap_or_else(|| "the build faulted".to_owned()),
+                                },
+                                _ => TaskOutcome::Failed,
+                            };
+                            results.insert(attempt, (name, result));
+                            SchedulerEvent::Finished { task, attempt, peer, outcome }
+                        }
+                        Ending::Full => SchedulerEvent::OfferDeclined {
+                            task, attempt, peer, reason: DeclineReason::Busy,
+                        },
+                        Ending::Declined(reason) => {
+                            let said = format!("peer {name} did not take the build: {reason}");
+                            if out.send(note(Level::Warning, said)).await.is_err() {
+                                break;
+                            }
+                            SchedulerEvent::OfferDeclined {
+                                task, attempt, peer, reason: DeclineReason::Unsuitable,
+                            }
+                        }
+                        Ending::Refused(message) => {
+                            let said = format!("peer {name} refused the build: {message}");
+                            if out.send(note(Level::Warning, said)).await.is_err() {
+                                break;
+                            }
+                            let message = format!("peer {name} refused it: {message}");
+                            SchedulerEvent::Finished { task, attempt, peer, outcome: TaskOutcome::Error { message } }
+                        }
+                        Ending::Lost(message) => SchedulerEvent::Finished {
+                            task, attempt, peer, outcome: TaskOutcome::Error { message },
+                        },
+                        Ending::Failed(why) => {
+                            let _ = out.send(fault_result(&submission, Status::Fault, why)).await;
+                            break;
+                        }
+                        Ending::Cancelled => break,
+                    };
+                    self.coordinator.report(event).await;
                 }
-                Ending::Full => {
-                    full.insert(peer.peer_id.clone(), Instant::now() + FULL_BACKOFF);
-                }
-                Ending::Declined(reason) => {
-                    attempts += 1;
-                    excluded.push(peer.peer_id.clone());
-                    let said = format!("peer {} did not take the build: {reason}", peer.peer_id);
-                    if out.send(note(Level::Warning, said)).await.is_err() {
-                        return;
-                    }
-                }
-                Ending::Lost(reason) => {
-                    attempts += 1;
-                    excluded.push(peer.peer_id.clone());
-                    warn!(peer = %peer.peer_id, reason = %reason, "worker lost; running the build again elsewhere");
-                    lost.push(peer.peer_id.clone());
-                    let said = format!(
-                        "peer {} was lost while running the build ({reason}); running it again on another peer",
-                        peer.peer_id
-                    );
-                    if out.send(note(Level::Warning, said)).await.is_err() {
-                        return;
-                    }
-                }
-                Ending::Cancelled => return,
+                _ = out.closed() => break,
             }
         }
-        let mut why = self.unplaceable(&submission, &excluded);
-        if !refusals.is_empty() {
-            why = format!("{why}; refused by {}", refusals.join("; "));
-        }
-        let _ = out
-            .send(fault_result(&submission, Status::Fault, why))
+        // The submitter left, or the build cannot go on: stop its runs, free its place.
+        drop(runs);
+        self.coordinator
+            .report(SchedulerEvent::Cancel { build })
             .await;
+    }
+
+    /// One run of a build on the peer the scheduler chose; its ending goes to `ended`.
+    async fn attempt(
+        self: Arc<Self>,
+        submission: Arc<Submission>,
+        run: Attempt_,
+        why: String,
+        out: Out,
+        ended: mpsc::Sender<(Attempt, SchedulerPeer, String, Ending)>,
+    ) {
+        let offer = TaskOffer {
+            task: run.task.clone(),
+            ..submission.build.clone()
+        };
+        let reporter = Reporter {
+            coordinator: self.coordinator.clone(),
+            task: TaskId {
+                build: run.build,
+                index: 0,
+            },
+            attempt: run.attempt,
+            peer: run.peer,
+            last: None,
+        };
+        let ending = if run.name == self.me.to_string() {
+            self.run_here(&offer, &submission.secrets, &out, &why, reporter)
+                .await
+        } else {
+            match run.name.parse::<PeerId>() {
+                Ok(worker) => {
+                    self.run_on(worker, &offer, &submission.secrets, &out, &why, reporter)
+                        .await
+                }
+                Err(err) => Ending::Lost(err.to_string()),
+            }
+        };
+        let _ = ended.send((run.attempt, run.peer, run.name, ending)).await;
     }
 
     /// Tells the submitter where the build runs (once it was accepted there).
@@ -458,10 +475,13 @@ impl Tasks {
         secrets: &[(String, String)],
         out: &Out,
         why: &str,
+        mut reporter: Reporter,
     ) -> Ending {
         let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
             return Ending::Full;
         };
+        let _running = Running::new(&self.running, &offer.task);
+        reporter.accepted().await;
         if !self.say_where(&self.me.to_string(), why, out).await {
             return Ending::Cancelled;
         }
@@ -476,6 +496,7 @@ impl Tasks {
                 ending = &mut run, if ended.is_none() => ended = Some(ending),
                 reply = received.recv() => match reply {
                     Some(TaskReply::Event { json }) if !gone => {
+                        reporter.progress().await;
                         let sent = match relay(&json) {
                             Ok(line) => out.send(line).await.is_ok(),
                             Err(_) => true,
@@ -500,8 +521,8 @@ impl Tasks {
         match ended {
             Some(TaskReply::Finished { result, .. }) => parse_result(&result, self.me),
             Some(TaskReply::Refused { message }) => Ending::Refused(message),
-            Some(TaskReply::Fault { message }) => Ending::Declined(message),
-            _ => Ending::Declined("the build ended without a result".to_owned()),
+            Some(TaskReply::Fault { message }) => Ending::Lost(message),
+            _ => Ending::Lost("the build ended without a result".to_owned()),
         }
     }
 
@@ -513,6 +534,7 @@ impl Tasks {
         secrets: &[(String, String)],
         out: &Out,
         why: &str,
+        mut reporter: Reporter,
     ) -> Ending {
         let body = match task::encode_offer(offer) {
             Ok(body) => body,
@@ -525,32 +547,40 @@ impl Tasks {
             Err(err) => return Ending::Failed(format!("the secrets cannot be sent: {err}")),
         };
         let mut control = self.control.clone();
+        // Unreachable or mute, the peer is as good as lost for this run; a decline is its
+        // answer.
         let opened = tokio::time::timeout(OFFER_TIMEOUT, async {
             let mut stream = control
                 .open_stream(worker, protocol())
                 .await
-                .map_err(|e| format!("cannot open a stream: {e}"))?;
+                .map_err(|e| Ending::Lost(format!("cannot open a stream: {e}")))?;
             write_frame(&mut stream, &body)
                 .await
-                .map_err(|e| e.to_string())?;
-            match read_reply(&mut stream).await? {
+                .map_err(|e| Ending::Lost(e.to_string()))?;
+            match read_reply(&mut stream).await.map_err(Ending::Lost)? {
                 TaskReply::Accepted => {}
-                TaskReply::Declined { reason } => return Err(reason),
-                other => return Err(format!("answered {} to an offer", reply_name(&other))),
+                TaskReply::Declined { reason } if reason == NO_FREE_SLOT => {
+                    return Err(Ending::Full);
+                }
+                TaskReply::Declined { reason } => return Err(Ending::Declined(reason)),
+                other => {
+                    let answer = format!("it answered {} to an offer", reply_name(&other));
+                    return Err(Ending::Lost(answer));
+                }
             }
             // Only the peer that took the build gets its secrets.
             write_frame(&mut stream, &secrets)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| Ending::Lost(e.to_string()))?;
             Ok(stream)
         })
         .await;
         let stream = match opened {
             Ok(Ok(stream)) => stream,
-            Ok(Err(reason)) if reason == NO_FREE_SLOT => return Ending::Full,
-            Ok(Err(reason)) => return Ending::Declined(reason),
-            Err(_) => return Ending::Declined("it did not answer the offer in time".to_owned()),
+            Ok(Err(ending)) => return ending,
+            Err(_) => return Ending::Lost("it did not answer the offer in time".to_owned()),
         };
+        reporter.accepted().await;
         let (reader, mut writer) = stream.split();
         if !self.say_where(&worker.to_string(), why, out).await {
             let _ = writer.close().await;
@@ -561,20 +591,11 @@ impl Tasks {
         let (frames, mut replies) = mpsc::channel(64);
         let reading = tokio::spawn(read_replies(reader, frames));
         let _reading = AbortOnDrop(reading);
-        let mut lease = tokio::time::interval(LEASE_CHECK);
         let deadline = tokio::time::sleep(Duration::from_secs(offer.timeout_secs) + RESULT_GRACE);
         tokio::pin!(deadline);
-        let worker_id = worker.to_string();
         loop {
             let reply = tokio::select! {
                 reply = replies.recv() => reply.unwrap_or_else(|| Err("the stream ended".to_owned())),
-                _ = lease.tick() => {
-                    let alive = self.view.lock().unwrap_or_else(|e| e.into_inner()).is_alive(&worker_id);
-                    if !alive {
-                        return Ending::Lost("its lease ran out".to_owned());
-                    }
-                    continue;
-                }
                 _ = &mut deadline => {
                     let _ = writer.close().await;
                     return Ending::Failed(format!(
@@ -590,6 +611,7 @@ impl Tasks {
             match reply {
                 Ok(TaskReply::Event { json }) => match relay(&json) {
                     Ok(line) => {
+                        reporter.progress().await;
                         if out.send(line).await.is_err() {
                             let _ = writer.close().await;
                             return Ending::Cancelled;
@@ -611,7 +633,7 @@ impl Tasks {
                     };
                 }
                 Ok(TaskReply::Refused { message }) => return Ending::Refused(message),
-                Ok(TaskReply::Fault { message }) => return Ending::Declined(message),
+                Ok(TaskReply::Fault { message }) => return Ending::Lost(message),
                 Ok(other) => {
                     return Ending::Lost(format!("it answered {} mid-build", reply_name(&other)));
                 }
@@ -648,6 +670,43 @@ impl Tasks {
     /// ended (`Finished`, `Refused` or `Fault`). `coordinator` is where the source comes from
     /// (`None`: it is in this store already). `cancel` turning true stops the build.
     async fn run_task(
+        &self,
+        offer: &TaskOffer,
+        secrets: &[(String, String)],
+        coordinator: Option<PeerId>,
+        replies: mpsc::Sender<TaskReply>,
+        cancel: watch::Receiver<bool>,
+    ) -> TaskReply {
+        self.announce(offer, TaskState::Running);
+        let reply = self
+            .execute(offer, secrets, coordinator, replies, cancel)
+            .await;
+        let state = match &reply {
+            TaskReply::Finished { result, .. } => TaskState::Finished {
+                status: serde_json::from_str::<serde_json::Value>(result)
+                    .ok()
+                    .and_then(|r| r["status"].as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+                result: *blake3::hash(result.as_bytes()).as_bytes(),
+            },
+            _ => TaskState::Ended,
+        };
+        self.announce(offer, state);
+        reply
+    }
+
+    /// Tells the pool (gossip on the events topic) where a run stands. Best effort: a full
+    /// command queue drops the announcement, never the run.
+    fn announce(&self, offer: &TaskOffer, state: TaskState) {
+        let _ = self.cache.commands.try_send(SwarmCommand::TaskState {
+            task: offer.task.clone(),
+            build_id: offer.build_id.clone(),
+            state,
+        });
+    }
+
+    /// [`Tasks::run_task`]'s work.
+    async fn execute(
         &self,
         offer: &TaskOffer,
         secrets: &[(String, String)],
@@ -1110,6 +1169,7 @@ impl Tasks {
             let reason = NO_FREE_SLOT.to_owned();
             return write_reply(&mut writer, &TaskReply::Declined { reason }).await;
         };
+        let _running = Running::new(&self.running, &offer.task);
         write_reply(&mut writer, &TaskReply::Accepted).await?;
         let frame = tokio::time::timeout(
             OFFER_TIMEOUT,

@@ -69,6 +69,18 @@ pub enum PoolEvent {
         /// `leaving` (it said so), `lease_expired` (silent too long).
         reason: String,
     },
+    /// A peer took a run of a build (`running`), finished it (`finished`, with the result's
+    /// status and the BLAKE3 of its JSON), or ended it without a result (`ended`).
+    TaskState {
+        peer_id: String,
+        task: String,
+        build_id: String,
+        state: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        status: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        result: Option<String>,
+    },
 }
 
 #[derive(Debug, Default)]

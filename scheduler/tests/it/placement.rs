@@ -109,7 +109,7 @@ fn sandbox_kind_guarantees_and_network_are_hard_constraints() {
         vec![peer(1).capabilities(weak), peer(2).capabilities(offline)],
         vec![
             task().requires(|r| r.guarantees = Guarantees::MEMORY.union(Guarantees::TIME)),
-            task().requires(|r| r.sandbox = SandboxKind::Wasm),
+            task().requires(|r| r.sandbox = Some(SandboxKind::Wasm)),
             task().requires(|r| r.network = false),
         ],
         expect![[r#"
@@ -117,6 +117,30 @@ fn sandbox_kind_guarantees_and_network_are_hard_constraints() {
               fail B1.0: no peer of 2 can run it; closest: P1 lacks enforced memory limits in the namespace sandbox; P2 lacks network access
               fail B1.1: no peer of 2 can run it; closest: P1 lacks sandbox wasm
               offer B1.2 #1: placed on P1: no inputs, 4/4 slots free, load 0% (best of 2)"#]],
+    );
+}
+
+#[test]
+fn a_task_that_names_no_sandbox_needs_a_peer_that_offers_one() {
+    let mut none = linux();
+    none.sandboxes.clear();
+    check(
+        vec![
+            peer(1).capabilities(none.clone()),
+            peer(2).capabilities(none),
+        ],
+        vec![task().requires(|r| r.sandbox = None)],
+        expect![[r#"
+            0ms submit B1 by S1 (1 tasks)
+              fail B1.0: no peer of 2 can run it; closest: P1, P2 lack any sandbox
+              build B1 failed (B1.0)"#]],
+    );
+    check(
+        vec![peer(1)],
+        vec![task().requires(|r| r.sandbox = None)],
+        expect![[r#"
+            0ms submit B1 by S1 (1 tasks)
+              offer B1.0 #1: placed on P1: no inputs, 4/4 slots free, load 0% (best of 1)"#]],
     );
 }
 

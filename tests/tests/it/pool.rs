@@ -2,14 +2,13 @@
 //! bootstrap addresses, the DHT and gossip, keep strangers out (pool keys, allow-lists), and stop
 //! cleanly; `peerbuild status` and `peerbuild pool init` against them.
 
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use tests::TempDir;
 use tests::cluster::{Cluster, Lan, NodeOptions, wait_until};
+use tests::{TempDir, http_get};
 
 fn deadline(seconds: u64) -> Instant {
     Instant::now() + Duration::from_secs(seconds)
@@ -403,37 +402,6 @@ fn a_node_stops_cleanly_keeps_its_identity_and_guards_its_files() {
         stderr.contains("identity key") && stderr.contains("chmod 600"),
         "{stderr}"
     );
-}
-
-/// Sends one HTTP/1.1 GET over `stream` and reads until `done` holds for what arrived (or 30 s).
-fn http_get(
-    mut stream: impl Read + Write,
-    path: &str,
-    headers: &str,
-    mut done: impl FnMut(&str) -> bool,
-) -> String {
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{headers}\r\n"
-    )
-    .expect("send");
-    let deadline = deadline(30);
-    let mut received = Vec::new();
-    let mut buffer = [0u8; 4096];
-    while !done(&String::from_utf8_lossy(&received)) {
-        assert!(
-            Instant::now() < deadline,
-            "no answer: {}",
-            String::from_utf8_lossy(&received)
-        );
-        match stream.read(&mut buffer) {
-            Ok(0) => break,
-            Ok(n) => received.extend_from_slice(&buffer[..n]),
-            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(err) => panic!("read: {err}"),
-        }
-    }
-    String::from_utf8_lossy(&received).into_owned()
 }
 
 #[test]

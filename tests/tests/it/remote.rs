@@ -5,10 +5,11 @@
 //! run again on another peer; a build no peer can run fails at once, saying why.
 
 use std::io::Read;
+use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use tests::Project;
 use tests::cluster::{Cluster, NodeOptions, wait_until};
+use tests::{Project, http_get};
 
 const BUILDSPEC: &str = r#"version: 0.2
 env:
@@ -110,6 +111,24 @@ fn a_build_runs_on_the_peer_with_the_label_and_its_artifacts_come_back() {
     let remote_out = project.root().join("remote-artifacts");
     let secrets = secrets_file(&project, "/ci/token=s3cr3t-value\n/unused=never-sent\n");
     let secrets = secrets.as_str();
+    // A bystander (node 2) hears how the run goes from the worker's gossip.
+    let events = UnixStream::connect(cluster.node(2).data_dir().join("api.sock")).expect("api");
+    events
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .expect("timeout");
+    let worker = cluster.node(1).peer_id.clone();
+    let announced = {
+        let worker = worker.clone();
+        std::thread::spawn(move || {
+            http_get(events, "/v1/events", "", |text| {
+                text.lines().any(|line| {
+                    line.contains("\"event\":\"task_state\"")
+                        && line.contains("\"state\":\"finished\"")
+                        && line.contains(&worker)
+                })
+            })
+        })
+    };
     let remote = cluster.run_on(
         0,
         &project,
@@ -122,7 +141,6 @@ fn a_build_runs_on_the_peer_with_the_label_and_its_artifacts_come_back() {
             remote_out.to_str().expect("utf-8"),
         ],
     );
-    let worker = cluster.node(1).peer_id.clone();
     assert_eq!(
         remote.code,
         0,
@@ -157,6 +175,21 @@ fn a_build_runs_on_the_peer_with_the_label_and_its_artifacts_come_back() {
             "the worker keeps a secret in {path}"
         );
     }
+
+    let build_id = remote.result()["build_id"].as_str().expect("id").to_owned();
+    let announced = announced.join().expect("the event stream");
+    let finished = announced
+        .lines()
+        .find(|line| line.contains("\"state\":\"finished\""))
+        .expect("a finished run");
+    assert!(
+        finished.contains("\"status\":\"SUCCEEDED\"") && finished.contains(&build_id),
+        "the worker announced how the run ended: {finished}"
+    );
+    assert!(
+        announced.contains("\"state\":\"running\""),
+        "the worker announced it took the run: {announced}"
+    );
 
     // The same build on an embedded pool gives the same artifacts, byte for byte and mode.
     let local_out = project.root().join("local-artifacts");

@@ -1,0 +1,793 @@
+//! The coordinator: the scheduler crate's placement engine ([`scheduler::Scheduler`]), driven by
+//! this node. One task owns the engine; it feeds it the pool as the swarm sees it (every new
+//! heartbeat, this node's own state, peers that left), the submissions of [`super::tasks`], and
+//! what their runs report (accepted, declined, progress, finished), plus a tick for leases,
+//! offer timeouts and queued timeouts. It carries the engine's actions to the build they concern
+//! as [`Order`]s: the build's own task does the I/O (offers, relaying, artifacts) and reports
+//! back. So every placement decision (labels, sandbox, free slots, inputs held, load, learned
+//! durations, fair shares, retries elsewhere, quarantine) is the scheduler crate's, tested and
+//! simulated there, and the node only translates.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use protocol::Digest;
+use protocol::wire::{Enforcement, Heartbeat as WireHeartbeat};
+use scheduler::{
+    Action, Attempt, BuildId, BuildOutcome, BuildSpec, Capabilities, Config, Event, Explanation,
+    FailReason, Guarantees, Heartbeat, Input, InputId, LossReason, Millis, PeerId, Requirements,
+    SandboxKind, Scheduler, SubmitterId, TaskId, TaskKey, TaskSpec, TaskStatus, Unsatisfiable,
+};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use super::view::PoolView;
+
+/// How often the engine is told time passed and the pool view is read for news.
+const TICK: Duration = Duration::from_millis(200);
+/// Submissions and reports waiting for the engine.
+const INBOX: usize = 1024;
+/// Orders waiting for one build's task (a build gets a handful in its life).
+pub const ORDERS: usize = 64;
+/// The submitter every build of this node's API has: its owner (the API is theirs alone).
+const OWNER: SubmitterId = SubmitterId(1);
+
+/// What the engine tells a build's task to do.
+#[derive(Debug)]
+pub enum Order {
+    /// Offer the build to `name` (this node's own peer id for a run here). `why` is the
+    /// placement's explanation, for the user.
+    Offer {
+        attempt: Attempt,
+        peer: PeerId,
+        name: String,
+        why: String,
+        /// The offer's `task`: unique per coordinator process, short enough for heartbeats'
+        /// lists of what a peer runs.
+        task: String,
+    },
+    /// Stop this run (its peer was lost, or its lease ran out): its result no longer counts.
+    Cancel { attempt: Attempt },
+    /// Something the user should read (why the build waits).
+    Note(String),
+    /// A run was lost (`peer` gone, silent, failed or refusing) and the build is placed again.
+    Lost { peer: String, said: String },
+    /// This run's result is the build's result.
+    Accept { attempt: Attempt },
+    /// The build cannot run to a result: why.
+    Fail(String),
+    /// The engine is done with the build.
+    Done,
+}
+
+/// What a submission needs from a peer, and what it carries.
+pub struct Plan {
+    /// The build's id, for the node's log.
+    pub label: String,
+    /// `--require LABEL=VALUE`; `os` and `arch` name the platform.
+    pub requires: Vec<(String, String)>,
+    /// The sandbox asked for (`None`: whichever the worker's owner runs builds in).
+    pub sandbox: Option<String>,
+    pub source: Digest,
+    /// What makes runs of this build comparable across builds (durations are learned by it).
+    pub key: u64,
+    pub queued_timeout: Duration,
+}
+
+enum Inbox {
+    Submit {
+        plan: Plan,
+        orders: mpsc::Sender<Order>,
+        accepted: oneshot::Sender<BuildId>,
+    },
+    Event(Event),
+}
+
+/// The handle builds use to reach the engine.
+#[derive(Clone)]
+pub struct Coordinator {
+    inbox: mpsc::Sender<Inbox>,
+}
+
+/// What the engine reads of this node.
+pub struct Local {
+    pub me: String,
+    pub view: Arc<Mutex<PoolView>>,
+    pub slots: Arc<Semaphore>,
+    /// The tasks this node runs now (for any coordinator), by offer `task`.
+    pub running: Arc<Mutex<BTreeSet<String>>>,
+    /// Where the engine leaves how many tasks wait in its queue (heartbeats carry it).
+    pub queued: Arc<AtomicU32>,
+    pub lease: Duration,
+}
+
+impl Coordinator {
+    /// Starts the engine's task.
+    pub fn start(local: Local) -> Coordinator {
+        let (inbox, received) = mpsc::channel(INBOX);
+        tokio::spawn(Engine::new(local).run(received));
+        Coordinator { inbox }
+    }
+
+    /// Hands a build to the engine; its orders arrive on `orders`.
+    pub async fn submit(&self, plan: Plan, orders: mpsc::Sender<Order>) -> Result<BuildId, String> {
+        let (accepted, answer) = oneshot::channel();
+        let submit = Inbox::Submit {
+            plan,
+            orders,
+            accepted,
+        };
+        if self.inbox.send(submit).await.is_err() {
+            return Err("the node is stopping".to_owned());
+        }
+        answer.await.map_err(|_| "the node is stopping".to_owned())
+    }
+
+    /// Reports what happened to a run (or a cancel).
+    pub async fn report(&self, event: Event) {
+        let _ = self.inbox.send(Inbox::Event(event)).await;
+    }
+}
+
+/// The scheduler's peer numbers and the peer ids they stand for.
+#[derive(Default)]
+struct Names {
+    numbers: HashMap<String, PeerId>,
+    names: HashMap<PeerId, String>,
+}
+
+impl Names {
+    fn number(&mut self, name: &str) -> PeerId {
+        if let Some(number) = self.numbers.get(name) {
+            return *number;
+        }
+        let number = PeerId(self.numbers.len() as u64 + 1);
+        self.numbers.insert(name.to_owned(), number);
+        self.names.insert(number, name.to_owned());
+        number
+    }
+
+    fn name(&self, number: PeerId) -> String {
+        self.names
+            .get(&number)
+            .cloned()
+            .unwrap_or_else(|| number.to_string())
+    }
+}
+
+struct Engine {
+    local: Local,
+    scheduler: Scheduler,
+    started: Instant,
+    /// Names this process's runs apart from an earlier one's (a restarted node numbers its
+    /// builds from one again).
+    incarnation: u64,
+    names: Names,
+    me: PeerId,
+    builds: HashMap<BuildId, mpsc::Sender<Order>>,
+    next_build: u64,
+    /// When the last heartbeat of each remote peer that was fed to the engine arrived.
+    fed: HashMap<String, Instant>,
+    /// Offer `task` names of live runs, to read peers' lists of what they run.
+    runs: HashMap<String, (TaskId, Attempt)>,
+    /// Each build's run names' prefix.
+    prefixes: HashMap<BuildId, String>,
+}
+
+impl Engine {
+    fn new(local: Local) -> Engine {
+        let mut names = Names::default();
+        let me = names.number(&local.me);
+        let config = Config {
+            lease_ms: local.lease.as_millis() as u64,
+            offer_timeout_ms: super::tasks::OFFER_TIMEOUT.as_millis() as u64,
+            max_attempts: super::tasks::MAX_ATTEMPTS,
+            // A build may deploy or publish: never run a second copy of one on a hunch.
+            straggler_percent: None,
+            local_peer: Some(me),
+            ..Config::default()
+        };
+        let incarnation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Engine {
+            local,
+            scheduler: Scheduler::new(config),
+            started: Instant::now(),
+            incarnation,
+            names,
+            me,
+            builds: HashMap::new(),
+            next_build: 1,
+            fed: HashMap::new(),
+            runs: HashMap::new(),
+            prefixes: HashMap::new(),
+        }
+    }
+
+    fn now(&self) -> Millis {
+        Millis(self.started.elapsed().as_millis() as u64)
+    }
+
+    async fn run(mut self, mut inbox: mpsc::Receiver<Inbox>) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.read_pool();
+        loop {
+            tokio::select! {
+                input = inbox.recv() => match input {
+                    Some(Inbox::Submit { plan, orders, accepted }) => {
+                        let _ = accepted.send(self.submit(plan, orders));
+                    }
+                    Some(Inbox::Event(event)) => self.step(event),
+                    None => return,
+                },
+                _ = tick.tick() => {
+                    self.read_pool();
+                    self.step(Event::Tick);
+                }
+            }
+        }
+    }
+
+    fn submit(&mut self, plan: Plan, orders: mpsc::Sender<Order>) -> BuildId {
+        let build = BuildId(self.next_build);
+        self.next_build += 1;
+        let prefix = format!("{}/{}/{}", self.local.me, self.incarnation, build.0);
+        self.builds.insert(build, orders);
+        self.prefixes.insert(build, prefix);
+        let spec = BuildSpec {
+            build,
+            submitter: OWNER,
+            tasks: vec![TaskSpec {
+                key: TaskKey(plan.key),
+                requirements: requirements(&plan),
+                inputs: vec![Input {
+                    id: input_id(&plan.source),
+                    size_bytes: plan.source.size(),
+                }],
+                depends_on: Vec::new(),
+                ignore_failure: false,
+            }],
+            queued_timeout_ms: plan.queued_timeout.as_millis() as u64,
+        };
+        debug!(build = %build, label = %plan.label, "build submitted to the scheduler");
+        self.step(Event::Submit(spec));
+        let task = TaskId { build, index: 0 };
+        if let Some(TaskStatus::Queued { .. }) = self.scheduler.status(self.now(), task) {
+            let why = self.queued(task);
+            self.order(build, Order::Note(why));
+        }
+        build
+    }
+
+    /// Why a task waits, in peer ids.
+    fn queued(&self, task: TaskId) -> String {
+        match self.scheduler.status(self.now(), task) {
+            Some(TaskStatus::Queued {
+                qualified,
+                quarantined,
+                free_slots,
+                avoided,
+                ..
+            }) => {
+                let mut why = format!("waiting for a free slot: {qualified} peers can run it");
+                if quarantined > 0 {
+                    why.push_str(&format!(" ({quarantined} quarantined)"));
+                }
+                if free_slots == 0 {
+                    why.push_str(", and every one is busy");
+                } else if !avoided.is_empty() {
+                    let avoided: Vec<String> =
+                        avoided.iter().map(|p| self.names.name(*p)).collect();
+                    why.push_str(&format!(", other than {}", avoided.join(", ")));
+                }
+                why
+            }
+            _ => "waiting for a free slot".to_owned(),
+        }
+    }
+
+    /// Feeds the engine what changed in the pool: this node's own state, every heartbeat heard
+    /// since the last look, and peers that are gone.
+    fn read_pool(&mut self) {
+        let (local, heard) = {
+            let view = self.local.view.lock().unwrap_or_else(|e| e.into_inner());
+            (view.local().clone(), view.placeable())
+        };
+        let mut local = local;
+        local.slots_free = (self.local.slots.available_permits() as u32).min(local.slots_total);
+        local.running = self
+            .local
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        let queued = self.scheduler.stats().queued_tasks as u32;
+        self.local.queued.store(queued, Ordering::Relaxed);
+        local.queue_length = queued;
+        let heartbeat = self.heartbeat(&local, self.me);
+        self.step(Event::Heartbeat(heartbeat));
+        let mut present = BTreeSet::new();
+        for (heartbeat, heard_at) in heard {
+            if heartbeat.peer_id == self.local.me {
+                continue;
+            }
+            present.insert(heartbeat.peer_id.clone());
+            if self.fed.get(&heartbeat.peer_id) == Some(&heard_at) {
+                continue;
+            }
+            self.fed.insert(heartbeat.peer_id.clone(), heard_at);
+            let peer = self.names.number(&heartbeat.peer_id);
+            let heartbeat = self.heartbeat(&heartbeat, peer);
+            self.step(Event::Heartbeat(heartbeat));
+        }
+        let gone: Vec<String> = self
+            .fed
+            .keys()
+            .filter(|name| !present.contains(*name))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.fed.remove(&name);
+            let peer = self.names.number(&name);
+            info!(peer = %name, "peer gone: its runs are placed again");
+            self.step(Event::PeerGone { peer });
+        }
+    }
+
+    fn heartbeat(&self, wire: &WireHeartbeat, peer: PeerId) -> Heartbeat {
+        Heartbeat {
+            peer,
+            capabilities: Arc::new(capabilities(wire)),
+            total_slots: wire.slots_total,
+            free_slots: wire.slots_free.min(wire.slots_total),
+            load_permille: wire.load_milli.min(1000),
+            holds: Vec::new(),
+            running: wire
+                .running
+                .iter()
+                .filter_map(|task| self.runs.get(task).copied())
+                .collect(),
+            queued_tasks: wire.queue_length,
+        }
+    }
+
+    fn step(&mut self, event: Event) {
+        let now = self.now();
+        let actions = self.scheduler.step(now, event);
+        for action in actions {
+            self.carry_out(action);
+        }
+    }
+
+    fn order(&mut self, build: BuildId, order: Order) {
+        let Some(orders) = self.builds.get(&build) else {
+            return;
+        };
+        if orders.try_send(order).is_err() {
+            // The build's task is gone (its submitter left) or not reading: it is cancelled.
+            warn!(build = %build, "a build's task stopped taking orders; cancelling it");
+            self.builds.remove(&build);
+            let now = self.now();
+            for action in self.scheduler.step(now, Event::Cancel { build }) {
+                self.carry_out(action);
+            }
+        }
+    }
+
+    fn run_name(&self, task: TaskId, attempt: Attempt) -> Option<String> {
+        let prefix = self.prefixes.get(&task.build)?;
+        Some(format!("{prefix}#{}", attempt.0))
+    }
+
+    fn carry_out(&mut self, action: Action) {
+        debug!(%action, "scheduler");
+        match action {
+            Action::Offer {
+                task,
+                attempt,
+                peer,
+                explanation,
+            } => {
+                let Some(run) = self.run_name(task, attempt) else {
+                    return;
+                };
+                self.runs.insert(run.clone(), (task, attempt));
+                let name = self.names.name(peer);
+                let why = explain(&explanation);
+                self.order(
+                    task.build,
+                    Order::Offer {
+                        attempt,
+                        peer,
+                        name,
+                        why,
+                        task: run,
+                    },
+                );
+            }
+            Action::Cancel { task, attempt, .. } => {
+                self.forget_run(task, attempt);
+                self.order(task.build, Order::Cancel { attempt });
+            }
+            Action::Rerun {
+                task,
+                lost,
+                peer,
+                reason,
+            } => {
+                self.forget_run(task, lost);
+                let name = self.names.name(peer);
+                warn!(peer = %name, reason = %reason, "run lost; placing the build again");
+                let said = format!(
+                    "peer {name} was lost while running the build ({}); running it again on another peer",
+                    loss(&reason)
+                );
+                self.order(task.build, Order::Lost { peer: name, said });
+            }
+            Action::Accept { task, attempt, .. } => {
+                self.forget_run(task, attempt);
+                self.order(task.build, Order::Accept { attempt });
+            }
+            Action::Fail { task, reason } => {
+                let why = self.failure(&reason);
+                self.order(task.build, Order::Fail(why));
+            }
+            Action::Quarantine {
+                peer,
+                until,
+                strikes,
+            } => {
+                let minutes = until.since(self.now()) / 60_000;
+                warn!(peer = %self.names.name(peer), strikes, minutes, "peer quarantined: its runs failed where others succeeded, or it refused work it offered");
+            }
+            Action::BuildFinished { build, outcome } => {
+                if let BuildOutcome::Rejected(reason) = &outcome {
+                    self.order(build, Order::Fail(format!("the node refused it: {reason}")));
+                }
+                self.order(build, Order::Done);
+                self.builds.remove(&build);
+                self.prefixes.remove(&build);
+                self.runs.retain(|_, (task, _)| task.build != build);
+            }
+        }
+    }
+
+    fn forget_run(&mut self, task: TaskId, attempt: Attempt) {
+        self.runs.retain(|_, run| *run != (task, attempt));
+    }
+
+    /// A failure as the user reads it, peers by their ids.
+    fn failure(&self, reason: &FailReason) -> String {
+        match reason {
+            FailReason::Unsatisfiable(why) => self.unsatisfiable(why),
+            FailReason::RetriesExhausted { attempts, last } => {
+                format!(
+                    "the build was lost {attempts} times; the last time {}",
+                    loss(last)
+                )
+            }
+            other => other.to_string(),
+        }
+    }
+
+    fn unsatisfiable(&self, why: &Unsatisfiable) -> String {
+        let mut text = format!(
+            "no peer can run this build (of {} in the pool)",
+            why.pool_size
+        );
+        for (index, miss) in why.closest.iter().enumerate() {
+            text.push_str(if index == 0 { "; closest: " } else { "; " });
+            let peers: Vec<String> = miss.peers.iter().map(|p| self.names.name(*p)).collect();
+            text.push_str(&peers.join(", "));
+            let more = (miss.peer_count as usize).saturating_sub(miss.peers.len());
+            if more > 0 {
+                text.push_str(&format!(" and {more} more"));
+            }
+            let unmet: Vec<String> = miss.unmet.iter().map(|u| u.to_string()).collect();
+            let verb = if miss.peer_count == 1 {
+                "lacks"
+            } else {
+                "lack"
+            };
+            text.push_str(&format!(" {verb} {}", unmet.join(", ")));
+        }
+        text
+    }
+}
+
+/// Why a run was lost, as the user reads it.
+fn loss(reason: &LossReason) -> String {
+    match reason {
+        LossReason::Error { message } => message.clone(),
+        LossReason::LeaseExpired { silent_ms } => {
+            format!("its lease ran out: silent for {} ms", silent_ms)
+        }
+        other => other.to_string(),
+    }
+}
+
+/// The placement's reasons, without the scheduler's peer number (the user reads peer ids).
+fn explain(explanation: &Explanation) -> String {
+    let mut why = format!(
+        "{} of {} slots free, load {:.2}",
+        explanation.free_slots,
+        explanation.total_slots,
+        f64::from(explanation.load_permille) / 1000.0
+    );
+    if let Some(held) = explanation.held_permille
+        && held > 0
+    {
+        why.push_str(&format!(", holds {}% of the source", held / 10));
+    }
+    if let Some(expected) = explanation.expected_ms {
+        why.push_str(&format!(", expected {:.1} s", expected as f64 / 1000.0));
+    }
+    why.push_str(&format!(", best of {}", explanation.candidates));
+    why
+}
+
+/// A submission's hard constraints. `os` and `arch` among `--require` name the platform; the
+/// rest are labels. Network is the worker owner's to refuse (its `peerbuild run` says so).
+fn requirements(plan: &Plan) -> Requirements {
+    let mut requirements = Requirements {
+        sandbox: plan.sandbox.as_deref().and_then(SandboxKind::from_name),
+        network: false,
+        ..Requirements::default()
+    };
+    for (label, value) in &plan.requires {
+        match label.as_str() {
+            "os" => requirements.os = Some(value.clone()),
+            "arch" => requirements.arch = Some(value.clone()),
+            _ => {
+                requirements.labels.insert(label.clone(), value.clone());
+            }
+        }
+    }
+    requirements
+}
+
+/// What a heartbeat says a peer offers.
+fn capabilities(heartbeat: &WireHeartbeat) -> Capabilities {
+    // A node lists its sandboxes once its probes ran: until then it may run any, as far as
+    // anyone knows (its `peerbuild run` refuses what its owner does not allow).
+    if heartbeat.sandboxes.is_empty() {
+        let kinds = [
+            SandboxKind::Namespace,
+            SandboxKind::Docker,
+            SandboxKind::Wasm,
+            SandboxKind::Host,
+        ];
+        return Capabilities {
+            sandboxes: kinds.map(|kind| (kind, Guarantees::NONE)).into(),
+            ..capabilities_but_sandboxes(heartbeat)
+        };
+    }
+    let sandboxes = heartbeat
+        .sandboxes
+        .iter()
+        .filter_map(|sandbox| {
+            let kind = SandboxKind::from_name(&sandbox.kind)?;
+            let g = &sandbox.guarantees;
+            let mut guarantees = Guarantees::NONE;
+            for (enforcement, bit) in [
+                (g.process_tree_kill, Guarantees::TIME),
+                (g.memory, Guarantees::MEMORY),
+                (g.process_count, Guarantees::PROCESSES),
+            ] {
+                if enforcement == Enforcement::Enforced {
+                    guarantees = guarantees.union(bit);
+                }
+            }
+            Some((kind, guarantees))
+        })
+        .collect();
+    Capabilities {
+        sandboxes,
+        ..capabilities_but_sandboxes(heartbeat)
+    }
+}
+
+fn capabilities_but_sandboxes(heartbeat: &WireHeartbeat) -> Capabilities {
+    let mut runtimes: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for runtime in &heartbeat.runtimes {
+        runtimes
+            .entry(runtime.name.clone())
+            .or_default()
+            .insert(runtime.version.clone());
+    }
+    Capabilities {
+        os: heartbeat.os.clone(),
+        arch: heartbeat.arch.clone(),
+        labels: heartbeat.labels.iter().cloned().collect(),
+        runtimes,
+        sandboxes: BTreeMap::new(),
+        network: true,
+    }
+}
+
+fn input_id(digest: &Digest) -> InputId {
+    let hash = digest.hash();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&hash[..8]);
+    InputId(u64::from_le_bytes(first))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::wire::{Guarantees as WireGuarantees, Sandbox};
+
+    fn wire(peer: &str, labels: &[(&str, &str)]) -> WireHeartbeat {
+        let all = WireGuarantees {
+            filesystem: Enforcement::Enforced,
+            network: Enforcement::Enforced,
+            processes: Enforcement::Enforced,
+            memory: Enforcement::BestEffort,
+            cpu: Enforcement::BestEffort,
+            process_count: Enforcement::Enforced,
+            process_tree_kill: Enforcement::Enforced,
+        };
+        WireHeartbeat {
+            peer_id: peer.into(),
+            slots_total: 2,
+            slots_free: 2,
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            os: "linux".into(),
+            arch: "x86_64".into(),
+            sandboxes: vec![Sandbox {
+                kind: "namespace".into(),
+                guarantees: all,
+            }],
+            ..WireHeartbeat::default()
+        }
+    }
+
+    fn engine(remote: &WireHeartbeat) -> Engine {
+        let mut local = wire("me", &[]);
+        local.slots_total = 1;
+        local.slots_free = 1;
+        let mut view = PoolView::new(local);
+        view.heard(remote.clone(), Instant::now());
+        view.connected(&remote.peer_id, "/ip4/127.0.0.1/tcp/1".into());
+        Engine::new(Local {
+            me: "me".into(),
+            view: Arc::new(Mutex::new(view)),
+            slots: Arc::new(Semaphore::new(1)),
+            running: Arc::default(),
+            queued: Arc::default(),
+            lease: Duration::from_secs(20),
+        })
+    }
+
+    fn gpu_plan() -> Plan {
+        Plan {
+            label: "project:1".into(),
+            requires: vec![("gpu".into(), "a100".into())],
+            sandbox: None,
+            source: Digest::of(b"source"),
+            key: 7,
+            queued_timeout: Duration::from_secs(60),
+        }
+    }
+
+    fn drain(orders: &mut mpsc::Receiver<Order>) -> Vec<Order> {
+        std::iter::from_fn(|| orders.try_recv().ok()).collect()
+    }
+
+    /// A worker hears from peer B again; `running` is what its heartbeat lists.
+    fn beat(engine: &mut Engine, remote: &WireHeartbeat, running: &[String]) {
+        let heartbeat = WireHeartbeat {
+            running: running.to_vec(),
+            ..remote.clone()
+        };
+        // A new arrival time each beat: the engine feeds only heartbeats it has not seen.
+        std::thread::sleep(Duration::from_millis(2));
+        engine
+            .local
+            .view
+            .lock()
+            .unwrap()
+            .heard(heartbeat, Instant::now());
+        engine.read_pool();
+    }
+
+    #[test]
+    fn a_run_missing_from_two_of_its_workers_heartbeats_is_placed_again() {
+        let remote = wire("peer-b", &[("gpu", "a100")]);
+        let mut engine = engine(&remote);
+        engine.read_pool();
+        let (orders_to, mut orders) = mpsc::channel(ORDERS);
+        let build = engine.submit(gpu_plan(), orders_to);
+        let task = TaskId { build, index: 0 };
+        let offered = drain(&mut orders);
+        let [
+            Order::Offer {
+                attempt,
+                peer,
+                name,
+                task: run,
+                ..
+            },
+        ] = &offered[..]
+        else {
+            panic!("one offer: {offered:?}");
+        };
+        assert_eq!(name, "peer-b", "only peer B has the label");
+        let (attempt, peer, run) = (*attempt, *peer, run.clone());
+        engine.step(Event::Started {
+            task,
+            attempt,
+            peer,
+        });
+        // Listed: the run holds, however often the worker beats.
+        for _ in 0..3 {
+            beat(&mut engine, &remote, std::slice::from_ref(&run));
+        }
+        assert!(drain(&mut orders).is_empty());
+        // Missing once may be a heartbeat sent before the run began; twice, it is gone.
+        beat(&mut engine, &remote, &[]);
+        assert!(drain(&mut orders).is_empty());
+        beat(&mut engine, &remote, &[]);
+        let after = drain(&mut orders);
+        assert!(
+            matches!(&after[..], [Order::Lost { peer, .. }, Order::Offer { attempt: next, .. }] if peer == "peer-b" && *next != attempt),
+            "{after:?}"
+        );
+    }
+
+    #[test]
+    fn a_build_no_peer_can_run_fails_at_once_naming_the_peers() {
+        let remote = wire("peer-b", &[("gpu", "t4")]);
+        let mut engine = engine(&remote);
+        engine.read_pool();
+        let (orders_to, mut orders) = mpsc::channel(ORDERS);
+        engine.submit(gpu_plan(), orders_to);
+        let said = drain(&mut orders);
+        let [Order::Fail(why), Order::Done] = &said[..] else {
+            panic!("a failure: {said:?}");
+        };
+        assert!(
+            why.starts_with("no peer can run this build (of 2 in the pool)")
+                && why.contains("me, peer-b lack label gpu=a100"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn a_heartbeat_becomes_capabilities_the_scheduler_checks() {
+        let capabilities = capabilities(&wire("a", &[("gpu", "a100")]));
+        assert_eq!(capabilities.labels["gpu"], "a100");
+        assert_eq!(
+            capabilities.sandboxes[&SandboxKind::Namespace],
+            Guarantees::TIME.union(Guarantees::PROCESSES)
+        );
+        let plan = Plan {
+            label: "b".into(),
+            requires: vec![("os".into(), "linux".into()), ("gpu".into(), "a100".into())],
+            sandbox: None,
+            source: Digest::of(b"x"),
+            key: 1,
+            queued_timeout: Duration::from_secs(1),
+        };
+        let wanted = requirements(&plan);
+        assert_eq!(wanted.os.as_deref(), Some("linux"));
+        assert!(!wanted.labels.contains_key("os"));
+        assert!(wanted.satisfied_by(&capabilities));
+        let other = super::capabilities(&wire("b", &[("gpu", "t4")]));
+        assert!(!wanted.satisfied_by(&other));
+        let docker = Plan {
+            sandbox: Some("docker".into()),
+            ..plan
+        };
+        assert!(!requirements(&docker).satisfied_by(&capabilities));
+    }
+}
