@@ -33,7 +33,9 @@ pub use protocol::cas::{
 };
 /// Requests in flight to one source at once.
 const IN_FLIGHT_PER_SOURCE: usize = 4;
-/// How long one request may take before its source is dropped for the transfer.
+/// How long a `Has` question may take before its source is dropped for the transfer. A fetch
+/// has no such limit: a big batch from a slow source takes as long as it needs, and the source
+/// gives up itself once nothing moves (the pool's `PeerSource`).
 pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A boxed future, so [`BlobSource`] can be used as a trait object.
@@ -48,7 +50,9 @@ pub trait BlobSource: Send + Sync {
     fn name(&self) -> String;
     /// Which of `digests` it holds (one answer each, in order).
     fn has<'a>(&'a self, digests: &'a [Digest]) -> BoxFuture<'a, Result<Vec<bool>, String>>;
-    /// The stored form of each of `digests` it holds (see [`Store::get_stored`]).
+    /// The stored form of each of `digests` it holds (see [`Store::get_stored`]). The transfer
+    /// waits as long as a fetch takes: a source bounds its own waits, failing when it stalls
+    /// rather than when it is slow.
     fn fetch<'a>(&'a self, digests: &'a [Digest]) -> BoxFuture<'a, Result<StoredBlobs, String>>;
 }
 
@@ -462,10 +466,7 @@ async fn fetch_batch(
     batch: Vec<Digest>,
     totals: &Totals,
 ) -> Result<(), Fault> {
-    let received = tokio::time::timeout(REQUEST_TIMEOUT, source.source.fetch(&batch))
-        .await
-        .unwrap_or_else(|_| Err("it did not send in time".to_owned()))
-        .map_err(Fault::Source)?;
+    let received = source.source.fetch(&batch).await.map_err(Fault::Source)?;
     let asked: HashSet<Digest> = batch.iter().copied().collect();
     let mut got = HashSet::new();
     for (digest, stored) in received {
