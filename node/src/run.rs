@@ -1083,12 +1083,7 @@ fn default_memory_limit() -> u64 {
 /// `$PEERBUILD_STORE_MAX_SIZE`, else 20 GiB). A collection never blocks the exit: when another
 /// process uses the store it waits for a later build.
 fn keep_store_within_budget(store: &crate::store::Store, args: &RunArgs, grown: u64) {
-    let budget = args.store_max_size.or_else(|| {
-        std::env::var("PEERBUILD_STORE_MAX_SIZE")
-            .ok()
-            .and_then(|v| crate::cli::parse_size(&v).ok())
-    });
-    let budget = budget.unwrap_or(20 << 30);
+    let budget = crate::store::gc::budget(args.store_max_size);
     if let Ok(Some(collected)) = crate::store::gc::keep_within(store, budget, grown)
         && collected.roots_removed > 0
     {

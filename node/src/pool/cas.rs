@@ -270,16 +270,25 @@ impl PeerSource {
     }
 }
 
-/// Sends `request` on `stream` and reads replies until `on_reply` says the answer is whole.
-/// The exchange takes as long as the answer needs; the stream's own deadline (see
-/// [`Progress`]) ends it when nothing moves.
+/// What an exchange does after a reply.
+enum Next {
+    /// Reads another frame, of at most this many bytes.
+    Read(usize),
+    /// Stops: the answer is whole.
+    Done,
+}
+
+/// Sends `request` on `stream` and reads replies, the first frame at most `limit` bytes and
+/// each next one at most what `on_reply` says, until it says the answer is whole. The exchange
+/// takes as long as the answer needs; the stream's own deadline (see [`Progress`]) ends it
+/// when nothing moves.
 async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     request: &CasRequest,
-    mut on_reply: impl FnMut(CasReply) -> Result<bool, String>,
+    mut limit: usize,
+    mut on_reply: impl FnMut(CasReply) -> Result<Next, String>,
 ) -> Result<(), String> {
     let body = cas::encode_request(request).map_err(|e| e.to_string())?;
-    let limit = cas::reply_limit(request);
     write_frame(stream, &body)
         .await
         .map_err(|e| e.to_string())?;
@@ -293,8 +302,9 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         if let CasReply::Refused { reason } = reply {
             return Err(format!("refused: {reason}"));
         }
-        if on_reply(reply)? {
-            return Ok(());
+        match on_reply(reply)? {
+            Next::Read(next) => limit = next,
+            Next::Done => return Ok(()),
         }
     }
 }
@@ -307,10 +317,11 @@ async fn single<S: AsyncRead + AsyncWrite + Unpin, T>(
     pick: impl Fn(CasReply) -> Result<T, CasReply>,
 ) -> Result<T, String> {
     let mut answer = None;
-    exchange(stream, request, |reply| match pick(reply) {
+    let limit = cas::reply_limit(request);
+    exchange(stream, request, limit, |reply| match pick(reply) {
         Ok(value) => {
             answer = Some(value);
-            Ok(true)
+            Ok(Next::Done)
         }
         Err(other) => Err(format!("unexpected answer {}", reply_name(&other))),
     })
@@ -319,7 +330,9 @@ async fn single<S: AsyncRead + AsyncWrite + Unpin, T>(
 }
 
 /// Asks for `digests` on `stream`: the blobs sent, in the order asked, those the peer lacks
-/// left out.
+/// left out. Each frame is read against the blob due (see [`cas::fetch_reply_limit`]), so a
+/// frame larger than that blob allows is refused before it is read into memory, not after;
+/// an error names the blob due.
 async fn fetch_blobs<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     digests: &[Digest],
@@ -327,24 +340,37 @@ async fn fetch_blobs<S: AsyncRead + AsyncWrite + Unpin>(
     let request = CasRequest::Fetch {
         digests: digests.to_vec(),
     };
-    let mut expected = digests.iter();
+    let mut expected = digests.iter().copied().peekable();
+    let mut due = expected.peek().copied();
+    let limit = cas::fetch_reply_limit(due.as_ref());
     let mut found = Vec::with_capacity(digests.len());
-    exchange(stream, &request, |reply| {
-        let next = expected.next();
-        match (reply, next) {
-            (CasReply::Blob { digest, stored }, Some(want)) if digest == *want => {
+    let answered = exchange(stream, &request, limit, |reply| {
+        let whole = match (reply, expected.next()) {
+            (CasReply::Blob { digest, stored }, Some(want)) if digest == want => {
                 found.push((digest, stored));
-                Ok(false)
+                false
             }
-            (CasReply::Missing { digest }, Some(want)) if digest == *want => Ok(false),
-            (CasReply::End, None) => Ok(true),
-            (other, _) => Err(format!(
-                "answered out of order ({} where another was due)",
-                reply_name(&other)
-            )),
-        }
+            (CasReply::Missing { digest }, Some(want)) if digest == want => false,
+            (CasReply::End, None) => true,
+            (other, _) => {
+                return Err(format!(
+                    "answered out of order ({} where another was due)",
+                    reply_name(&other)
+                ));
+            }
+        };
+        due = expected.peek().copied();
+        Ok(if whole {
+            Next::Done
+        } else {
+            Next::Read(cas::fetch_reply_limit(due.as_ref()))
+        })
     })
-    .await?;
+    .await;
+    answered.map_err(|err| match due {
+        Some(digest) => format!("blob {digest}: {err}"),
+        None => err,
+    })?;
     Ok(found)
 }
 
@@ -600,11 +626,13 @@ mod tests {
             .collect()
     }
 
-    /// Replies as a peer writes them, each in its frame.
+    /// Replies as a peer writes them, each in its frame; no limit is checked, as a lying peer
+    /// checks none.
     fn framed(replies: &[CasReply]) -> Vec<u8> {
         let mut out = Vec::new();
         for reply in replies {
-            let body = cas::encode_reply(reply).expect("encodes");
+            let body = postcard::to_stdvec(&(protocol::wire::WIRE_FORMAT_VERSION, reply))
+                .expect("encodes");
             out.extend_from_slice(&(body.len() as u32).to_be_bytes());
             out.extend_from_slice(&body);
         }
@@ -676,6 +704,32 @@ mod tests {
         let mut out = (body.len() as u32).to_be_bytes().to_vec();
         out.extend_from_slice(&body);
         out
+    }
+
+    #[test]
+    fn a_blob_larger_than_the_one_due_is_refused_before_it_is_read() {
+        let (small, _) = a_blob(1024);
+        let (big, big_stored) = a_blob(512 << 10);
+        // The small blob's reply carries as much as the big one's.
+        let answer = framed(&[
+            CasReply::Blob {
+                digest: small,
+                stored: big_stored.clone(),
+            },
+            CasReply::Blob {
+                digest: big,
+                stored: big_stored,
+            },
+            CasReply::End,
+        ]);
+        let mut peer = Progress::new(Paced::new(answer, 64 << 10, Duration::ZERO), WAIT);
+        let failed = run(fetch_blobs(&mut peer, &[small, big])).expect_err("refused");
+        assert!(
+            failed.starts_with(&format!("blob {small}: ")) && failed.contains("over the limit"),
+            "{failed}"
+        );
+        // Nothing past the frame's length was read.
+        assert!(peer.inner.read <= 4, "{} bytes read", peer.inner.read);
     }
 
     #[test]
