@@ -232,6 +232,10 @@ pub struct RunArgs {
     /// Read KEY=VALUE lines (values literal); --env beats them.
     #[arg(long, value_name = "FILE")]
     pub env_file: Option<PathBuf>,
+    /// Take each string of FILE's JSON list as an --env KEY=VALUE (set by a node running a pool
+    /// build, so the values never show on a command line, which every user can read).
+    #[arg(long, value_name = "FILE", hide = true)]
+    pub env_list: Option<PathBuf>,
     /// NAME=VALUE lines behind parameter-store and secrets-manager entries.
     #[arg(long, value_name = "FILE")]
     pub secrets: Option<PathBuf>,

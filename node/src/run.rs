@@ -950,10 +950,23 @@ fn submitted_variables(args: &RunArgs) -> Result<Vec<(String, String)>> {
     if let Some(path) = &args.env_file {
         pairs.extend(env::read_env_file(path).map_err(|e| Refused(format!("{e:#}")))?);
     }
-    for assignment in &args.env {
+    let listed = match &args.env_list {
+        Some(path) => read_env_list(path).map_err(|e| Refused(format!("{e:#}")))?,
+        None => Vec::new(),
+    };
+    // A worker's `--env-list` stands for the `--env`s its build was submitted with.
+    for assignment in listed.iter().chain(&args.env) {
         pairs.push(env::parse_assignment(assignment).map_err(|e| Refused(format!("--env {e:#}")))?);
     }
     Ok(pairs)
+}
+
+/// Reads an `--env-list`: a JSON list of `KEY=VALUE` strings, each taken as an `--env`.
+pub(crate) fn read_env_list(path: &Path) -> Result<Vec<String>> {
+    let bytes = fs::read(path)
+        .with_context(|| format!("cannot read the variables in {}", path.display()))?;
+    serde_json::from_slice(&bytes)
+        .with_context(|| format!("{}: not a JSON list of KEY=VALUE strings", path.display()))
 }
 
 fn artifacts_root(args: &RunArgs) -> Result<Option<PathBuf>> {
@@ -1083,12 +1096,7 @@ fn default_memory_limit() -> u64 {
 /// `$PEERBUILD_STORE_MAX_SIZE`, else 20 GiB). A collection never blocks the exit: when another
 /// process uses the store it waits for a later build.
 fn keep_store_within_budget(store: &crate::store::Store, args: &RunArgs, grown: u64) {
-    let budget = args.store_max_size.or_else(|| {
-        std::env::var("PEERBUILD_STORE_MAX_SIZE")
-            .ok()
-            .and_then(|v| crate::cli::parse_size(&v).ok())
-    });
-    let budget = budget.unwrap_or(20 << 30);
+    let budget = crate::store::gc::budget(args.store_max_size);
     if let Ok(Some(collected)) = crate::store::gc::keep_within(store, budget, grown)
         && collected.roots_removed > 0
     {

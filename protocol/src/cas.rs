@@ -98,10 +98,12 @@ pub struct CacheEntry {
     pub created_ms: u64,
 }
 
+/// What a reply frame may hold beyond its blob or list: the message's own fields.
+const FRAME_OVERHEAD: u64 = 256;
+
 /// The largest reply frame a reader accepts after asking `request`: a blob frame for the
 /// largest blob asked, or a bounded list.
 pub fn reply_limit(request: &CasRequest) -> usize {
-    const FRAME_OVERHEAD: u64 = 256;
     // Each field with its length prefix (at most 5 bytes), a digest, a time.
     let entry = MAX_CACHE_KEY_BYTES
         + MAX_CACHE_PATHS * (MAX_CACHE_PATH_BYTES + 5)
@@ -111,13 +113,22 @@ pub fn reply_limit(request: &CasRequest) -> usize {
     let limit = match request {
         CasRequest::Has { digests } => digests.len() as u64 + FRAME_OVERHEAD,
         CasRequest::Fetch { digests } => {
-            let largest = digests.iter().map(Digest::size).max().unwrap_or(0);
-            largest.min(MAX_BLOB_BYTES) + MAX_STORED_OVERHEAD + FRAME_OVERHEAD
+            let largest = digests.iter().max_by_key(|d| d.size());
+            return fetch_reply_limit(largest);
         }
         CasRequest::CacheEntries { .. } => entries + FRAME_OVERHEAD,
     };
     // A `Refused` always fits, whatever was asked.
     limit.max(1024 + FRAME_OVERHEAD) as usize
+}
+
+/// The largest frame a reader accepts for the next reply of a `Fetch` answer: the `Blob` (or
+/// `Missing`) of `due`, the blob due next in the order asked, or the `End` when none is left.
+/// A frame larger than the blob due is refused before it is read, whatever else was asked.
+pub fn fetch_reply_limit(due: Option<&Digest>) -> usize {
+    let blob = due.map_or(0, |d| d.size().min(MAX_BLOB_BYTES) + MAX_STORED_OVERHEAD);
+    // A `Refused` always fits, whatever was asked.
+    (blob + FRAME_OVERHEAD).max(1024 + FRAME_OVERHEAD) as usize
 }
 
 /// Encodes a request; refuses one over its limits (the answerer would refuse it).

@@ -3,11 +3,15 @@
 //! [`BlobSource`] for the store's transfers.
 //!
 //! One request per stream; streams are cheap on yamux, and several in flight to one peer are
-//! what makes a transfer fast. Every read is bounded before it allocates, every exchange has a
-//! deadline, and at most [`MAX_SERVED_STREAMS`] requests are answered at once (more are refused
+//! what makes a transfer fast. Every read is bounded before it allocates, either side gives the
+//! other up once nothing has moved for [`PROGRESS_TIMEOUT`] (a slow peer is waited for, a
+//! stalled one is not), and at most [`MAX_SERVED_STREAMS`] requests are answered at once (more are refused
 //! with a reason, and the asker tries another holder or later).
 
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,8 +28,10 @@ use crate::store::{Store, StoreError};
 
 /// Requests this node answers at once.
 pub const MAX_SERVED_STREAMS: usize = 32;
-/// How long one exchange may take, either side.
-pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long either side of an exchange waits with nothing moving before it gives the other
+/// up. There is no limit on a whole exchange: a slow peer's big batch takes as long as it
+/// takes while bytes keep coming.
+pub const PROGRESS_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a peer may take to send its request once it opened a stream.
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -104,37 +110,46 @@ pub async fn serve(
     allowed: Option<Vec<PeerId>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let limit = Arc::new(Semaphore::new(MAX_SERVED_STREAMS));
-    while let Some((peer, mut stream)) =
+    let permits = Arc::new(Semaphore::new(MAX_SERVED_STREAMS));
+    while let Some((peer, stream)) =
         next_stream(&mut incoming, allowed.as_deref(), &mut shutdown).await
     {
-        let limit = limit.clone();
+        let permits = permits.clone();
         let store = store.clone();
         tokio::spawn(async move {
-            // The request is read before a permit is taken, within a short deadline, so idle
-            // streams cannot hold the permits that answers need.
-            let answered = match read_request(&mut stream).await {
-                Err(err) => Err(err),
-                Ok(request) => match limit.try_acquire_owned() {
-                    Ok(_permit) => {
-                        tokio::time::timeout(EXCHANGE_TIMEOUT, answer(&mut stream, request, &store))
-                            .await
-                            .unwrap_or_else(|_| Err("the exchange took too long".to_owned()))
-                    }
-                    Err(_) => {
-                        let busy = CasReply::Refused {
-                            reason: format!("busy: {MAX_SERVED_STREAMS} requests in flight"),
-                        };
-                        write_reply(&mut stream, &busy).await
-                    }
-                },
-            };
-            if let Err(err) = answered {
+            if let Err(err) = serve_stream(stream, &store, &permits, PROGRESS_TIMEOUT).await {
                 debug!(%peer, error = %err, "blob request not answered");
             }
-            let _ = stream.close().await;
         });
     }
+}
+
+/// Answers the one request on `stream`. The answer may take as long as the asker needs to
+/// read it, but once the asker has read nothing for `wait` the stream is given up and its
+/// permit released.
+async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    store: &Arc<Store>,
+    permits: &Arc<Semaphore>,
+    wait: Duration,
+) -> Result<(), String> {
+    let mut stream = Progress::new(stream, wait);
+    // The request is read before a permit is taken, within a short deadline, so idle streams
+    // cannot hold the permits that answers need.
+    let answered = match read_request(&mut stream).await {
+        Err(err) => Err(err),
+        Ok(request) => match permits.try_acquire() {
+            Ok(_permit) => answer(&mut stream, request, store).await,
+            Err(_) => {
+                let busy = CasReply::Refused {
+                    reason: format!("busy: {MAX_SERVED_STREAMS} requests in flight"),
+                };
+                write_reply(&mut stream, &busy).await
+            }
+        },
+    };
+    let _ = stream.close().await;
+    answered
 }
 
 /// Reads one request, within [`REQUEST_READ_TIMEOUT`]; a malformed one is answered `Refused`.
@@ -220,60 +235,16 @@ pub struct PeerSource {
 }
 
 impl PeerSource {
-    /// Sends `request` on a new stream and reads replies until `done` says the answer is whole.
-    async fn exchange(
-        &self,
-        request: &CasRequest,
-        mut on_reply: impl FnMut(CasReply) -> Result<bool, String>,
-    ) -> Result<(), String> {
-        let body = cas::encode_request(request).map_err(|e| e.to_string())?;
-        let limit = cas::reply_limit(request);
+    /// A new stream to the peer, for one request, that gives up once the peer has sent or
+    /// read nothing for [`PROGRESS_TIMEOUT`].
+    async fn open(&self) -> Result<Progress<libp2p::Stream>, String> {
         let mut control = self.control.clone();
-        let work = async {
-            let mut stream = control
-                .open_stream(self.peer, protocol())
+        let stream =
+            tokio::time::timeout(PROGRESS_TIMEOUT, control.open_stream(self.peer, protocol()))
                 .await
+                .map_err(|_| "cannot open a stream: no answer in time".to_owned())?
                 .map_err(|e| format!("cannot open a stream: {e}"))?;
-            write_frame(&mut stream, &body)
-                .await
-                .map_err(|e| e.to_string())?;
-            stream.close().await.map_err(|e| e.to_string())?;
-            loop {
-                let frame = read_frame(&mut stream, limit)
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .ok_or("the answer ended early")?;
-                let reply = cas::decode_reply(&frame).map_err(|e| e.to_string())?;
-                if let CasReply::Refused { reason } = reply {
-                    return Err(format!("refused: {reason}"));
-                }
-                if on_reply(reply)? {
-                    return Ok(());
-                }
-            }
-        };
-        tokio::time::timeout(EXCHANGE_TIMEOUT, work)
-            .await
-            .unwrap_or_else(|_| Err("it did not answer in time".to_owned()))
-    }
-
-    /// Sends a request answered by one reply, which `pick` takes apart (or hands back, when it
-    /// is not the kind expected).
-    async fn single<T>(
-        &self,
-        request: &CasRequest,
-        pick: impl Fn(CasReply) -> Result<T, CasReply>,
-    ) -> Result<T, String> {
-        let mut answer = None;
-        self.exchange(request, |reply| match pick(reply) {
-            Ok(value) => {
-                answer = Some(value);
-                Ok(true)
-            }
-            Err(other) => Err(format!("unexpected answer {}", reply_name(&other))),
-        })
-        .await?;
-        answer.ok_or_else(|| "no answer".to_owned())
+        Ok(Progress::new(stream, PROGRESS_TIMEOUT))
     }
 
     /// The cache entries of `version` whose keys start with `key_prefix`, as the peer lists them.
@@ -286,18 +257,121 @@ impl PeerSource {
             version: version.to_owned(),
             key_prefix: key_prefix.to_owned(),
         };
-        let entries = self
-            .single(&request, |reply| match reply {
-                CasReply::Entries { entries } => Ok(entries),
-                other => Err(other),
-            })
-            .await?;
+        let entries = single(&mut self.open().await?, &request, |reply| match reply {
+            CasReply::Entries { entries } => Ok(entries),
+            other => Err(other),
+        })
+        .await?;
         // An entry that does not start with what was asked is a lie, not an answer.
         if entries.iter().any(|e| !e.key.starts_with(key_prefix)) {
             return Err("it listed entries that do not match the prefix asked".to_owned());
         }
         Ok(entries)
     }
+}
+
+/// What an exchange does after a reply.
+enum Next {
+    /// Reads another frame, of at most this many bytes.
+    Read(usize),
+    /// Stops: the answer is whole.
+    Done,
+}
+
+/// Sends `request` on `stream` and reads replies, the first frame at most `limit` bytes and
+/// each next one at most what `on_reply` says, until it says the answer is whole. The exchange
+/// takes as long as the answer needs; the stream's own deadline (see [`Progress`]) ends it
+/// when nothing moves.
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    request: &CasRequest,
+    mut limit: usize,
+    mut on_reply: impl FnMut(CasReply) -> Result<Next, String>,
+) -> Result<(), String> {
+    let body = cas::encode_request(request).map_err(|e| e.to_string())?;
+    write_frame(stream, &body)
+        .await
+        .map_err(|e| e.to_string())?;
+    stream.close().await.map_err(|e| e.to_string())?;
+    loop {
+        let frame = read_frame(stream, limit)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("the answer ended early")?;
+        let reply = cas::decode_reply(&frame).map_err(|e| e.to_string())?;
+        if let CasReply::Refused { reason } = reply {
+            return Err(format!("refused: {reason}"));
+        }
+        match on_reply(reply)? {
+            Next::Read(next) => limit = next,
+            Next::Done => return Ok(()),
+        }
+    }
+}
+
+/// Sends a request answered by one reply, which `pick` takes apart (or hands back, when it is
+/// not the kind expected).
+async fn single<S: AsyncRead + AsyncWrite + Unpin, T>(
+    stream: &mut S,
+    request: &CasRequest,
+    pick: impl Fn(CasReply) -> Result<T, CasReply>,
+) -> Result<T, String> {
+    let mut answer = None;
+    let limit = cas::reply_limit(request);
+    exchange(stream, request, limit, |reply| match pick(reply) {
+        Ok(value) => {
+            answer = Some(value);
+            Ok(Next::Done)
+        }
+        Err(other) => Err(format!("unexpected answer {}", reply_name(&other))),
+    })
+    .await?;
+    answer.ok_or_else(|| "no answer".to_owned())
+}
+
+/// Asks for `digests` on `stream`: the blobs sent, in the order asked, those the peer lacks
+/// left out. Each frame is read against the blob due (see [`cas::fetch_reply_limit`]), so a
+/// frame larger than that blob allows is refused before it is read into memory, not after;
+/// an error names the blob due.
+async fn fetch_blobs<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    digests: &[Digest],
+) -> Result<StoredBlobs, String> {
+    let request = CasRequest::Fetch {
+        digests: digests.to_vec(),
+    };
+    let mut expected = digests.iter().copied().peekable();
+    let mut due = expected.peek().copied();
+    let limit = cas::fetch_reply_limit(due.as_ref());
+    let mut found = Vec::with_capacity(digests.len());
+    let answered = exchange(stream, &request, limit, |reply| {
+        let whole = match (reply, expected.next()) {
+            (CasReply::Blob { digest, stored }, Some(want)) if digest == want => {
+                found.push((digest, stored));
+                false
+            }
+            (CasReply::Missing { digest }, Some(want)) if digest == want => false,
+            (CasReply::End, None) => true,
+            (other, _) => {
+                return Err(format!(
+                    "answered out of order ({} where another was due)",
+                    reply_name(&other)
+                ));
+            }
+        };
+        due = expected.peek().copied();
+        Ok(if whole {
+            Next::Done
+        } else {
+            Next::Read(cas::fetch_reply_limit(due.as_ref()))
+        })
+    })
+    .await;
+    answered.map_err(|err| match due {
+        Some(digest) => format!("blob {digest}: {err}"),
+        None => err,
+    })?;
+    Ok(found)
 }
 
 fn reply_name(reply: &CasReply) -> &'static str {
@@ -321,7 +395,7 @@ impl BlobSource for PeerSource {
             let request = CasRequest::Has {
                 digests: digests.to_vec(),
             };
-            self.single(&request, |reply| match reply {
+            single(&mut self.open().await?, &request, |reply| match reply {
                 CasReply::Held { held } => Ok(held),
                 other => Err(other),
             })
@@ -330,29 +404,358 @@ impl BlobSource for PeerSource {
     }
 
     fn fetch<'a>(&'a self, digests: &'a [Digest]) -> BoxFuture<'a, Result<StoredBlobs, String>> {
-        Box::pin(async move {
-            let request = CasRequest::Fetch {
-                digests: digests.to_vec(),
-            };
-            let mut expected = digests.iter();
-            let mut found = Vec::with_capacity(digests.len());
-            self.exchange(&request, |reply| {
-                let next = expected.next();
-                match (reply, next) {
-                    (CasReply::Blob { digest, stored }, Some(want)) if digest == *want => {
-                        found.push((digest, stored));
-                        Ok(false)
-                    }
-                    (CasReply::Missing { digest }, Some(want)) if digest == *want => Ok(false),
-                    (CasReply::End, None) => Ok(true),
-                    (other, _) => Err(format!(
-                        "answered out of order ({} where another was due)",
-                        reply_name(&other)
-                    )),
-                }
+        Box::pin(async move { fetch_blobs(&mut self.open().await?, digests).await })
+    }
+}
+
+/// A stream that gives up once the other side has kept it waiting `wait` with no byte moving
+/// either way: a slow peer may take as long as it needs while bytes flow, a stalled one is
+/// dropped. Only waiting on the peer counts: the clock starts when a read or write has to wait,
+/// so time spent elsewhere between them (reading the store) is not held against the peer.
+pub(crate) struct Progress<S> {
+    inner: S,
+    wait: Duration,
+    /// Made on the first wait, so a `Progress` can be made outside a runtime.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    waiting: bool,
+}
+
+impl<S> Progress<S> {
+    pub(crate) fn new(inner: S, wait: Duration) -> Progress<S> {
+        Progress {
+            inner,
+            wait,
+            timer: None,
+            waiting: false,
+        }
+    }
+
+    /// Passes on what the inner stream did; while it waits, fails once `wait` has passed.
+    fn check<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.waiting = false;
+            return polled;
+        }
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::ZERO)));
+        if !self.waiting {
+            self.waiting = true;
+            timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + self.wait);
+        }
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("nothing moved for {} s", self.wait.as_secs_f64()),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Progress<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        this.check(cx, polled)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Progress<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.check(cx, polled)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.check(cx, polled)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_close(cx);
+        this.check(cx, polled)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Exchanges over scripted streams: a slow peer is waited for while bytes keep moving, a
+    //! stalled one is given up after the wait, either side.
+
+    use std::time::Instant;
+
+    use super::*;
+
+    /// The wait the tests give a stalled peer (the node's is [`PROGRESS_TIMEOUT`]).
+    const WAIT: Duration = Duration::from_millis(300);
+
+    fn run<T>(future: impl std::future::Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+            .block_on(future)
+    }
+
+    /// The far side of a stream, scripted: reads give out `incoming` one `step` each `pace`
+    /// and then stall (never end) at `stall_at`; writes take one `step` each `pace`, and
+    /// nothing more once `room` bytes are taken (a peer that stopped reading).
+    struct Paced {
+        incoming: Vec<u8>,
+        read: usize,
+        stall_at: usize,
+        written: Vec<u8>,
+        room: usize,
+        step: usize,
+        pace: Duration,
+        timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+
+    impl Paced {
+        fn new(incoming: Vec<u8>, step: usize, pace: Duration) -> Paced {
+            Paced {
+                incoming,
+                read: 0,
+                stall_at: usize::MAX,
+                written: Vec::new(),
+                room: usize::MAX,
+                step,
+                pace,
+                timer: None,
+            }
+        }
+
+        /// Ready once the next step may move.
+        fn tick(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+            let pace = self.pace;
+            let timer = self
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(pace)));
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.timer = None;
+            Poll::Ready(())
+        }
+    }
+
+    impl AsyncRead for Paced {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut [u8],
+        ) -> Poll<io::Result<usize>> {
+            let this = &mut *self;
+            if this.read >= this.stall_at {
+                // Never woken: only the reader's own deadline ends this wait.
+                return Poll::Pending;
+            }
+            if this.read == this.incoming.len() {
+                return Poll::Ready(Ok(0));
+            }
+            if this.tick(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let n = this
+                .step
+                .min(buf.len())
+                .min(this.incoming.len() - this.read)
+                .min(this.stall_at - this.read);
+            buf[..n].copy_from_slice(&this.incoming[this.read..this.read + n]);
+            this.read += n;
+            Poll::Ready(Ok(n))
+        }
+    }
+
+    impl AsyncWrite for Paced {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let this = &mut *self;
+            if this.written.len() >= this.room {
+                // Never woken: only the writer's own deadline ends this wait.
+                return Poll::Pending;
+            }
+            if this.tick(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let n = this.step.min(buf.len()).min(this.room - this.written.len());
+            this.written.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Bytes no compressor shrinks, so a blob of them is stored raw at its full size.
+    fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed | 1;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
             })
-            .await?;
-            Ok(found)
-        })
+            .collect()
+    }
+
+    /// Replies as a peer writes them, each in its frame; no limit is checked, as a lying peer
+    /// checks none.
+    fn framed(replies: &[CasReply]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for reply in replies {
+            let body = postcard::to_stdvec(&(protocol::wire::WIRE_FORMAT_VERSION, reply))
+                .expect("encodes");
+            out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+            out.extend_from_slice(&body);
+        }
+        out
+    }
+
+    /// Reads back the frames a side wrote.
+    fn unframed(mut bytes: &[u8]) -> Vec<Vec<u8>> {
+        let mut frames = Vec::new();
+        while bytes.len() >= 4 {
+            let length = u32::from_be_bytes(bytes[..4].try_into().expect("four bytes")) as usize;
+            frames.push(bytes[4..4 + length].to_vec());
+            bytes = &bytes[4 + length..];
+        }
+        frames
+    }
+
+    fn a_blob(len: usize) -> (Digest, Vec<u8>) {
+        let bytes = noise(len, len as u64);
+        let mut stored = vec![0u8];
+        stored.extend_from_slice(&bytes);
+        (Digest::of(&bytes), stored)
+    }
+
+    #[test]
+    fn a_slow_answer_is_read_whole_while_its_bytes_keep_coming() {
+        let (digest, stored) = a_blob(96 << 10);
+        let answer = framed(&[
+            CasReply::Blob {
+                digest,
+                stored: stored.clone(),
+            },
+            CasReply::End,
+        ]);
+        // 96 steps of 1 KiB, 10 ms apart: about three times the wait, all of it moving.
+        let started = Instant::now();
+        let mut peer = Progress::new(Paced::new(answer, 1024, Duration::from_millis(10)), WAIT);
+        let fetched = run(fetch_blobs(&mut peer, &[digest])).expect("a slow peer is waited for");
+        assert!(started.elapsed() > WAIT * 2, "{:?}", started.elapsed());
+        assert_eq!(fetched, vec![(digest, stored)]);
+    }
+
+    #[test]
+    fn an_answer_that_stops_coming_fails_after_the_wait() {
+        let (digest, stored) = a_blob(96 << 10);
+        let answer = framed(&[CasReply::Blob { digest, stored }, CasReply::End]);
+        let mut paced = Paced::new(answer, 1024, Duration::from_millis(1));
+        paced.stall_at = 10 << 10;
+        let started = Instant::now();
+        let failed = run(fetch_blobs(&mut Progress::new(paced, WAIT), &[digest]))
+            .expect_err("a stalled peer is given up");
+        assert!(failed.contains("nothing moved for 0.3 s"), "{failed}");
+        assert!(started.elapsed() < WAIT * 4, "{:?}", started.elapsed());
+    }
+
+    fn store_with(bytes: &[u8]) -> (tempfile::TempDir, Arc<Store>, Digest) {
+        let dir = tempfile::tempdir().expect("a folder");
+        let store = Arc::new(Store::open(dir.path()).expect("opens"));
+        let (digest, written) = store.put(bytes).expect("stores");
+        store.flush(written).expect("flushes");
+        (dir, store, digest)
+    }
+
+    fn fetch_request(digest: Digest) -> Vec<u8> {
+        let request = CasRequest::Fetch {
+            digests: vec![digest],
+        };
+        let body = cas::encode_request(&request).expect("encodes");
+        let mut out = (body.len() as u32).to_be_bytes().to_vec();
+        out.extend_from_slice(&body);
+        out
+    }
+
+    #[test]
+    fn a_blob_larger_than_the_one_due_is_refused_before_it_is_read() {
+        let (small, _) = a_blob(1024);
+        let (big, big_stored) = a_blob(512 << 10);
+        // The small blob's reply carries as much as the big one's.
+        let answer = framed(&[
+            CasReply::Blob {
+                digest: small,
+                stored: big_stored.clone(),
+            },
+            CasReply::Blob {
+                digest: big,
+                stored: big_stored,
+            },
+            CasReply::End,
+        ]);
+        let mut peer = Progress::new(Paced::new(answer, 64 << 10, Duration::ZERO), WAIT);
+        let failed = run(fetch_blobs(&mut peer, &[small, big])).expect_err("refused");
+        assert!(
+            failed.starts_with(&format!("blob {small}: ")) && failed.contains("over the limit"),
+            "{failed}"
+        );
+        // Nothing past the frame's length was read.
+        assert!(peer.inner.read <= 4, "{} bytes read", peer.inner.read);
+    }
+
+    #[test]
+    fn a_slow_reader_is_answered_whole_and_a_stalled_one_frees_its_permit() {
+        let (_dir, store, digest) = store_with(&noise(96 << 10, 7));
+        let permits = Arc::new(Semaphore::new(MAX_SERVED_STREAMS));
+
+        let mut slow = Paced::new(fetch_request(digest), 1024, Duration::from_millis(10));
+        run(serve_stream(&mut slow, &store, &permits, WAIT)).expect("a slow reader is answered");
+        let replies: Vec<CasReply> = unframed(&slow.written)
+            .iter()
+            .map(|frame| cas::decode_reply(frame).expect("decodes"))
+            .collect();
+        assert!(
+            matches!(&replies[..], [CasReply::Blob { digest: d, .. }, CasReply::End] if *d == digest),
+            "{} replies",
+            replies.len()
+        );
+
+        let mut stalled = Paced::new(fetch_request(digest), 1024, Duration::from_millis(1));
+        stalled.room = 4096;
+        let started = Instant::now();
+        let failed = run(serve_stream(&mut stalled, &store, &permits, WAIT))
+            .expect_err("a reader that stopped reading is given up");
+        assert!(failed.contains("nothing moved"), "{failed}");
+        assert!(started.elapsed() < WAIT * 4, "{:?}", started.elapsed());
+        assert_eq!(permits.available_permits(), MAX_SERVED_STREAMS);
     }
 }

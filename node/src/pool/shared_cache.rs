@@ -23,8 +23,8 @@ use super::cas::PeerSource;
 use super::swarm::SwarmCommand;
 use super::view::PoolView;
 use crate::engine::cache::{self, Entry, FindRequest, Found, PoolCache};
-use crate::store::Store;
 use crate::store::transfer::{self, BlobSource, BoxFuture};
+use crate::store::{Store, gc};
 
 /// Announcements the index keeps; the oldest heard is forgotten first.
 pub const MAX_INDEX_ENTRIES: usize = 4096;
@@ -213,8 +213,9 @@ impl NodeCache {
     }
 
     /// Fetches `tree` from `peers` and the DHT's providers of it (at most [`MAX_SOURCES`] in
-    /// all), as a root named `what`. Returns what the transfer did and the peers it used, the
-    /// ones dropped for lying or failing left out.
+    /// all), as a root named `what`, writing no more than the store's budget and the disk's
+    /// free space allow (see [`transfer::fetch_tree`]). Returns what the transfer did and the
+    /// peers it used, the ones dropped for lying or failing left out.
     pub(crate) async fn fetch_from(
         &self,
         tree: Digest,
@@ -235,7 +236,9 @@ impl NodeCache {
             .iter()
             .map(|p| Arc::new(self.source(*p)) as Arc<dyn BlobSource>)
             .collect();
-        let fetched = transfer::fetch_tree(self.store.clone(), tree, sources, what)
+        // A node has no `--store-max-size`: its store's budget is the environment's, or 20 GiB.
+        let budget = gc::budget(None);
+        let fetched = transfer::fetch_tree(self.store.clone(), tree, sources, what, budget)
             .await
             .map_err(|e| e.to_string())?;
         for (source, why) in &fetched.dropped {

@@ -10,7 +10,7 @@
 //! told why.
 
 use std::collections::{BTreeSet, HashMap};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -839,51 +839,13 @@ impl Tasks {
         if let Some(version) = &offer.source_version {
             command.arg(format!("--source-version={version}"));
         }
-        for (name, value) in &offer.env {
-            command.arg(format!("--env={name}={value}"));
-        }
-        // Secrets reach the child through a pipe on descriptor 3, never a file or its
-        // command line.
-        let pipe_secrets = if secrets.is_empty() {
-            None
-        } else {
-            let (read, write) = pipe().map_err(|e| ChildEnd::Failed(format!("pipe: {e}")))?;
-            let raw = read.as_raw_fd();
-            // SAFETY: dup2 is async-signal-safe; it runs in the child between fork and exec
-            // and gives the pipe's read end (close-on-exec) to the child as descriptor 3.
-            unsafe {
-                command.pre_exec(move || {
-                    let given = if raw == 3 {
-                        libc::fcntl(3, libc::F_SETFD, 0)
-                    } else {
-                        libc::dup2(raw, 3)
-                    };
-                    if given < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-            command.args(["--secrets", "/dev/fd/3"]);
-            Some((read, write))
-        };
+        let handed = hand_over(&mut command, secrets, &offer.env)?;
         let mut child = command
             .spawn()
             .map_err(|e| ChildEnd::Failed(format!("cannot start peerbuild run: {e}")))?;
         // Dropped midway (the node stopping), the build is still stopped in order.
         let stop_on_drop = child.id().map(TermOnDrop);
-        if let Some((read, write)) = pipe_secrets {
-            drop(read);
-            let text: String = secrets
-                .iter()
-                .map(|(name, value)| format!("{name}={value}\n"))
-                .collect();
-            tokio::task::spawn_blocking(move || {
-                use std::io::Write;
-                let mut file = std::fs::File::from(write);
-                let _ = file.write_all(text.as_bytes());
-            });
-        }
+        fill(handed);
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
         let errors = tokio::spawn(async move {
@@ -965,6 +927,119 @@ async fn stop(child: &mut tokio::process::Child) {
         .is_err()
     {
         let _ = child.kill().await;
+    }
+}
+
+/// The descriptor on which a worker's `peerbuild run` reads its secrets (`--secrets`).
+const SECRETS_DESCRIPTOR: RawFd = 3;
+/// The descriptor on which it reads the build's `--env` variables (`--env-list`).
+const ENV_DESCRIPTOR: RawFd = 4;
+
+/// Text a child reads on a descriptor of its own: a pipe whose read end it gets as
+/// `descriptor`, and whose write end this node fills once the child has started.
+struct Handed {
+    read: OwnedFd,
+    write: OwnedFd,
+    descriptor: RawFd,
+    text: Vec<u8>,
+}
+
+/// Hands the child its secrets and the build's `--env` variables on pipes (descriptors 3 and
+/// 4), with the flags that name them: never a file, nor its command line, which every user of
+/// this machine can read (`ps`, `/proc/PID/cmdline`).
+fn hand_over(
+    command: &mut tokio::process::Command,
+    secrets: &[(String, String)],
+    env: &[(String, String)],
+) -> Result<Vec<Handed>, ChildEnd> {
+    let failed = |e: std::io::Error| ChildEnd::Failed(format!("pipe: {e}"));
+    let mut handed = Vec::new();
+    if !secrets.is_empty() {
+        let text: String = secrets
+            .iter()
+            .map(|(name, value)| format!("{name}={value}\n"))
+            .collect();
+        handed.push(handed_pipe(SECRETS_DESCRIPTOR, text.into_bytes()).map_err(failed)?);
+        command.args(["--secrets", "/dev/fd/3"]);
+    }
+    if !env.is_empty() {
+        // A command line cannot hold a NUL byte, so such a value never reached a build as an
+        // argument; it does not now either.
+        if env
+            .iter()
+            .any(|(name, value)| name.contains('\0') || value.contains('\0'))
+        {
+            return Err(ChildEnd::Failed(
+                "cannot start peerbuild run: a variable holds a NUL byte".to_owned(),
+            ));
+        }
+        // Each as `--env` took it, `NAME=VALUE`, so the child reads them exactly as before.
+        let assignments: Vec<String> = env
+            .iter()
+            .map(|(name, value)| format!("{name}={value}"))
+            .collect();
+        let text = serde_json::to_vec(&assignments)
+            .map_err(|e| ChildEnd::Failed(format!("the variables: {e}")))?;
+        handed.push(handed_pipe(ENV_DESCRIPTOR, text).map_err(failed)?);
+        command.arg(format!("--env-list=/dev/fd/{ENV_DESCRIPTOR}"));
+    }
+    if !handed.is_empty() {
+        let given = handed
+            .iter()
+            .map(|h| (h.read.as_raw_fd(), h.descriptor))
+            .collect();
+        give_descriptors(command, given);
+    }
+    Ok(handed)
+}
+
+/// Once the child has started: closes this side's read ends, and writes each text (off the
+/// async threads: a pipe holds only so much until the child reads it).
+fn fill(handed: Vec<Handed>) {
+    for Handed {
+        read, write, text, ..
+    } in handed
+    {
+        drop(read);
+        tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let mut file = std::fs::File::from(write);
+            let _ = file.write_all(&text);
+        });
+    }
+}
+
+fn handed_pipe(descriptor: RawFd, text: Vec<u8>) -> std::io::Result<Handed> {
+    let (read, write) = pipe()?;
+    Ok(Handed {
+        read,
+        write,
+        descriptor,
+        text,
+    })
+}
+
+/// Gives the child each `(read end, descriptor)` pair's read end as that descriptor. Every
+/// read end is first copied above all the targets, so giving one never closes another.
+fn give_descriptors(command: &mut tokio::process::Command, mut given: Vec<(RawFd, RawFd)>) {
+    // SAFETY: fcntl and dup2 are async-signal-safe and nothing here allocates; it runs in the
+    // child between fork and exec. The copies are close-on-exec, the descriptors given are not.
+    unsafe {
+        command.pre_exec(move || {
+            for (read, _) in given.iter_mut() {
+                let copy = libc::fcntl(*read, libc::F_DUPFD_CLOEXEC, 10);
+                if copy < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                *read = copy;
+            }
+            for (read, descriptor) in &given {
+                if libc::dup2(*read, *descriptor) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
     }
 }
 
@@ -1251,6 +1326,61 @@ impl Tasks {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_workers_child_reads_the_builds_variables_and_secrets_on_pipes_not_its_command_line() {
+        let env = vec![
+            (
+                "GREETING".to_owned(),
+                "hello there\nsecond = line\r".to_owned(),
+            ),
+            ("EMPTY".to_owned(), String::new()),
+        ];
+        let secrets = vec![("/ci/token".to_owned(), "s3cr3t".to_owned())];
+        // A child that shows what it reads on descriptors 4 and 3.
+        let mut command = tokio::process::Command::new("sh");
+        command
+            .args(["-c", "cat /dev/fd/4; printf '|'; cat /dev/fd/3", "sh"])
+            .stdout(Stdio::piped());
+        let handed = hand_over(&mut command, &secrets, &env).unwrap_or_else(|_| panic!("pipes"));
+        let arguments: Vec<String> = command
+            .as_std()
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        for secret in ["hello there", "second = line", "s3cr3t"] {
+            assert!(
+                !arguments.iter().any(|a| a.contains(secret)),
+                "{secret:?} is on the command line: {arguments:?}"
+            );
+        }
+        assert!(
+            arguments.contains(&"--env-list=/dev/fd/4".to_owned()),
+            "{arguments:?}"
+        );
+        let output = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+            .block_on(async move {
+                let child = command.spawn().expect("sh starts");
+                fill(handed);
+                child.wait_with_output().await.expect("sh ends")
+            });
+        let shown = String::from_utf8(output.stdout).expect("utf-8");
+        let (listed, secrets_read) = shown.split_once('|').expect("both read");
+        assert_eq!(secrets_read, "/ci/token=s3cr3t\n");
+        // The child takes each listed assignment as it took an `--env` before.
+        let dir = tempfile::tempdir().expect("a folder");
+        let path = dir.path().join("env.json");
+        std::fs::write(&path, listed).expect("write");
+        let read: Vec<(String, String)> = crate::run::read_env_list(&path)
+            .expect("reads")
+            .iter()
+            .map(|a| crate::engine::env::parse_assignment(a).expect("parses"))
+            .collect();
+        assert_eq!(read, env);
+    }
 
     #[test]
     fn a_worker_cannot_pass_a_result_off_as_an_event() {

@@ -94,6 +94,18 @@ pub fn collect(store: &Store, max_stored_bytes: u64) -> Result<Collected> {
     collect_locked(store, max_stored_bytes)
 }
 
+/// The store's size budget: `explicit` (`--store-max-size`), else `$PEERBUILD_STORE_MAX_SIZE`,
+/// else 20 GiB.
+pub fn budget(explicit: Option<u64>) -> u64 {
+    explicit
+        .or_else(|| {
+            std::env::var("PEERBUILD_STORE_MAX_SIZE")
+                .ok()
+                .and_then(|v| crate::cli::parse_size(&v).ok())
+        })
+        .unwrap_or(20 << 30)
+}
+
 /// After a build: when the store has grown by a twentieth of its budget since the last check,
 /// collects down to the budget, unless another process is using the store (it is tried again
 /// after a later build). Returns what it collected, if it ran.

@@ -525,6 +525,7 @@ mod transfer {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use protocol::Digest;
+    use protocol::tree::{Entry as TreeEntry, EntryKind, Tree, encode_chunk_list};
 
     use super::*;
     use crate::store::transfer::{
@@ -570,7 +571,23 @@ mod transfer {
         root: Digest,
         sources: Vec<Arc<dyn BlobSource>>,
     ) -> Result<Fetched, TransferError> {
-        run(fetch_tree(store.clone(), root, sources, "fetched"))
+        fetch_within(store, root, sources, 1 << 30)
+    }
+
+    /// A fetch that may write at most `budget_bytes`.
+    fn fetch_within(
+        store: &Arc<Store>,
+        root: Digest,
+        sources: Vec<Arc<dyn BlobSource>>,
+        budget_bytes: u64,
+    ) -> Result<Fetched, TransferError> {
+        run(fetch_tree(
+            store.clone(),
+            root,
+            sources,
+            "fetched",
+            budget_bytes,
+        ))
     }
 
     /// Serves its store's blobs with one byte flipped in each.
@@ -708,6 +725,65 @@ mod transfer {
                 .contains(&format!("no peer can send blob {root}")),
             "{failed}"
         );
+        fs::remove_dir_all(&work).ok();
+    }
+
+    #[test]
+    fn a_tree_larger_than_the_transfer_may_write_is_refused_before_its_files_are_fetched() {
+        // The holder's tree has a file of 3 MiB, and more.
+        let (work, _, holder, root) = holder(10);
+        let receiver = Arc::new(Store::open(&work.join("receiver")).expect("opens"));
+        let budget = 1 << 20;
+        let failed = fetch_within(&receiver, root, vec![source("peer-a", &holder)], budget)
+            .expect_err("more than the budget");
+        let message = failed.to_string();
+        assert!(
+            matches!(failed, TransferError::OverLimit { .. })
+                && message.contains(&format!("tree {root} needs more"))
+                && message.contains("sent by peer-a"),
+            "{message}"
+        );
+        let stats = receiver.stats().expect("stats");
+        assert!(stats.logical_bytes <= budget, "{stats:?}");
+        // The same tree fits a larger budget.
+        fetch_within(&receiver, root, vec![source("peer-a", &holder)], 64 << 20).expect("fits");
+        fs::remove_dir_all(&work).ok();
+    }
+
+    #[test]
+    fn a_chunk_list_that_does_not_add_up_to_its_file_is_refused_before_its_chunks() {
+        let work = scratch("chunk-list");
+        let liar = Arc::new(Store::open(&work.join("liar")).expect("opens"));
+        let mut rng = Rng(11);
+        let chunks: Vec<Digest> = (0..2)
+            .map(|_| {
+                let bytes: Vec<u8> = (0..256 << 10).map(|_| rng.next() as u8).collect();
+                liar.put(&bytes).expect("stores").0
+            })
+            .collect();
+        let (list, _) = liar.put(&encode_chunk_list(&chunks)).expect("stores");
+        // A file of four bytes whose chunk list names half a megabyte.
+        let tree = Tree::new(vec![TreeEntry {
+            name: b"small.txt".to_vec(),
+            kind: EntryKind::File {
+                digest: Digest::of(b"tiny"),
+                executable: false,
+                chunks: Some(list),
+            },
+        }])
+        .expect("a tree");
+        let (root, _) = liar.put(&tree.encode()).expect("stores");
+        liar.flush(1).expect("flushes");
+        let receiver = Arc::new(Store::open(&work.join("receiver")).expect("opens"));
+        let failed = fetch(&receiver, root, vec![source("liar", &liar)]).expect_err("a lying list");
+        let message = failed.to_string();
+        assert!(
+            matches!(failed, TransferError::ChunksDisagree { .. })
+                && message.contains(&format!("chunk list {list}, sent by liar"))
+                && message.contains("the tree is refused"),
+            "{message}"
+        );
+        assert!(chunks.iter().all(|c| !receiver.contains(c)));
         fs::remove_dir_all(&work).ok();
     }
 

@@ -11,11 +11,20 @@
 //! the next round. Nothing is kept in memory between rounds but digests: a transfer that is
 //! interrupted resumes, next time, with only what is still missing.
 //!
+//! A transfer writes no more than it may: the digests say what every blob weighs, so each
+//! round counts what the tree still needs (a chunked file whose chunk list has not arrived
+//! counted whole) before asking for any of it, and refuses the tree once that passes the
+//! transfer's limit (the store's budget, and nine tenths of the disk's free space), naming the
+//! tree or chunk list that listed too much and the peer that sent it. A chunk list must add up
+//! to its file's size. Each blob is checked against its own digest on arrival (the pool's
+//! reader refuses a frame larger than the blob due, the store one that does not match it).
+//!
 //! The sources are behind [`BlobSource`], the seam the pool's blob protocol plugs into;
 //! [`StoreSource`] serves a local store, as a peer answers.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
+use std::os::unix::ffi::OsStrExt;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,7 +42,9 @@ pub use protocol::cas::{
 };
 /// Requests in flight to one source at once.
 const IN_FLIGHT_PER_SOURCE: usize = 4;
-/// How long one request may take before its source is dropped for the transfer.
+/// How long a `Has` question may take before its source is dropped for the transfer. A fetch
+/// has no such limit: a big batch from a slow source takes as long as it needs, and the source
+/// gives up itself once nothing moves (the pool's `PeerSource`).
 pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A boxed future, so [`BlobSource`] can be used as a trait object.
@@ -48,7 +59,9 @@ pub trait BlobSource: Send + Sync {
     fn name(&self) -> String;
     /// Which of `digests` it holds (one answer each, in order).
     fn has<'a>(&'a self, digests: &'a [Digest]) -> BoxFuture<'a, Result<Vec<bool>, String>>;
-    /// The stored form of each of `digests` it holds (see [`Store::get_stored`]).
+    /// The stored form of each of `digests` it holds (see [`Store::get_stored`]). The transfer
+    /// waits as long as a fetch takes: a source bounds its own waits, failing when it stalls
+    /// rather than when it is slow.
     fn fetch<'a>(&'a self, digests: &'a [Digest]) -> BoxFuture<'a, Result<StoredBlobs, String>>;
 }
 
@@ -120,6 +133,26 @@ pub enum TransferError {
     TooLarge { digest: Digest },
     #[error("the transfer stopped making progress with {left} blobs still missing")]
     Stalled { left: usize },
+    #[error(
+        "tree {root} needs more than this transfer may write ({limit_bytes} bytes: the store's budget and nine tenths of the disk's free space): {listed_by}, sent by {peer}, brings it to {needed_bytes} bytes"
+    )]
+    OverLimit {
+        root: Digest,
+        /// The tree or chunk list whose entries passed the limit.
+        listed_by: Digest,
+        peer: String,
+        needed_bytes: u64,
+        limit_bytes: u64,
+    },
+    #[error(
+        "chunk list {list}, sent by {peer}, adds up to {chunk_bytes} bytes for file {file}; the tree is refused"
+    )]
+    ChunksDisagree {
+        list: Digest,
+        file: Digest,
+        peer: String,
+        chunk_bytes: u64,
+    },
 }
 
 fn dropped_note(dropped: &[(String, String)]) -> String {
@@ -136,40 +169,185 @@ fn dropped_note(dropped: &[(String, String)]) -> String {
 /// The blobs of the tree `root` this store lacks, as far as the trees and chunk lists it holds
 /// tell: `root` itself if it is missing; else every missing subtree, file, chunk list and chunk
 /// under the trees present.
-pub fn missing(store: &Store, root: &Digest) -> Result<Vec<Digest>, StoreError> {
+pub fn missing(store: &Store, root: &Digest) -> Result<Vec<Digest>, TransferError> {
+    let budget = Budget {
+        limit_bytes: u64::MAX,
+        done_bytes: 0,
+    };
+    Ok(plan(store, root, budget, &Senders::default())?.missing)
+}
+
+/// What a transfer may write, and what it has written so far (at the digests' sizes).
+#[derive(Clone, Copy, Debug)]
+struct Budget {
+    limit_bytes: u64,
+    done_bytes: u64,
+}
+
+/// One round's view of the tree: what is missing, and which of it lists more (trees and chunk
+/// lists), so whoever sends those is remembered.
+#[derive(Default)]
+struct Plan {
+    missing: Vec<Digest>,
+    listings: HashSet<Digest>,
+}
+
+/// Who sent each tree and chunk list of this transfer, to name the peer when one of them
+/// asks for too much.
+#[derive(Default)]
+struct Senders {
+    by_digest: Mutex<HashMap<Digest, String>>,
+    /// The sources, for a root nobody has sent yet.
+    asked: String,
+}
+
+impl Senders {
+    fn sent(&self, digest: Digest, source: String) {
+        self.by_digest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(digest, source);
+    }
+
+    fn name(&self, digest: &Digest, root: &Digest) -> String {
+        let known = self
+            .by_digest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(digest)
+            .cloned();
+        match known {
+            Some(source) => source,
+            None if digest == root => format!("the peers asked ({})", self.asked),
+            None => "this store (it was here before the transfer)".to_owned(),
+        }
+    }
+}
+
+/// The walk behind [`plan`].
+struct Walk<'a> {
+    store: &'a Store,
+    root: Digest,
+    budget: Budget,
+    senders: &'a Senders,
+    seen: HashSet<Digest>,
+    needed_bytes: u64,
+    plan: Plan,
+}
+
+/// What the walk found of one blob.
+#[derive(PartialEq)]
+enum Found {
+    /// Here, and seen for the first time: its own entries are to be walked.
+    Here,
+    /// Missing: it is planned.
+    Missing,
+    /// Seen before.
+    Seen,
+}
+
+impl Walk<'_> {
+    /// Looks for `digest`, listed by `listing`. A missing blob is planned, at `bytes`, and
+    /// refused if that takes the transfer past its limit.
+    fn find(
+        &mut self,
+        digest: Digest,
+        listing: Digest,
+        bytes: u64,
+    ) -> Result<Found, TransferError> {
+        if !self.seen.insert(digest) {
+            return Ok(Found::Seen);
+        }
+        if self.store.contains(&digest) {
+            return Ok(Found::Here);
+        }
+        self.plan.missing.push(digest);
+        self.needed_bytes = self.needed_bytes.saturating_add(bytes);
+        let total = self.budget.done_bytes.saturating_add(self.needed_bytes);
+        if total > self.budget.limit_bytes {
+            return Err(TransferError::OverLimit {
+                root: self.root,
+                listed_by: listing,
+                peer: self.senders.name(&listing, &self.root),
+                needed_bytes: total,
+                limit_bytes: self.budget.limit_bytes,
+            });
+        }
+        Ok(Found::Missing)
+    }
+
+    /// Looks for a tree or chunk list: a missing one is also remembered as a listing, so
+    /// whoever sends it is known.
+    fn find_listing(
+        &mut self,
+        digest: Digest,
+        listing: Digest,
+        bytes: u64,
+    ) -> Result<Found, TransferError> {
+        let found = self.find(digest, listing, bytes)?;
+        if found == Found::Missing {
+            self.plan.listings.insert(digest);
+        }
+        Ok(found)
+    }
+}
+
+/// Walks the tree `root` as far as this store holds it (see [`missing`]), counting what is
+/// missing at the sizes its digests give, a chunked file whose chunk list is missing counted
+/// whole. Refuses the tree when that would take the transfer past its limit, or when a chunk
+/// list does not add up to its file.
+fn plan(
+    store: &Store,
+    root: &Digest,
+    budget: Budget,
+    senders: &Senders,
+) -> Result<Plan, TransferError> {
     // What other processes stored since is counted once, not looked for blob by blob.
     store.refresh();
-    let mut missing = Vec::new();
-    let mut seen = HashSet::new();
-    let mut trees = vec![*root];
-    let mut want = |digest: Digest, missing: &mut Vec<Digest>| -> bool {
-        if !seen.insert(digest) {
-            return false;
-        }
-        if store.contains(&digest) {
-            return true;
-        }
-        missing.push(digest);
-        false
+    let mut walk = Walk {
+        store,
+        root: *root,
+        budget,
+        senders,
+        seen: HashSet::new(),
+        needed_bytes: 0,
+        plan: Plan::default(),
     };
-    if !want(*root, &mut missing) {
-        return Ok(missing);
+    if walk.find_listing(*root, *root, root.size())? != Found::Here {
+        return Ok(walk.plan);
     }
+    let mut trees = vec![*root];
     while let Some(tree) = trees.pop() {
-        let tree = Tree::decode(&store.get(&tree)?)?;
-        for entry in tree.entries() {
+        let decoded = Tree::decode(&store.get(&tree)?).map_err(StoreError::from)?;
+        for entry in decoded.entries() {
             match &entry.kind {
                 EntryKind::Dir { digest } => {
-                    if want(*digest, &mut missing) {
+                    if walk.find_listing(*digest, tree, digest.size())? == Found::Here {
                         trees.push(*digest);
                     }
                 }
                 EntryKind::File {
-                    chunks: Some(list), ..
+                    digest: file,
+                    chunks: Some(list),
+                    ..
                 } => {
-                    if want(*list, &mut missing) {
-                        for chunk in decode_chunk_list(&store.get(list)?)? {
-                            want(chunk, &mut missing);
+                    let whole = list.size().saturating_add(file.size());
+                    if walk.find_listing(*list, tree, whole)? == Found::Here {
+                        let chunks =
+                            decode_chunk_list(&store.get(list)?).map_err(StoreError::from)?;
+                        let chunk_bytes = chunks
+                            .iter()
+                            .fold(0u64, |sum, chunk| sum.saturating_add(chunk.size()));
+                        if chunk_bytes != file.size() {
+                            return Err(TransferError::ChunksDisagree {
+                                list: *list,
+                                file: *file,
+                                peer: senders.name(list, root),
+                                chunk_bytes,
+                            });
+                        }
+                        for chunk in chunks {
+                            walk.find(chunk, *list, chunk.size())?;
                         }
                     }
                 }
@@ -178,13 +356,29 @@ pub fn missing(store: &Store, root: &Digest) -> Result<Vec<Digest>, StoreError> 
                     chunks: None,
                     ..
                 } => {
-                    want(*digest, &mut missing);
+                    walk.find(*digest, tree, digest.size())?;
                 }
                 EntryKind::Symlink { .. } => {}
             }
         }
     }
-    Ok(missing)
+    Ok(walk.plan)
+}
+
+/// The most one transfer may write: `budget_bytes` (the store's size budget: a tree larger
+/// than the whole store could never be kept, gc would drop it or everything else), and nine
+/// tenths of the free space on the store's disk (the rest stays for builds and the machine).
+fn limit_bytes(store: &Store, budget_bytes: u64) -> Result<u64, StoreError> {
+    let path = store.root();
+    let text = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| StoreError::io(path, std::io::Error::other(e)))?;
+    // SAFETY: statvfs fills the struct it is given from a NUL-terminated path.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(text.as_ptr(), &mut stat) } < 0 {
+        return Err(StoreError::io(path, std::io::Error::last_os_error()));
+    }
+    let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+    Ok(budget_bytes.min(free - free / 10))
 }
 
 /// One source during a transfer.
@@ -210,17 +404,22 @@ impl Source {
 #[derive(Default)]
 struct Totals {
     blobs: AtomicU64,
+    /// Bytes fetched, at the sizes the digests give (what the limit counts).
+    fetched: AtomicU64,
     transferred: AtomicU64,
     written: AtomicU64,
+    senders: Senders,
 }
 
 /// Fetches every blob of the tree `root` this store lacks from `sources`, verifying each, then
-/// keeps the tree (a root named `what`).
+/// keeps the tree (a root named `what`). Writes at most `budget_bytes` (the store's size
+/// budget), and no more than nine tenths of the disk's free space.
 pub async fn fetch_tree(
     store: Arc<Store>,
     root: Digest,
     sources: Vec<Arc<dyn BlobSource>>,
     what: &str,
+    budget_bytes: u64,
 ) -> Result<Fetched, TransferError> {
     let lock_store = store.clone();
     // gc never removes what a running transfer has stored but not yet made a root.
@@ -240,16 +439,30 @@ pub async fn fetch_tree(
             })
         })
         .collect();
-    let totals = Arc::new(Totals::default());
+    let limit_bytes = limit_bytes(&store, budget_bytes)?;
+    let names: Vec<String> = sources.iter().map(|s| s.source.name()).collect();
+    let totals = Arc::new(Totals {
+        senders: Senders {
+            asked: names.join(", "),
+            ..Senders::default()
+        },
+        ..Totals::default()
+    });
     let mut rounds = 0;
     loop {
-        let walk_store = store.clone();
-        let missing = tokio::task::spawn_blocking(move || missing(&walk_store, &root))
-            .await
-            .map_err(|e| StoreError::Refused {
-                path: store.root().to_owned(),
-                reason: e.to_string(),
-            })??;
+        let (walk_store, walk_totals) = (store.clone(), totals.clone());
+        let budget = Budget {
+            limit_bytes,
+            done_bytes: totals.fetched.load(Ordering::Relaxed),
+        };
+        let Plan { missing, listings } = tokio::task::spawn_blocking(move || {
+            plan(&walk_store, &root, budget, &walk_totals.senders)
+        })
+        .await
+        .map_err(|e| StoreError::Refused {
+            path: store.root().to_owned(),
+            reason: e.to_string(),
+        })??;
         if missing.is_empty() {
             break;
         }
@@ -260,7 +473,7 @@ pub async fn fetch_tree(
         let before = totals.blobs.load(Ordering::Relaxed);
         let dropped_before = sources.iter().filter(|s| s.is_dropped()).count();
         let queues = assign(&sources, &missing).await?;
-        run_round(&store, &sources, queues, &totals).await?;
+        run_round(&store, &sources, queues, &totals, &Arc::new(listings)).await?;
         let progressed = totals.blobs.load(Ordering::Relaxed) > before;
         let found_out = sources.iter().filter(|s| s.is_dropped()).count() > dropped_before;
         // Nothing arrived and no source was found out: asking again would not help.
@@ -390,6 +603,7 @@ async fn run_round(
     sources: &[Arc<Source>],
     queues: Vec<VecDeque<Vec<Digest>>>,
     totals: &Arc<Totals>,
+    listings: &Arc<HashSet<Digest>>,
 ) -> Result<(), StoreError> {
     let local_error: Arc<Mutex<Option<StoreError>>> = Arc::default();
     let mut workers = tokio::task::JoinSet::new();
@@ -399,11 +613,12 @@ async fn run_round(
         }
         let queue = Arc::new(Mutex::new(queue));
         for _ in 0..IN_FLIGHT_PER_SOURCE {
-            let (store, source, queue, totals, local_error) = (
+            let (store, source, queue, totals, listings, local_error) = (
                 store.clone(),
                 source.clone(),
                 queue.clone(),
                 totals.clone(),
+                listings.clone(),
                 local_error.clone(),
             );
             workers.spawn(async move {
@@ -419,7 +634,7 @@ async fn run_round(
                     else {
                         return;
                     };
-                    match fetch_batch(&store, &source, batch, &totals).await {
+                    match fetch_batch(&store, &source, batch, &totals, &listings).await {
                         Ok(()) => {}
                         Err(Fault::Source(why)) => source.drop_for(why),
                         Err(Fault::Local(err)) => {
@@ -461,11 +676,9 @@ async fn fetch_batch(
     source: &Source,
     batch: Vec<Digest>,
     totals: &Totals,
+    listings: &HashSet<Digest>,
 ) -> Result<(), Fault> {
-    let received = tokio::time::timeout(REQUEST_TIMEOUT, source.source.fetch(&batch))
-        .await
-        .unwrap_or_else(|_| Err("it did not send in time".to_owned()))
-        .map_err(Fault::Source)?;
+    let received = source.source.fetch(&batch).await.map_err(Fault::Source)?;
     let asked: HashSet<Digest> = batch.iter().copied().collect();
     let mut got = HashSet::new();
     for (digest, stored) in received {
@@ -486,7 +699,11 @@ async fn fetch_batch(
             })?;
         match written {
             Ok(written) => {
+                if listings.contains(&digest) {
+                    totals.senders.sent(digest, source.source.name());
+                }
                 totals.blobs.fetch_add(1, Ordering::Relaxed);
+                totals.fetched.fetch_add(digest.size(), Ordering::Relaxed);
                 totals.transferred.fetch_add(length, Ordering::Relaxed);
                 totals.written.fetch_add(written, Ordering::Relaxed);
             }

@@ -20,6 +20,7 @@ phases:
     commands:
       - echo "running on $PEERBUILD_PEER_ID"
       - echo "token $TOKEN"
+      - echo "greeting $GREETING"
       - mkdir -p out/sub
       - cat input.txt > out/copy.txt
       - seq 1 2000 | sha256sum > out/sub/sum.txt
@@ -137,6 +138,8 @@ fn a_build_runs_on_the_peer_with_the_label_and_its_artifacts_come_back() {
             "zone=b",
             "--secrets",
             secrets,
+            "--env",
+            "GREETING=hello from the submitter",
             "--artifacts",
             remote_out.to_str().expect("utf-8"),
         ],
@@ -167,6 +170,12 @@ fn a_build_runs_on_the_peer_with_the_label_and_its_artifacts_come_back() {
     // The secret reached the build on the worker, and no output shows it; nothing the worker
     // keeps holds it, nor the secret the build does not read (which never left this machine).
     assert!(remote.log().contains("token ***"), "{}", remote.log());
+    // The submitter's --env reached the build on the worker (on a pipe, not a command line).
+    assert!(
+        remote.log().contains("greeting hello from the submitter"),
+        "{}",
+        remote.log()
+    );
     assert!(!remote.stdout.contains("s3cr3t-value"));
     for (path, bytes, _) in files_under(cluster.node(1).data_dir()) {
         let text = String::from_utf8_lossy(&bytes);
