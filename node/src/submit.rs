@@ -1,9 +1,10 @@
 //! `peerbuild run` with a node running (on the data directory, or `--node`): everything is
 //! checked here first, as for a local build (exit 2 on a refusal, nothing submitted); the
-//! source goes into the store the node shares; the build is submitted to the node
-//! (`POST /v1/builds`), which places it on a peer; its events are shown live and recorded here
-//! as they arrive; artifacts, fetched into the store by the node, are exported for
-//! `--artifacts`. Ctrl-C closes the submission, and the node stops the build wherever it runs.
+//! source goes into this store, and to the node's if that is another (`pool::blobs`); the
+//! build is submitted to the node (`POST /v1/builds`), which places it on a peer; its events
+//! are shown live and recorded here as they arrive; artifacts, fetched by the node, come back
+//! into this store and are exported for `--artifacts`. Ctrl-C closes the submission, and the
+//! node stops the build wherever it runs.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use crate::cli::RunArgs;
 use crate::engine::secrets;
 use crate::engine::{Interrupt, Limits, OutputBudget};
 use crate::events::{ArtifactRecord, BuildResult, Envelope, Event, Level, Status};
+use crate::pool::blobs;
 use crate::pool::client::{self, Endpoint};
 use crate::pool::tasks::Submission;
 use crate::reporter::Reporter;
@@ -40,6 +42,10 @@ pub async fn submit(data_dir: Option<&Path>, args: RunArgs, endpoint: Endpoint) 
     let store = Arc::new(crate::cache_cli::open_store(Some(prepared.data.root()))?);
     // Everything that can refuse comes before the build's record is started.
     let submission = submission(&prepared, &args, &store).await?;
+    // A node on another data directory gets the source first (on this one: a question).
+    blobs::upload_tree(&endpoint, &store, submission.build.source)
+        .await
+        .context("cannot hand the source to the node")?;
     let build_dir = prepared.data.build(&prepared.id.to_string());
     run::start_record(&build_dir)?;
     let reporter = Reporter::new(run::sinks(&args, Some(&build_dir))?);
@@ -58,6 +64,7 @@ pub async fn submit(data_dir: Option<&Path>, args: RunArgs, endpoint: Endpoint) 
     };
     ticker.abort();
     signals.abort();
+    fetch_artifacts(&endpoint, &store, &mut result).await;
     if let Some(root) = &prepared.artifacts_root {
         let planned: Vec<String> = prepared
             .buildspec
@@ -339,7 +346,33 @@ fn unfinished(
     }
 }
 
-/// Writes each artifact tree (the node fetched them into the shared store) into `--artifacts`:
+/// Fetches the result's artifact trees from the node's store into this one (nothing to fetch
+/// when they are one), so they can be exported here. One that cannot be fetched fails the
+/// build: its artifacts did not come back.
+async fn fetch_artifacts(endpoint: &Endpoint, store: &Arc<Store>, result: &mut BuildResult) {
+    let mut failed = Vec::new();
+    let digests: Vec<String> = std::iter::once(&*result)
+        .chain(result.members.iter())
+        .flat_map(|r| r.artifacts.iter().map(|a| a.digest.clone()))
+        .collect();
+    for text in digests {
+        let Ok(digest) = text.parse::<protocol::Digest>() else {
+            continue;
+        };
+        if let Err(err) = blobs::download_tree(endpoint.clone(), store, digest).await {
+            failed.push(format!("{digest}: {err:#}"));
+        }
+    }
+    if !failed.is_empty() {
+        result.status = Status::Fault;
+        result.message = Some(format!(
+            "artifacts could not be fetched from the node: {}",
+            failed.join("; ")
+        ));
+    }
+}
+
+/// Writes each artifact tree (fetched into this store) into `--artifacts`:
 /// the primary artifact's files in the folder itself, a secondary one in a sub-folder named by
 /// its identifier, a batch member's under its identifier, as for a local build. The names come
 /// from a peer's result, so each must be one plain folder name, and a member one of this

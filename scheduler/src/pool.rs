@@ -60,7 +60,8 @@ pub(crate) struct PeerView {
 
 impl PeerView {
     pub fn free(&self) -> u32 {
-        self.total.saturating_sub(self.others + self.committed)
+        self.total
+            .saturating_sub(self.others.saturating_add(self.committed))
     }
 
     fn available(&self) -> bool {

@@ -26,6 +26,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Semaphore, broadcast, mpsc, watch};
 use tracing::{debug, warn};
 
+use super::blobs;
 use super::shared_cache::NodeCache;
 use super::swarm::Shared;
 use super::tasks::{Submission, Tasks};
@@ -234,18 +235,49 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Response<ApiBody
         (_, ["v1", "cache", "find" | "announce" | "fetch"]) => {
             error(StatusCode::METHOD_NOT_ALLOWED, "use POST")
         }
+        (&Method::POST, ["v1", "blobs", "has"]) => match read_json(request).await {
+            Ok(asked) => match blobs::serve_has(state.tasks.store.clone(), asked).await {
+                Ok(held) => json_of(&held),
+                Err(err) => error(StatusCode::BAD_REQUEST, &err),
+            },
+            Err(response) => response,
+        },
+        (&Method::POST, ["v1", "blobs", "fetch"]) => match read_json(request).await {
+            Ok(asked) => match blobs::serve_fetch(state.tasks.store.clone(), asked).await {
+                Ok(frames) => {
+                    let mut response = Response::new(Full::new(Bytes::from(frames)).boxed());
+                    response.headers_mut().insert(
+                        hyper::header::CONTENT_TYPE,
+                        hyper::header::HeaderValue::from_static("application/octet-stream"),
+                    );
+                    response
+                }
+                Err(err) => error(StatusCode::BAD_REQUEST, &err),
+            },
+            Err(response) => response,
+        },
+        (&Method::POST, ["v1", "blobs", "put"]) => {
+            match read_body(request, blobs::MAX_PUT_BYTES).await {
+                Ok(body) => match blobs::serve_put(state.tasks.store.clone(), body).await {
+                    Ok(put) => json_of(&put),
+                    Err(err) => error(StatusCode::BAD_REQUEST, &err),
+                },
+                Err(response) => response,
+            }
+        }
+        (_, ["v1", "blobs", "has" | "fetch" | "put"]) => {
+            error(StatusCode::METHOD_NOT_ALLOWED, "use POST")
+        }
         _ => error(
             StatusCode::NOT_FOUND,
-            "no such endpoint; this node serves GET /v1/status, GET /v1/events, POST /v1/builds, POST /v1/cache/find, POST /v1/cache/announce and POST /v1/cache/fetch",
+            "no such endpoint; this node serves GET /v1/status, GET /v1/events, POST /v1/builds, POST /v1/cache/find, POST /v1/cache/announce, POST /v1/cache/fetch and POST /v1/blobs/{has,fetch,put}",
         ),
     }
 }
 
-/// A JSON request body, at most [`MAX_REQUEST_BODY_BYTES`].
-async fn read_json<T: serde::de::DeserializeOwned>(
-    request: Request<Incoming>,
-) -> Result<T, Response<ApiBody>> {
-    let body = http_body_util::Limited::new(request.into_body(), MAX_REQUEST_BODY_BYTES)
+/// A request body, at most `limit` bytes.
+async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, Response<ApiBody>> {
+    Ok(http_body_util::Limited::new(request.into_body(), limit)
         .collect()
         .await
         .map_err(|err| {
@@ -254,7 +286,14 @@ async fn read_json<T: serde::de::DeserializeOwned>(
                 &format!("cannot read the request ({err})"),
             )
         })?
-        .to_bytes();
+        .to_bytes())
+}
+
+/// A JSON request body, at most [`MAX_REQUEST_BODY_BYTES`].
+async fn read_json<T: serde::de::DeserializeOwned>(
+    request: Request<Incoming>,
+) -> Result<T, Response<ApiBody>> {
+    let body = read_body(request, MAX_REQUEST_BODY_BYTES).await?;
     serde_json::from_slice(&body).map_err(|err| {
         error(
             StatusCode::BAD_REQUEST,
@@ -379,6 +418,13 @@ impl Body for EventBody {
         self.lines
             .poll_recv(cx)
             .map(|line| line.map(|bytes| Ok(Frame::data(bytes))))
+    }
+}
+
+fn json_of<T: serde::Serialize>(value: &T) -> Response<ApiBody> {
+    match serde_json::to_vec(value) {
+        Ok(json) => json_response(StatusCode::OK, json),
+        Err(err) => error(StatusCode::INTERNAL_SERVER_ERROR, &err.to_string()),
     }
 }
 

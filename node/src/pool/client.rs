@@ -19,10 +19,11 @@ use crate::data_dir::DataDir;
 use crate::engine::cache::{Entry, FindRequest, Found, PoolCache};
 use crate::store::transfer::BoxFuture;
 
-/// The largest API answer the CLI reads.
-const MAX_RESPONSE_BYTES: usize = 64 << 20;
+/// The largest API answer the CLI reads (a blob of the largest size, with its frame).
+const MAX_RESPONSE_BYTES: usize = 72 << 20;
 
 /// Where the node's API is, and how to get in.
+#[derive(Clone)]
 pub enum Endpoint {
     Unix(PathBuf),
     Tcp { authority: String, token: String },
@@ -88,7 +89,7 @@ async fn open(
     endpoint: &Endpoint,
     method: Method,
     path: &str,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response<Incoming>> {
     match endpoint {
         Endpoint::Unix(socket) => {
@@ -107,7 +108,7 @@ async fn open(
 }
 
 /// Sends a request; the answer's body when the node says 200, else an error with its message.
-async fn send(endpoint: &Endpoint, method: Method, path: &str, body: Bytes) -> Result<Bytes> {
+async fn send(endpoint: &Endpoint, method: Method, path: &str, body: Body) -> Result<Bytes> {
     let response = open(endpoint, method, path, body).await?;
     let code = response.status();
     let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
@@ -126,17 +127,34 @@ async fn send(endpoint: &Endpoint, method: Method, path: &str, body: Bytes) -> R
 
 /// `POST path` with a JSON body; the answer's body when the node says 200.
 pub async fn post(endpoint: &Endpoint, path: &str, json: Vec<u8>) -> Result<Bytes> {
-    send(endpoint, Method::POST, path, Bytes::from(json)).await
+    send(endpoint, Method::POST, path, Body::Json(Bytes::from(json))).await
+}
+
+/// `POST path` with a binary body (`/v1/blobs/put`); the answer's body when the node says 200.
+pub async fn post_bytes(endpoint: &Endpoint, path: &str, bytes: Vec<u8>) -> Result<Bytes> {
+    send(
+        endpoint,
+        Method::POST,
+        path,
+        Body::Binary(Bytes::from(bytes)),
+    )
+    .await
 }
 
 /// `GET path`; the answer's body when the node says 200.
 pub async fn get(endpoint: &Endpoint, path: &str) -> Result<Bytes> {
-    send(endpoint, Method::GET, path, Bytes::new()).await
+    send(endpoint, Method::GET, path, Body::Json(Bytes::new())).await
+}
+
+/// A request's body and what it holds.
+enum Body {
+    Json(Bytes),
+    Binary(Bytes),
 }
 
 /// `POST path` with a JSON body whose answer is a stream of lines (`POST /v1/builds`).
 pub async fn post_lines(endpoint: &Endpoint, path: &str, json: Vec<u8>) -> Result<Lines> {
-    let response = open(endpoint, Method::POST, path, Bytes::from(json)).await?;
+    let response = open(endpoint, Method::POST, path, Body::Json(Bytes::from(json))).await?;
     let code = response.status();
     if code != StatusCode::OK {
         let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
@@ -200,7 +218,7 @@ async fn request<S>(
     token: Option<&str>,
     method: Method,
     path: &str,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response<Incoming>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -216,8 +234,12 @@ where
     if let Some(token) = token {
         builder = builder.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
     }
+    let (body, kind) = match body {
+        Body::Json(body) => (body, "application/json"),
+        Body::Binary(body) => (body, "application/octet-stream"),
+    };
     if !body.is_empty() {
-        builder = builder.header(hyper::header::CONTENT_TYPE, "application/json");
+        builder = builder.header(hyper::header::CONTENT_TYPE, kind);
     }
     let request = builder.body(Full::new(body))?;
     sender

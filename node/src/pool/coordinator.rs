@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use protocol::Digest;
-use protocol::wire::{Enforcement, Heartbeat as WireHeartbeat};
+use protocol::wire::{Enforcement, Heartbeat as WireHeartbeat, MAX_RUNNING};
 use scheduler::{
     Action, Attempt, BuildId, BuildOutcome, BuildSpec, Capabilities, Config, Event, Explanation,
     FailReason, Guarantees, Heartbeat, Input, InputId, LossReason, Millis, PeerId, Requirements,
@@ -33,6 +33,11 @@ const INBOX: usize = 1024;
 pub const ORDERS: usize = 64;
 /// The submitter every build of this node's API has: its owner (the API is theirs alone).
 const OWNER: SubmitterId = SubmitterId(1);
+/// How much longer than the node's own wait for an answer the engine waits for an offer.
+const OFFER_MARGIN: Duration = Duration::from_secs(15);
+/// How often a peer's capabilities may change in the engine's eyes (each new set of
+/// capabilities is a constraint class the engine keeps).
+const CAPABILITY_CHANGES: Duration = Duration::from_secs(60);
 
 /// What the engine tells a build's task to do.
 #[derive(Debug)]
@@ -52,8 +57,13 @@ pub enum Order {
     Cancel { attempt: Attempt },
     /// Something the user should read (why the build waits).
     Note(String),
-    /// A run was lost (`peer` gone, silent, failed or refusing) and the build is placed again.
-    Lost { peer: String, said: String },
+    /// A run was lost (`peer` gone, silent, failed or refusing): stop it if it still runs;
+    /// the build is placed again.
+    Lost {
+        attempt: Attempt,
+        peer: String,
+        said: String,
+    },
     /// This run's result is the build's result.
     Accept { attempt: Attempt },
     /// The build cannot run to a result: why.
@@ -170,8 +180,11 @@ struct Engine {
     next_build: u64,
     /// When the last heartbeat of each remote peer that was fed to the engine arrived.
     fed: HashMap<String, Instant>,
-    /// Offer `task` names of live runs, to read peers' lists of what they run.
-    runs: HashMap<String, (TaskId, Attempt)>,
+    /// Offer `task` names of live runs (with the peer each is on), to read peers' lists of
+    /// what they run.
+    runs: HashMap<String, (TaskId, Attempt, PeerId)>,
+    /// Each remote peer's capabilities as the engine knows them, and when they last changed.
+    capabilities: HashMap<PeerId, (Arc<Capabilities>, Instant)>,
     /// Each build's run names' prefix.
     prefixes: HashMap<BuildId, String>,
 }
@@ -182,7 +195,10 @@ impl Engine {
         let me = names.number(&local.me);
         let config = Config {
             lease_ms: local.lease.as_millis() as u64,
-            offer_timeout_ms: super::tasks::OFFER_TIMEOUT.as_millis() as u64,
+            // Past the node's own wait for an answer (which starts a moment later), so the
+            // engine never gives up on an offer the build's task still waits on: a run it
+            // forgot could not be stopped.
+            offer_timeout_ms: (super::tasks::OFFER_TIMEOUT + OFFER_MARGIN).as_millis() as u64,
             max_attempts: super::tasks::MAX_ATTEMPTS,
             // A build may deploy or publish: never run a second copy of one on a hunch.
             straggler_percent: None,
@@ -203,6 +219,7 @@ impl Engine {
             next_build: 1,
             fed: HashMap::new(),
             runs: HashMap::new(),
+            capabilities: HashMap::new(),
             prefixes: HashMap::new(),
         }
     }
@@ -293,32 +310,33 @@ impl Engine {
     /// Feeds the engine what changed in the pool: this node's own state, every heartbeat heard
     /// since the last look, and peers that are gone.
     fn read_pool(&mut self) {
-        let (local, heard) = {
+        let (local, (present, heard)) = {
             let view = self.local.view.lock().unwrap_or_else(|e| e.into_inner());
-            (view.local().clone(), view.placeable())
+            (view.local().clone(), view.placeable_since(&self.fed))
         };
-        let mut local = local;
-        local.slots_free = (self.local.slots.available_permits() as u32).min(local.slots_total);
-        local.running = self
-            .local
-            .running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .cloned()
-            .collect();
         let queued = self.scheduler.stats().queued_tasks as u32;
         self.local.queued.store(queued, Ordering::Relaxed);
-        local.queue_length = queued;
-        let heartbeat = self.heartbeat(&local, self.me);
+        // This node's own runs cannot vanish unseen: the engine's runs placed here are listed
+        // until their builds' tasks report how they ended.
+        let me = self.me;
+        let heartbeat = Heartbeat {
+            peer: me,
+            capabilities: Arc::new(capabilities(&local)),
+            total_slots: local.slots_total,
+            free_slots: (self.local.slots.available_permits() as u32).min(local.slots_total),
+            load_permille: local.load_milli.min(1000),
+            holds: Vec::new(),
+            running: self
+                .runs
+                .values()
+                .filter(|(_, _, peer)| *peer == me)
+                .map(|(task, attempt, _)| (*task, *attempt))
+                .collect(),
+            queued_tasks: queued,
+        };
         self.step(Event::Heartbeat(heartbeat));
-        let mut present = BTreeSet::new();
         for (heartbeat, heard_at) in heard {
             if heartbeat.peer_id == self.local.me {
-                continue;
-            }
-            present.insert(heartbeat.peer_id.clone());
-            if self.fed.get(&heartbeat.peer_id) == Some(&heard_at) {
                 continue;
             }
             self.fed.insert(heartbeat.peer_id.clone(), heard_at);
@@ -326,6 +344,7 @@ impl Engine {
             let heartbeat = self.heartbeat(&heartbeat, peer);
             self.step(Event::Heartbeat(heartbeat));
         }
+        let present: BTreeSet<String> = present.into_iter().collect();
         let gone: Vec<String> = self
             .fed
             .keys()
@@ -335,29 +354,52 @@ impl Engine {
         for name in gone {
             self.fed.remove(&name);
             let peer = self.names.number(&name);
+            self.capabilities.remove(&peer);
             info!(peer = %name, "peer gone: its runs are placed again");
             self.step(Event::PeerGone { peer });
         }
     }
 
-    fn heartbeat(&self, wire: &WireHeartbeat, peer: PeerId) -> Heartbeat {
+    /// A remote peer's heartbeat as the engine takes it: its slots clamped to what a node may
+    /// have, its queue counted only up to its own slots (a peer that runs nothing has no say in
+    /// fair shares), and a change of capabilities taken at most once a minute.
+    fn heartbeat(&mut self, wire: &WireHeartbeat, peer: PeerId) -> Heartbeat {
+        let total_slots = wire.slots_total.min(MAX_RUNNING as u32);
+        let now = Instant::now();
+        let heard = capabilities(wire);
+        let capabilities = match self.capabilities.get(&peer) {
+            Some((known, _)) if **known == heard => known.clone(),
+            Some((known, changed)) if now.duration_since(*changed) < CAPABILITY_CHANGES => {
+                known.clone()
+            }
+            _ => {
+                let heard = Arc::new(heard);
+                self.capabilities.insert(peer, (heard.clone(), now));
+                heard
+            }
+        };
         Heartbeat {
             peer,
-            capabilities: Arc::new(capabilities(wire)),
-            total_slots: wire.slots_total,
-            free_slots: wire.slots_free.min(wire.slots_total),
+            capabilities,
+            total_slots,
+            free_slots: wire.slots_free.min(total_slots),
             load_permille: wire.load_milli.min(1000),
             holds: Vec::new(),
             running: wire
                 .running
                 .iter()
-                .filter_map(|task| self.runs.get(task).copied())
+                .filter_map(|task| self.runs.get(task))
+                .filter(|(_, _, on)| *on == peer)
+                .map(|(task, attempt, _)| (*task, *attempt))
                 .collect(),
-            queued_tasks: wire.queue_length,
+            queued_tasks: wire.queue_length.min(total_slots),
         }
     }
 
     fn step(&mut self, event: Event) {
+        if let Event::OfferDeclined { task, attempt, .. } = &event {
+            self.forget_run(*task, *attempt);
+        }
         let now = self.now();
         let actions = self.scheduler.step(now, event);
         for action in actions {
@@ -397,7 +439,7 @@ impl Engine {
                 let Some(run) = self.run_name(task, attempt) else {
                     return;
                 };
-                self.runs.insert(run.clone(), (task, attempt));
+                self.runs.insert(run.clone(), (task, attempt, peer));
                 let name = self.names.name(peer);
                 let why = explain(&explanation);
                 self.order(
@@ -428,7 +470,14 @@ impl Engine {
                     "peer {name} was lost while running the build ({}); running it again on another peer",
                     loss(&reason)
                 );
-                self.order(task.build, Order::Lost { peer: name, said });
+                self.order(
+                    task.build,
+                    Order::Lost {
+                        attempt: lost,
+                        peer: name,
+                        said,
+                    },
+                );
             }
             Action::Accept { task, attempt, .. } => {
                 self.forget_run(task, attempt);
@@ -453,13 +502,13 @@ impl Engine {
                 self.order(build, Order::Done);
                 self.builds.remove(&build);
                 self.prefixes.remove(&build);
-                self.runs.retain(|_, (task, _)| task.build != build);
+                self.runs.retain(|_, (task, _, _)| task.build != build);
             }
         }
     }
 
     fn forget_run(&mut self, task: TaskId, attempt: Attempt) {
-        self.runs.retain(|_, run| *run != (task, attempt));
+        self.runs.retain(|_, (t, a, _)| (*t, *a) != (task, attempt));
     }
 
     /// A failure as the user reads it, peers by their ids.
@@ -739,9 +788,81 @@ mod tests {
         beat(&mut engine, &remote, &[]);
         let after = drain(&mut orders);
         assert!(
-            matches!(&after[..], [Order::Lost { peer, .. }, Order::Offer { attempt: next, .. }] if peer == "peer-b" && *next != attempt),
-            "{after:?}"
+            matches!(&after[..], [Order::Lost { peer, attempt: lost, .. }, Order::Offer { attempt: next, .. }] if peer == "peer-b" && *lost == attempt && *next != attempt),
+            "the lost run is named, so its task stops it: {after:?}"
         );
+    }
+
+    #[test]
+    fn a_run_on_this_node_is_never_taken_for_vanished() {
+        let remote = wire("peer-b", &[]);
+        let mut engine = engine(&remote);
+        engine.read_pool();
+        let (orders_to, mut orders) = mpsc::channel(ORDERS);
+        let plan = Plan {
+            requires: Vec::new(),
+            ..gpu_plan()
+        };
+        // Peer B's heartbeat says it is busy, so the build is placed here.
+        beat(
+            &mut engine,
+            &WireHeartbeat {
+                slots_free: 0,
+                ..remote.clone()
+            },
+            &[],
+        );
+        let build = engine.submit(plan, orders_to);
+        let offered = drain(&mut orders);
+        let [
+            Order::Offer {
+                attempt,
+                peer,
+                name,
+                ..
+            },
+        ] = &offered[..]
+        else {
+            panic!("one offer: {offered:?}");
+        };
+        assert_eq!(name, "me");
+        let task = TaskId { build, index: 0 };
+        engine.step(Event::Started {
+            task,
+            attempt: *attempt,
+            peer: *peer,
+        });
+        // Its task has not reported the end yet (the node's `running` set is empty by then):
+        // however many ticks pass, the run stands.
+        for _ in 0..5 {
+            engine.read_pool();
+        }
+        assert!(drain(&mut orders).is_empty());
+    }
+
+    #[test]
+    fn a_heartbeat_claiming_absurd_slots_is_clamped() {
+        let mut remote = wire("peer-b", &[("gpu", "a100")]);
+        remote.slots_total = u32::MAX;
+        remote.slots_free = u32::MAX;
+        remote.queue_length = u32::MAX;
+        let mut engine = engine(&remote);
+        engine.read_pool();
+        let (orders_to, mut orders) = mpsc::channel(ORDERS);
+        engine.submit(gpu_plan(), orders_to);
+        assert!(matches!(&drain(&mut orders)[..], [Order::Offer { .. }]));
+        // It now says every slot is taken: the engine's arithmetic must hold.
+        beat(
+            &mut engine,
+            &WireHeartbeat {
+                slots_free: 0,
+                ..remote.clone()
+            },
+            &[],
+        );
+        let taken = engine.heartbeat(&remote, PeerId(2));
+        assert_eq!(taken.total_slots, MAX_RUNNING as u32);
+        assert!(taken.queued_tasks <= taken.total_slots);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! `peerbuild status` and `peerbuild pool init` are in [`status`].
 
 pub mod api;
+pub mod blobs;
 pub mod cas;
 pub mod client;
 pub mod coordinator;
@@ -464,10 +465,17 @@ fn plan(args: &NodeArgs) -> std::result::Result<NodePlan, String> {
             args.heartbeat_interval.as_secs()
         ));
     }
+    // Heartbeats list every run in progress, and carry at most `MAX_RUNNING` of them.
+    let most = wire::MAX_RUNNING as u32;
     let slots = match args.slots {
         Some(0) => return Err("--slots 0: a node needs at least one slot".into()),
+        Some(n) if n > most => {
+            return Err(format!(
+                "--slots {n}: a node runs at most {most} builds at once"
+            ));
+        }
         Some(n) => n,
-        None => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        None => std::thread::available_parallelism().map_or(1, |n| (n.get() as u32).min(most)),
     };
     Ok(NodePlan {
         listen,

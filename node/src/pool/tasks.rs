@@ -31,7 +31,8 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tracing::{debug, info};
 
 use scheduler::{
-    Attempt, DeclineReason, Event as SchedulerEvent, PeerId as SchedulerPeer, TaskId, TaskOutcome,
+    Attempt, DeclineReason, Event as SchedulerEvent, PeerId as SchedulerPeer, SandboxKind, TaskId,
+    TaskOutcome,
 };
 
 use super::cas::{next_stream, read_frame, write_frame};
@@ -152,15 +153,16 @@ struct Running<'a> {
 }
 
 impl<'a> Running<'a> {
-    fn new(running: &'a Mutex<BTreeSet<String>>, task: &str) -> Running<'a> {
-        running
+    /// `None` if a run of that name is running already.
+    fn new(running: &'a Mutex<BTreeSet<String>>, task: &str) -> Option<Running<'a>> {
+        let inserted = running
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(task.to_owned());
-        Running {
+        inserted.then(|| Running {
             running,
             task: task.to_owned(),
-        }
+        })
     }
 }
 
@@ -265,8 +267,19 @@ impl Tasks {
     pub async fn submit(self: Arc<Self>, submission: Submission, out: Out) {
         if !self.store.holds(&submission.build.source) {
             let why = format!(
-                "the source tree {} is not in this node's store: the node must run on the data directory `peerbuild run` uses (its --data-dir)",
+                "the source tree {} is not in this node's store (`peerbuild run` hands it over before it submits; a client of the API must too: POST /v1/blobs/put, then POST /v1/cache/fetch)",
                 submission.build.source
+            );
+            let _ = out
+                .send(fault_result(&submission, Status::Fault, why))
+                .await;
+            return;
+        }
+        if let Some(sandbox) = &submission.build.sandbox
+            && SandboxKind::from_name(sandbox).is_none()
+        {
+            let why = format!(
+                "no peer can run a build in the `{sandbox}` sandbox: the kinds are namespace, docker, wasm and host"
             );
             let _ = out
                 .send(fault_result(&submission, Status::Fault, why))
@@ -299,6 +312,9 @@ impl Tasks {
         // Results of finished runs, until the scheduler says which one counts.
         let mut results: HashMap<Attempt, (String, Box<BuildResult>)> = HashMap::new();
         let mut lost: Vec<String> = Vec::new();
+        // Runs whose ending the user was already told (a refusal, a decline): the scheduler's
+        // note that the run was lost would say it again.
+        let mut explained: BTreeSet<Attempt> = BTreeSet::new();
         let mut answered = false;
         loop {
             tokio::select! {
@@ -321,7 +337,11 @@ impl Tasks {
                             break;
                         }
                     }
-                    Some(Order::Lost { peer, said }) => {
+                    Some(Order::Lost { attempt, peer, said }) => {
+                        runs.remove(&attempt);
+                        if explained.remove(&attempt) {
+                            continue;
+                        }
                         lost.push(peer);
                         if out.send(note(Level::Warning, said)).await.is_err() {
                             break;
@@ -363,17 +383,18 @@ impl Tasks {
                     }
                 },
                 Some((attempt, peer, name, ending)) = ended.recv() => {
-                    runs.remove(&attempt);
+                    // A run the scheduler stopped (it was lost, its offer expired) no longer
+                    // counts, whatever it says now.
+                    if runs.remove(&attempt).is_none() {
+                        continue;
+                    }
                     let task = TaskId { build, index: 0 };
                     let event = match ending {
                         Ending::Result(result) => {
+                            // A FAULT ran (some of) the build's commands: running them again
+                            // elsewhere could repeat what they did, so it is the result.
                             let outcome = match result.status {
                                 Status::Succeeded => TaskOutcome::Succeeded,
-                                // The build could not run there (its sandbox, its disk):
-                                // another peer may do better.
-                                Status::Fault => TaskOutcome::Error {
-                                    message: result.message.clone().unwrap_or_else(|| "the build faulted".to_owned()),
-                                },
                                 _ => TaskOutcome::Failed,
                             };
                             results.insert(attempt, (name, result));
@@ -382,20 +403,24 @@ impl Tasks {
                         Ending::Full => SchedulerEvent::OfferDeclined {
                             task, attempt, peer, reason: DeclineReason::Busy,
                         },
+                        // A decline (not for want of a slot) or a refusal is that peer's answer
+                        // for this build: it counts as a run that came to nothing, so the build
+                        // goes to another peer while one fits and fails after a few.
                         Ending::Declined(reason) => {
                             let said = format!("peer {name} did not take the build: {reason}");
                             if out.send(note(Level::Warning, said)).await.is_err() {
                                 break;
                             }
-                            SchedulerEvent::OfferDeclined {
-                                task, attempt, peer, reason: DeclineReason::Unsuitable,
-                            }
+                            explained.insert(attempt);
+                            let message = format!("peer {name} declined it: {reason}");
+                            SchedulerEvent::Finished { task, attempt, peer, outcome: TaskOutcome::Error { message } }
                         }
                         Ending::Refused(message) => {
                             let said = format!("peer {name} refused the build: {message}");
                             if out.send(note(Level::Warning, said)).await.is_err() {
                                 break;
                             }
+                            explained.insert(attempt);
                             let message = format!("peer {name} refused it: {message}");
                             SchedulerEvent::Finished { task, attempt, peer, outcome: TaskOutcome::Error { message } }
                         }
@@ -403,7 +428,9 @@ impl Tasks {
                             task, attempt, peer, outcome: TaskOutcome::Error { message },
                         },
                         Ending::Failed(why) => {
-                            let _ = out.send(fault_result(&submission, Status::Fault, why)).await;
+                            if !answered {
+                                let _ = out.send(fault_result(&submission, Status::Fault, why)).await;
+                            }
                             break;
                         }
                         Ending::Cancelled => break,
@@ -480,7 +507,9 @@ impl Tasks {
         let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
             return Ending::Full;
         };
-        let _running = Running::new(&self.running, &offer.task);
+        let Some(_running) = Running::new(&self.running, &offer.task) else {
+            return Ending::Declined("it runs this task already".to_owned());
+        };
         reporter.accepted().await;
         if !self.say_where(&self.me.to_string(), why, out).await {
             return Ending::Cancelled;
@@ -1240,11 +1269,24 @@ impl Tasks {
                 return Err(reason);
             }
         };
+        // A run is named by its coordinator (`COORDINATOR/...`), so no peer can pass its offer
+        // off as another coordinator's run, nor end that run's place in the heartbeats.
+        if !offer
+            .task
+            .strip_prefix(coordinator.to_string().as_str())
+            .is_some_and(|rest| rest.starts_with('/'))
+        {
+            let reason = "the task is not named by the peer that offers it".to_owned();
+            return write_reply(&mut writer, &TaskReply::Declined { reason }).await;
+        }
         let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
             let reason = NO_FREE_SLOT.to_owned();
             return write_reply(&mut writer, &TaskReply::Declined { reason }).await;
         };
-        let _running = Running::new(&self.running, &offer.task);
+        let Some(_running) = Running::new(&self.running, &offer.task) else {
+            let reason = "this peer runs that task already".to_owned();
+            return write_reply(&mut writer, &TaskReply::Declined { reason }).await;
+        };
         write_reply(&mut writer, &TaskReply::Accepted).await?;
         let frame = tokio::time::timeout(
             OFFER_TIMEOUT,
@@ -1317,6 +1359,9 @@ impl Tasks {
             tokio::time::timeout(WRITE_TIMEOUT, write_reply(&mut writer, &ending))
                 .await
                 .map_err(|_| "the coordinator stopped reading".to_owned())??;
+            // The run stays in this node's heartbeats until the coordinator has read its end
+            // (it closes its side then), so it is never taken for vanished in between.
+            let _ = tokio::time::timeout(WRITE_TIMEOUT, gone.changed()).await;
         }
         let _ = writer.close().await;
         Ok(())

@@ -207,6 +207,30 @@ impl PoolView {
             .collect()
     }
 
+    /// The placeable peers (as [`PoolView::placeable`]) with when each was last heard, and the
+    /// heartbeats of those heard since `seen` says: a reader that keeps `seen` clones only what
+    /// is new.
+    pub fn placeable_since(
+        &self,
+        seen: &std::collections::HashMap<String, Instant>,
+    ) -> (Vec<String>, Vec<(Heartbeat, Instant)>) {
+        let mut present = Vec::new();
+        let mut new = Vec::new();
+        for (id, peer) in &self.peers {
+            let (Some(heartbeat), Some(heard_at)) = (&peer.heartbeat, peer.heard_at) else {
+                continue;
+            };
+            if peer.connections == 0 {
+                continue;
+            }
+            present.push(id.clone());
+            if seen.get(id) != Some(&heard_at) {
+                new.push((heartbeat.clone(), heard_at));
+            }
+        }
+        (present, new)
+    }
+
     /// Whether `peer_id`'s lease holds (a heartbeat heard within it).
     pub fn is_alive(&self, peer_id: &str) -> bool {
         self.peers

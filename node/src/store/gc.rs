@@ -22,19 +22,19 @@ fn name(digest: &Digest) -> String {
     format!("{}-{}", digest.hex(), digest.size())
 }
 
-/// The objects a tree reaches (by name), adding to `out`; trees already in `seen` are not
-/// read again. A missing object is skipped (there is nothing to keep), but any other failure to
-/// read a tree stops the collection: guessing would delete what a live tree still needs.
+/// The objects a tree reaches, adding to `out`; trees already in `seen` are not read again. A
+/// missing object is skipped (there is nothing to keep), but any other failure to read a tree
+/// stops the collection: guessing would delete what a live tree still needs.
 fn reachable(
     store: &Store,
     tree: &Digest,
     seen: &mut HashSet<Digest>,
-    out: &mut Vec<String>,
+    out: &mut Vec<Digest>,
 ) -> Result<()> {
     if !seen.insert(*tree) {
         return Ok(());
     }
-    out.push(name(tree));
+    out.push(*tree);
     let bytes = match store.get(tree) {
         Ok(bytes) => bytes,
         Err(StoreError::Missing { .. } | StoreError::Corrupt { .. }) => return Ok(()),
@@ -48,13 +48,13 @@ fn reachable(
                 digest,
                 chunks: None,
                 ..
-            } => out.push(name(digest)),
+            } => out.push(*digest),
             EntryKind::File {
                 chunks: Some(list), ..
             } => {
-                out.push(name(list));
+                out.push(*list);
                 match store.get(list) {
-                    Ok(bytes) => out.extend(decode_chunk_list(&bytes)?.iter().map(name)),
+                    Ok(bytes) => out.extend(decode_chunk_list(&bytes)?),
                     Err(StoreError::Missing { .. } | StoreError::Corrupt { .. }) => {}
                     Err(err) => return Err(err),
                 }
@@ -62,6 +62,24 @@ fn reachable(
             EntryKind::Symlink { .. } => {}
         }
     }
+    Ok(())
+}
+
+/// Every blob of the tree `root` this store holds (trees, files, chunk lists, chunks), each
+/// once: what another store needs to hold the whole tree.
+pub fn blobs_of(store: &Store, root: &Digest) -> Result<Vec<Digest>> {
+    let mut blobs = Vec::new();
+    reachable(store, root, &mut HashSet::new(), &mut blobs)?;
+    let mut seen = HashSet::new();
+    blobs.retain(|digest| seen.insert(*digest));
+    Ok(blobs)
+}
+
+/// [`reachable`], by object name.
+fn reachable_names(store: &Store, tree: &Digest, out: &mut Vec<String>) -> Result<()> {
+    let mut digests = Vec::new();
+    reachable(store, tree, &mut HashSet::new(), &mut digests)?;
+    out.extend(digests.iter().map(name));
     Ok(())
 }
 
@@ -142,7 +160,7 @@ fn collect_locked(store: &Store, max_stored_bytes: u64) -> Result<Collected> {
     let mut per_root = Vec::new();
     for (root, _) in &roots {
         let mut names = Vec::new();
-        reachable(store, root, &mut HashSet::new(), &mut names)?;
+        reachable_names(store, root, &mut names)?;
         names.sort();
         names.dedup();
         for n in &names {
@@ -154,7 +172,7 @@ fn collect_locked(store: &Store, max_stored_bytes: u64) -> Result<Collected> {
     let pinned = store.pinned();
     let mut pinned_names = Vec::new();
     for tree in &pinned {
-        reachable(store, tree, &mut HashSet::new(), &mut pinned_names)?;
+        reachable_names(store, tree, &mut pinned_names)?;
     }
     for n in pinned_names {
         *refcount.entry(n).or_default() += 1;

@@ -233,6 +233,63 @@ fn a_build_runs_on_the_peer_with_the_label_and_its_artifacts_come_back() {
 }
 
 #[test]
+fn a_build_from_another_data_directory_hands_over_its_source_and_gets_its_artifacts() {
+    let cluster = pool(vec![NodeOptions::default(), labelled("zone=b")]);
+    let project = Project::new(&[
+        ("buildspec.yml", BUILDSPEC),
+        ("input.txt", "from a store the node does not share\n"),
+    ]);
+    let secrets = secrets_file(&project, "/ci/token=t\n");
+    let api = format!(
+        "unix:{}",
+        cluster.node(0).data_dir().join("api.sock").display()
+    );
+    let out = project.root().join("out");
+    // The project's own data directory, not the node's: only the API joins them.
+    let run = project.run(&[
+        "--node",
+        &api,
+        "--require",
+        "zone=b",
+        "--secrets",
+        &secrets,
+        "--artifacts",
+        out.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(
+        run.code,
+        0,
+        "{}\n{}\n{}",
+        run.stdout,
+        run.stderr,
+        cluster.logs()
+    );
+    assert_eq!(run.result()["peer"], cluster.node(1).peer_id.as_str());
+    assert_eq!(
+        std::fs::read_to_string(out.join("copy.txt")).expect("the artifact came back"),
+        "from a store the node does not share\n"
+    );
+    // The artifacts are in the submitter's own store too, as the summary says.
+    let digest = run.result()["artifacts"][0]["digest"]
+        .as_str()
+        .expect("digest")
+        .to_owned();
+    let again = project.root().join("again");
+    let export = project
+        .command()
+        .args(["cache", "export", &digest])
+        .arg(&again)
+        .output()
+        .expect("cache export");
+    assert!(
+        export.status.success(),
+        "{}",
+        String::from_utf8_lossy(&export.stderr)
+    );
+    assert_eq!(files_under(&again), files_under(&out));
+}
+
+#[test]
 fn a_build_no_peer_can_run_fails_at_once_saying_why() {
     let cluster = pool(vec![NodeOptions::default(), NodeOptions::default()]);
     let project = Project::new(&[("buildspec.yml", BUILDSPEC), ("input.txt", "x\n")]);
