@@ -129,10 +129,13 @@ impl Coordinator {
             orders,
             accepted,
         };
+        // The engine's task ends only with the node, or on a bug (its log says which).
+        let gone =
+            || "the node's coordinator is not running (the node is stopping, or see its log)";
         if self.inbox.send(submit).await.is_err() {
-            return Err("the node is stopping".to_owned());
+            return Err(gone().to_owned());
         }
-        answer.await.map_err(|_| "the node is stopping".to_owned())
+        answer.await.map_err(|_| gone().to_owned())
     }
 
     /// Reports what happened to a run (or a cancel).
