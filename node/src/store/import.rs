@@ -7,6 +7,7 @@ use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use protocol::Digest;
 use protocol::tree::{Entry, EntryKind, Tree, encode_chunk_list};
@@ -295,32 +296,30 @@ fn chunked(
     ))
 }
 
-/// Streams a large file: chunk boundaries found in order, chunks hashed, compressed and written
-/// by several threads, the whole file hashed in order as the chunks come back.
+/// Streams a large file: chunk boundaries found in order by one thread reading blocks, chunks
+/// hashed, compressed and written by several threads, the whole file hashed in order as the
+/// chunks come back. A chunk is a range of the block it was cut from, so its bytes are read
+/// into memory once and never copied on their way to the threads that store them.
 fn store_large(store: &Store, path: &Path) -> Result<(Hashed, u64)> {
     let file = fs::File::open(path).map_err(|e| StoreError::io(path, e))?;
-    let reader = std::io::BufReader::with_capacity(CHUNK_MAX_BYTES, file.take(u64::MAX));
-    let chunker =
-        fastcdc::v2020::StreamCDC::new(reader, CHUNK_MIN_BYTES, CHUNK_AVG_BYTES, CHUNK_MAX_BYTES);
     let mut hasher = blake3::Hasher::new();
     let mut size = 0u64;
     let mut chunks = Vec::new();
     let mut written = 0u64;
     let workers = workers();
     ordered(
-        chunker,
+        Pieces::new(path, file),
         workers,
         workers * 4,
-        |chunk| {
-            let chunk =
-                chunk.map_err(|e| StoreError::io(path, std::io::Error::other(format!("{e:?}"))))?;
-            let (digest, new) = store.put(&chunk.data)?;
-            Ok::<_, StoreError>((digest, new, chunk.data))
+        |piece| {
+            let piece = piece?;
+            let (digest, new) = store.put(piece.bytes())?;
+            Ok::<_, StoreError>((digest, new, piece))
         },
         |result| {
-            let (digest, new, data) = result?;
-            hasher.update(&data);
-            size += data.len() as u64;
+            let (digest, new, piece) = result?;
+            hasher.update(piece.bytes());
+            size += piece.bytes().len() as u64;
             chunks.push(digest);
             written += new;
             Ok::<(), StoreError>(())
@@ -328,6 +327,134 @@ fn store_large(store: &Store, path: &Path) -> Result<(Hashed, u64)> {
     )?;
     let whole = Digest::from_parts(*hasher.finalize().as_bytes(), size);
     chunked(store, whole, chunks, written)
+}
+
+/// The size of the blocks a large file is read in: several chunks' worth, so a chunk always
+/// lies within one block and moving the unfinished tail of a block to the next copies little.
+const BLOCK_BYTES: usize = 4 * CHUNK_MAX_BYTES;
+
+/// Blocks kept for reuse once no chunk refers to them (a fresh block costs page faults). With
+/// at most `workers * 4` chunks in flight, in file order, a few blocks are in use at a time.
+const SPARE_BLOCKS: usize = 4;
+
+/// One chunk of a large file: a range of the block it was cut from.
+struct Piece {
+    block: Arc<Vec<u8>>,
+    start: usize,
+    end: usize,
+}
+
+impl Piece {
+    fn bytes(&self) -> &[u8] {
+        &self.block[self.start..self.end]
+    }
+}
+
+/// A large file's chunks, in order, with the boundaries `fastcdc::v2020::StreamCDC` finds: each
+/// cut is made in the next `CHUNK_MAX_BYTES` bytes (fewer only at the end of the file).
+struct Pieces<'a> {
+    path: &'a Path,
+    file: fs::File,
+    masks: (u64, u64),
+    block: Arc<Vec<u8>>,
+    /// Where the next chunk starts in `block`, and how many of its bytes were read.
+    start: usize,
+    filled: usize,
+    end_of_file: bool,
+    failed: bool,
+    spare: Vec<Arc<Vec<u8>>>,
+}
+
+impl<'a> Pieces<'a> {
+    fn new(path: &'a Path, file: fs::File) -> Pieces<'a> {
+        Pieces {
+            path,
+            file,
+            masks: fastcdc::v2020::select_masks(
+                CHUNK_AVG_BYTES,
+                fastcdc::v2020::Normalization::Level1,
+            ),
+            block: Arc::new(Vec::new()),
+            start: 0,
+            filled: 0,
+            end_of_file: false,
+            failed: false,
+            spare: Vec::new(),
+        }
+    }
+
+    /// Moves the unfinished tail of the current block to the front of a free block and reads
+    /// after it until that block is full or the file ends.
+    fn refill(&mut self) -> std::io::Result<()> {
+        let mut next = match self.spare.iter().position(|b| Arc::strong_count(b) == 1) {
+            Some(position) => self.spare.swap_remove(position),
+            None => Arc::new(vec![0u8; BLOCK_BYTES]),
+        };
+        let tail = self.filled - self.start;
+        let mut filled = tail;
+        {
+            // Only `spare` held the block, and it gave it up: nothing else can refer to it.
+            let Some(buffer) = Arc::get_mut(&mut next) else {
+                return Err(std::io::Error::other("a reused block is still in use"));
+            };
+            buffer[..tail].copy_from_slice(&self.block[self.start..self.filled]);
+            while filled < buffer.len() && !self.end_of_file {
+                match self.file.read(&mut buffer[filled..]) {
+                    Ok(0) => self.end_of_file = true,
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let previous = std::mem::replace(&mut self.block, next);
+        if !previous.is_empty() && self.spare.len() < SPARE_BLOCKS {
+            self.spare.push(previous);
+        }
+        self.start = 0;
+        self.filled = filled;
+        Ok(())
+    }
+}
+
+impl Iterator for Pieces<'_> {
+    type Item = Result<Piece>;
+
+    fn next(&mut self) -> Option<Result<Piece>> {
+        if self.failed {
+            return None;
+        }
+        if self.filled - self.start < CHUNK_MAX_BYTES
+            && !self.end_of_file
+            && let Err(e) = self.refill()
+        {
+            self.failed = true;
+            return Some(Err(StoreError::io(self.path, e)));
+        }
+        let available = &self.block[self.start..self.filled];
+        let window = &available[..available.len().min(CHUNK_MAX_BYTES)];
+        let (mask_s, mask_l) = self.masks;
+        let (_, length) = fastcdc::v2020::cut(
+            window,
+            CHUNK_MIN_BYTES,
+            CHUNK_AVG_BYTES,
+            CHUNK_MAX_BYTES,
+            mask_s,
+            mask_l,
+            mask_s << 1,
+            mask_l << 1,
+        );
+        if length == 0 {
+            return None;
+        }
+        let piece = Piece {
+            block: Arc::clone(&self.block),
+            start: self.start,
+            end: self.start + length,
+        };
+        self.start += length;
+        Some(Ok(piece))
+    }
 }
 
 fn store_tree(

@@ -36,9 +36,14 @@ struct Writer {
     path: PathBuf,
     file: std::io::BufWriter<fs::File>,
     offset: u64,
+    /// Bytes before this offset were handed to the disk early (`super::start_writeback`).
+    written_back: u64,
     entries: Vec<IndexEntry>,
     pending: HashMap<Digest, (u64, u32)>,
 }
+
+/// How many bytes a pack gathers before they are handed to the disk early.
+const WRITEBACK_BYTES: u64 = 8 << 20;
 
 /// A pack written and sealed, waiting to be published.
 pub struct Sealed {
@@ -199,6 +204,7 @@ impl Packs {
                 path,
                 file: std::io::BufWriter::with_capacity(1 << 20, file),
                 offset: 0,
+                written_back: 0,
                 entries: Vec::new(),
                 pending: HashMap::new(),
             });
@@ -217,6 +223,11 @@ impl Packs {
         w.entries.push((digest, w.offset, len));
         w.pending.insert(digest, (w.offset, len));
         w.offset += u64::from(len);
+        if w.offset - w.written_back >= WRITEBACK_BYTES {
+            w.file.flush().map_err(|e| StoreError::io(&w.path, e))?;
+            super::start_writeback(w.file.get_ref(), w.written_back, w.offset - w.written_back);
+            w.written_back = w.offset;
+        }
         Ok(true)
     }
 

@@ -812,3 +812,61 @@ mod transfer {
         fs::remove_dir_all(&work).ok();
     }
 }
+
+/// A large file (streamed in blocks) is cut where `fastcdc`'s own `StreamCDC` cuts it, so
+/// its chunks and digests do not depend on how the import reads it; sizes at and around the
+/// block size and a file ending in less than a chunk's minimum are the edges.
+#[test]
+fn large_files_are_cut_where_stream_cdc_cuts_them() {
+    use super::{CHUNK_AVG_BYTES, CHUNK_MAX_BYTES, CHUNK_MIN_BYTES};
+    use protocol::Digest;
+    use protocol::tree::{EntryKind, Tree, decode_chunk_list};
+    let block = 4 * CHUNK_MAX_BYTES;
+    let work = scratch("large-cuts");
+    let store = Store::open(&work.join("store")).expect("opens");
+    let mut rng = Rng(0x5eed_1a26e);
+    for size in [block + 1, 2 * block + CHUNK_MIN_BYTES / 2, 3 * block] {
+        let dir = work.join(format!("tree-{size}"));
+        fs::create_dir_all(&dir).expect("mkdir");
+        // Runs of random bytes and of text, so chunks vary in size and compress differently.
+        let bytes: Vec<u8> = (0..size)
+            .map(|i| {
+                if (i >> 20) % 2 == 0 {
+                    rng.next() as u8
+                } else {
+                    b"let x = 1;\n"[i % 11]
+                }
+            })
+            .collect();
+        fs::write(dir.join("large"), &bytes).expect("write");
+        let expected: Vec<Digest> = fastcdc::v2020::StreamCDC::new(
+            &bytes[..],
+            CHUNK_MIN_BYTES,
+            CHUNK_AVG_BYTES,
+            CHUNK_MAX_BYTES,
+        )
+        .map(|chunk| Digest::of(&chunk.expect("in memory").data))
+        .collect();
+        let root = import::import_dir(&store, &dir, "test")
+            .expect("imports")
+            .root
+            .expect("a root");
+        let tree = Tree::decode(&store.get(&root).expect("tree")).expect("decodes");
+        let EntryKind::File {
+            digest,
+            chunks: Some(list),
+            ..
+        } = &tree.entries()[0].kind
+        else {
+            panic!("size {size}: not stored in chunks");
+        };
+        assert_eq!(
+            *digest,
+            Digest::of(&bytes),
+            "size {size}: the whole file's digest"
+        );
+        let stored = decode_chunk_list(&store.get(list).expect("list")).expect("decodes");
+        assert_eq!(stored, expected, "size {size}: the chunks");
+    }
+    let _ = fs::remove_dir_all(&work);
+}
