@@ -1279,7 +1279,7 @@ impl Tasks {
             let reason = "the task is not named by the peer that offers it".to_owned();
             return write_reply(&mut writer, &TaskReply::Declined { reason }).await;
         }
-        let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
             let reason = NO_FREE_SLOT.to_owned();
             return write_reply(&mut writer, &TaskReply::Declined { reason }).await;
         };
@@ -1355,6 +1355,9 @@ impl Tasks {
                 message: "the build ended without a result".to_owned(),
             })
         };
+        // The slot is free before the coordinator hears of the ending: it may offer the next
+        // build here at once.
+        drop(slot);
         if open {
             tokio::time::timeout(WRITE_TIMEOUT, write_reply(&mut writer, &ending))
                 .await
