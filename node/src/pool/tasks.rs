@@ -97,7 +97,7 @@ pub struct Tasks {
 }
 
 /// One run the scheduler ordered: which build and attempt, on which peer, under which name.
-struct Attempt_ {
+struct PlacedRun {
     build: scheduler::BuildId,
     attempt: Attempt,
     peer: SchedulerPeer,
@@ -322,7 +322,7 @@ impl Tasks {
                     Some(Order::Offer { attempt, peer, name, why, task }) => {
                         let run = self.clone().attempt(
                             submission.clone(),
-                            Attempt_ { build, attempt, peer, name, task },
+                            PlacedRun { build, attempt, peer, name, task },
                             why,
                             out.clone(),
                             ended_to.clone(),
@@ -451,7 +451,7 @@ impl Tasks {
     async fn attempt(
         self: Arc<Self>,
         submission: Arc<Submission>,
-        run: Attempt_,
+        run: PlacedRun,
         why: String,
         out: Out,
         ended: mpsc::Sender<(Attempt, SchedulerPeer, String, Ending)>,
