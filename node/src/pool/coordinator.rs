@@ -253,6 +253,9 @@ impl Engine {
     }
 
     fn submit(&mut self, plan: Plan, orders: mpsc::Sender<Order>) -> BuildId {
+        // The pool as it is now, not as of the last tick: a peer heard a moment ago may be the
+        // only one that can run this build, and a build no known peer can run fails at once.
+        self.read_pool();
         let build = BuildId(self.next_build);
         self.next_build += 1;
         let prefix = format!("{}/{}/{}", self.local.me, self.incarnation, build.0);
@@ -866,6 +869,20 @@ mod tests {
         let taken = engine.heartbeat(&remote, PeerId(2));
         assert_eq!(taken.total_slots, MAX_RUNNING as u32);
         assert!(taken.queued_tasks <= taken.total_slots);
+    }
+
+    #[test]
+    fn a_peer_heard_since_the_last_tick_can_take_the_build() {
+        let remote = wire("peer-b", &[("gpu", "a100")]);
+        // The engine has not looked at the view since peer B joined it.
+        let mut engine = engine(&remote);
+        let (orders_to, mut orders) = mpsc::channel(ORDERS);
+        engine.submit(gpu_plan(), orders_to);
+        let said = drain(&mut orders);
+        assert!(
+            matches!(&said[..], [Order::Offer { name, .. }] if name == "peer-b"),
+            "{said:?}"
+        );
     }
 
     #[test]

@@ -239,7 +239,7 @@ fn a_build_from_another_data_directory_hands_over_its_source_and_gets_its_artifa
         ("buildspec.yml", BUILDSPEC),
         ("input.txt", "from a store the node does not share\n"),
     ]);
-    let secrets = secrets_file(&project, "/ci/token=t\n");
+    let secrets = secrets_file(&project, "/ci/token=from-elsewhere\n");
     let api = format!(
         "unix:{}",
         cluster.node(0).data_dir().join("api.sock").display()
