@@ -600,16 +600,34 @@ impl Outside {
         let host_cidr = format!("{}/30", outside.host_address);
         let outside_cidr = format!("{}/30", outside.address);
         let serial = netns_setup_lock();
-        ip(&["netns", "add", &ns]);
-        ip(&[
-            "link", "add", &host_link, "type", "veth", "peer", "name", &peer,
-        ]);
-        ip(&["link", "set", &peer, "netns", &ns]);
-        ip(&["addr", "add", &host_cidr, "dev", &host_link]);
-        ip(&["link", "set", &host_link, "up"]);
-        ip(&["-n", &ns, "addr", "add", &outside_cidr, "dev", &peer]);
-        ip(&["-n", &ns, "link", "set", &peer, "up"]);
-        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        // Now and then the kernel refuses to move the veth end into a namespace just made
+        // (EINVAL, seen on CI): undo and make them again, a few times, before giving up.
+        let mut tries = 0;
+        loop {
+            let made = (|| {
+                try_ip(&["netns", "add", &ns])?;
+                try_ip(&[
+                    "link", "add", &host_link, "type", "veth", "peer", "name", &peer,
+                ])?;
+                try_ip(&["link", "set", &peer, "netns", &ns])?;
+                try_ip(&["addr", "add", &host_cidr, "dev", &host_link])?;
+                try_ip(&["link", "set", &host_link, "up"])?;
+                try_ip(&["-n", &ns, "addr", "add", &outside_cidr, "dev", &peer])?;
+                try_ip(&["-n", &ns, "link", "set", &peer, "up"])?;
+                try_ip(&["-n", &ns, "link", "set", "lo", "up"])
+            })();
+            match made {
+                Ok(()) => break,
+                Err(err) if tries < 4 => {
+                    tries += 1;
+                    eprintln!("setting up the outside namespace failed ({err}); again");
+                    let _ = try_ip(&["link", "del", &host_link]);
+                    let _ = try_ip(&["netns", "del", &ns]);
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(err) => panic!("{err}"),
+            }
+        }
         drop(serial);
         let server = format!(
             "import socket\n\
@@ -675,17 +693,19 @@ pub fn enter_netns(command: &mut Command, namespace: &str) {
     }
 }
 
-fn ip(args: &[&str]) {
+fn try_ip(args: &[&str]) -> Result<(), String> {
     let output = Command::new("ip")
         .args(args)
         .output()
         .expect("run ip (package iproute2)");
-    assert!(
-        output.status.success(),
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(format!(
         "ip {}: {}",
         args.join(" "),
-        String::from_utf8_lossy(&output.stderr)
-    );
+        String::from_utf8_lossy(&output.stderr).trim()
+    ))
 }
 
 impl Drop for Outside {
