@@ -712,6 +712,50 @@ mod transfer {
         fs::remove_dir_all(&work).ok();
     }
 
+    /// Fails its first fetches (a connection that broke and is made again), then serves.
+    struct Blip {
+        inner: StoreSource,
+        failures_left: AtomicUsize,
+    }
+
+    impl BlobSource for Blip {
+        fn name(&self) -> String {
+            self.inner.name()
+        }
+        fn has<'a>(&'a self, digests: &'a [Digest]) -> BoxFuture<'a, Result<Vec<bool>, String>> {
+            self.inner.has(digests)
+        }
+        fn fetch<'a>(
+            &'a self,
+            digests: &'a [Digest],
+        ) -> BoxFuture<'a, Result<StoredBlobs, String>> {
+            let failing =
+                self.failures_left
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+            match failing {
+                Ok(_) => Box::pin(async { Err("connection is closed".to_owned()) }),
+                Err(_) => self.inner.fetch(digests),
+            }
+        }
+    }
+
+    #[test]
+    fn a_peer_whose_connection_breaks_for_a_moment_is_asked_again() {
+        let (work, _, holder, root) = holder(5);
+        let receiver = Arc::new(Store::open(&work.join("receiver")).expect("opens"));
+        let blip = Arc::new(Blip {
+            inner: StoreSource {
+                name: "only-peer".into(),
+                store: holder.clone(),
+            },
+            failures_left: AtomicUsize::new(3),
+        });
+        let fetched = fetch(&receiver, root, vec![blip]).expect("the only peer came back");
+        assert!(fetched.dropped.is_empty(), "{fetched:?}");
+        assert_eq!(missing(&receiver, &root).expect("walks"), Vec::new());
+        fs::remove_dir_all(&work).ok();
+    }
+
     #[test]
     fn a_blob_no_peer_holds_is_named() {
         let (work, _, _, root) = holder(8);

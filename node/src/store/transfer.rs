@@ -381,14 +381,52 @@ fn limit_bytes(store: &Store, budget_bytes: u64) -> Result<u64, StoreError> {
     Ok(budget_bytes.min(free - free / 10))
 }
 
+/// How many failed fetches (a broken connection, a stream that stalled) a source is forgiven
+/// within one transfer before it is dropped: the next round asks it again.
+const FORGIVEN_FAILURES: u64 = 3;
+/// The pause before a round that follows a failed fetch, so a broken connection can be made
+/// again.
+const AFTER_FAILURE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// One source during a transfer.
 struct Source {
     source: Arc<dyn BlobSource>,
     dropped: AtomicBool,
     why: Mutex<Option<String>>,
+    /// Rounds in which its fetches failed (not for a bad blob): past [`FORGIVEN_FAILURES`],
+    /// it is dropped.
+    failures: AtomicU64,
+    /// Why a fetch failed in this round, if one did.
+    failed_now: Mutex<Option<String>>,
 }
 
 impl Source {
+    /// A fetch failed without the source sending anything wrong: the source is asked again
+    /// in the next round (its other fetches in flight may fail too: one round, one failure).
+    fn failed(&self, why: String) {
+        self.failed_now
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(why);
+    }
+
+    /// At a round's end: whether a fetch failed in it; the source is dropped if that was one
+    /// failure too many.
+    fn count_failure(&self) -> bool {
+        let Some(why) = self
+            .failed_now
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
+            return false;
+        };
+        if self.failures.fetch_add(1, Ordering::SeqCst) + 1 > FORGIVEN_FAILURES {
+            self.drop_for(format!("{why} (after {FORGIVEN_FAILURES} failed rounds)"));
+        }
+        true
+    }
+
     fn drop_for(&self, why: String) {
         if !self.dropped.swap(true, Ordering::SeqCst) {
             *self.why.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
@@ -436,6 +474,8 @@ pub async fn fetch_tree(
                 source,
                 dropped: AtomicBool::new(false),
                 why: Mutex::new(None),
+                failures: AtomicU64::new(0),
+                failed_now: Mutex::new(None),
             })
         })
         .collect();
@@ -475,7 +515,16 @@ pub async fn fetch_tree(
         let queues = assign(&sources, &missing).await?;
         run_round(&store, &sources, queues, &totals, &Arc::new(listings)).await?;
         let progressed = totals.blobs.load(Ordering::Relaxed) > before;
+        let mut failed = false;
+        for source in &sources {
+            failed |= source.count_failure();
+        }
         let found_out = sources.iter().filter(|s| s.is_dropped()).count() > dropped_before;
+        if failed && !found_out {
+            // A fetch failed (a connection broke): ask again, after a moment.
+            tokio::time::sleep(AFTER_FAILURE).await;
+            continue;
+        }
         // Nothing arrived and no source was found out: asking again would not help.
         if !progressed && !found_out {
             return Err(TransferError::Stalled {
@@ -637,6 +686,11 @@ async fn run_round(
                     match fetch_batch(&store, &source, batch, &totals, &listings).await {
                         Ok(()) => {}
                         Err(Fault::Source(why)) => source.drop_for(why),
+                        Err(Fault::Unreachable(why)) => {
+                            source.failed(why);
+                            // The rest of this round's batches for it wait for the next.
+                            return;
+                        }
                         Err(Fault::Local(err)) => {
                             local_error
                                 .lock()
@@ -666,6 +720,9 @@ async fn run_round(
 enum Fault {
     /// The source's: it is dropped for the rest of the transfer.
     Source(String),
+    /// The fetch failed without the source sending anything wrong (the connection broke, it
+    /// stalled): it is asked again next round, a few times.
+    Unreachable(String),
     /// This node's (a full disk): the transfer ends.
     Local(StoreError),
 }
@@ -678,7 +735,11 @@ async fn fetch_batch(
     totals: &Totals,
     listings: &HashSet<Digest>,
 ) -> Result<(), Fault> {
-    let received = source.source.fetch(&batch).await.map_err(Fault::Source)?;
+    let received = source
+        .source
+        .fetch(&batch)
+        .await
+        .map_err(Fault::Unreachable)?;
     let asked: HashSet<Digest> = batch.iter().copied().collect();
     let mut got = HashSet::new();
     for (digest, stored) in received {
