@@ -27,9 +27,9 @@ use serde::{Deserialize, Serialize};
 use super::client::{self, Endpoint};
 use crate::store::transfer::{
     self, BlobSource, BoxFuture, MAX_BATCH_BLOBS, MAX_BATCH_BYTES, MAX_BLOB_BYTES,
-    MAX_QUERY_DIGESTS, StoredBlobs,
+    MAX_QUERY_DIGESTS, StoreSource, StoredBlobs,
 };
-use crate::store::{Store, StoreError, gc};
+use crate::store::{Store, gc};
 
 /// The body of `has` and `fetch`.
 #[derive(Serialize, Deserialize)]
@@ -98,23 +98,25 @@ fn parse(digests: &[String]) -> Result<Vec<Digest>, String> {
         .collect()
 }
 
+/// The node's store, answering as it answers a peer.
+fn node_store(store: Arc<Store>) -> StoreSource {
+    StoreSource {
+        name: "this node".to_owned(),
+        store,
+    }
+}
+
 /// `has`, on the node.
 pub async fn serve_has(store: Arc<Store>, asked: Digests) -> Result<Held, String> {
     if asked.digests.len() > MAX_QUERY_DIGESTS {
         return Err(format!("at most {MAX_QUERY_DIGESTS} digests a question"));
     }
     let digests = parse(&asked.digests)?;
-    tokio::task::spawn_blocking(move || {
-        store.refresh();
-        Held {
-            held: digests.iter().map(|d| store.contains(d)).collect(),
-        }
-    })
-    .await
-    .map_err(|e| e.to_string())
+    let held = node_store(store).has(&digests).await?;
+    Ok(Held { held })
 }
 
-/// `fetch`, on the node: the frames of the blobs asked for.
+/// `fetch`, on the node: the frames of the blobs asked for, in order (empty: not held).
 pub async fn serve_fetch(store: Arc<Store>, asked: Digests) -> Result<Vec<u8>, String> {
     let digests = parse(&asked.digests)?;
     let total: u64 = digests.iter().map(|d| d.size()).sum();
@@ -123,20 +125,17 @@ pub async fn serve_fetch(store: Arc<Store>, asked: Digests) -> Result<Vec<u8>, S
             "at most {MAX_BATCH_BLOBS} blobs and {MAX_BATCH_BYTES} bytes a request (or one larger blob)"
         ));
     }
-    tokio::task::spawn_blocking(move || {
-        store.refresh();
-        let mut body = Vec::new();
-        for digest in digests {
-            match store.get_stored(&digest) {
-                Ok(stored) => encode_frame(&mut body, &digest, &stored),
-                Err(StoreError::Missing { .. }) => encode_frame(&mut body, &digest, &[]),
-                Err(err) => return Err(err.to_string()),
-            }
-        }
-        Ok(body)
-    })
-    .await
-    .map_err(|e| e.to_string())?
+    let found: std::collections::HashMap<Digest, Vec<u8>> = node_store(store)
+        .fetch(&digests)
+        .await?
+        .into_iter()
+        .collect();
+    let mut body = Vec::new();
+    for digest in &digests {
+        let stored = found.get(digest).map_or(&[][..], Vec::as_slice);
+        encode_frame(&mut body, digest, stored);
+    }
+    Ok(body)
 }
 
 /// `put`, on the node: stores each blob that matches its digest (a mismatch refuses the rest),

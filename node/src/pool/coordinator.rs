@@ -188,6 +188,8 @@ struct Engine {
     runs: HashMap<String, (TaskId, Attempt, PeerId)>,
     /// Each remote peer's capabilities as the engine knows them, and when they last changed.
     capabilities: HashMap<PeerId, (Arc<Capabilities>, Instant)>,
+    /// This node's own, as last fed.
+    local_capabilities: Option<Arc<Capabilities>>,
     /// Each build's run names' prefix.
     prefixes: HashMap<BuildId, String>,
 }
@@ -223,6 +225,7 @@ impl Engine {
             fed: HashMap::new(),
             runs: HashMap::new(),
             capabilities: HashMap::new(),
+            local_capabilities: None,
             prefixes: HashMap::new(),
         }
     }
@@ -325,9 +328,19 @@ impl Engine {
         // This node's own runs cannot vanish unseen: the engine's runs placed here are listed
         // until their builds' tasks report how they ended.
         let me = self.me;
+        // The same `Arc` while nothing changed: the engine then knows the class at once.
+        let own = capabilities(&local);
+        let capabilities = match &self.local_capabilities {
+            Some(known) if **known == own => known.clone(),
+            _ => {
+                let own = Arc::new(own);
+                self.local_capabilities = Some(own.clone());
+                own
+            }
+        };
         let heartbeat = Heartbeat {
             peer: me,
-            capabilities: Arc::new(capabilities(&local)),
+            capabilities,
             total_slots: local.slots_total,
             free_slots: (self.local.slots.available_permits() as u32).min(local.slots_total),
             load_permille: local.load_milli.min(1000),

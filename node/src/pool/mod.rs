@@ -238,7 +238,6 @@ async fn serve_node(
         data_root: data.root().to_owned(),
         store,
         control,
-        view: shared.view.clone(),
         cache: cache.clone(),
         slots: shared.slots.clone(),
         next_folder: std::sync::atomic::AtomicU64::new(0),

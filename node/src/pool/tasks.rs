@@ -39,7 +39,6 @@ use super::cas::{next_stream, read_frame, write_frame};
 use super::coordinator::{self, Coordinator, Order};
 use super::shared_cache::NodeCache;
 use super::swarm::SwarmCommand;
-use super::view::PoolView;
 use crate::events::{BuildResult, Envelope, Event, Level, SCHEMA_VERSION, Status};
 use crate::store::{Store, export};
 
@@ -83,7 +82,6 @@ pub struct Tasks {
     pub data_root: PathBuf,
     pub store: Arc<Store>,
     pub control: libp2p_stream::Control,
-    pub view: Arc<Mutex<PoolView>>,
     pub cache: Arc<NodeCache>,
     /// Builds this node runs at once (heartbeats count its free permits); a task beyond them
     /// is declined.
