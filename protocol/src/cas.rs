@@ -67,6 +67,9 @@ pub enum CasReply {
     /// A blob in its stored form (zstd frame or raw bytes, as the store keeps it).
     Blob {
         digest: Digest,
+        /// Encoded as postcard's bytes (a length, then the bytes): the same bytes on the wire
+        /// as a sequence of `u8`, read and written in one copy instead of one call a byte.
+        #[serde(with = "serde_bytes")]
         stored: Vec<u8>,
     },
     /// A blob asked for that the answerer does not hold (any more).
@@ -316,6 +319,31 @@ mod tests {
             key_prefix: String::new(),
         };
         assert_eq!(encode_request(&bad_version), Err(over("version")));
+    }
+
+    #[test]
+    fn a_blob_is_on_the_wire_as_a_length_and_its_bytes() {
+        // The wire format peers of this version agree on: a blob's stored bytes follow their
+        // length as they are, the same bytes a sequence of `u8` has in postcard.
+        #[derive(Serialize)]
+        enum AsSequence {
+            _Held,
+            Blob { digest: Digest, stored: Vec<u8> },
+        }
+        let digest = Digest::of(b"abc");
+        let stored = (0..=255u8).collect::<Vec<u8>>();
+        let sequence = postcard::to_allocvec(&AsSequence::Blob {
+            digest,
+            stored: stored.clone(),
+        })
+        .expect("encodes");
+        let bytes = postcard::to_allocvec(&CasReply::Blob {
+            digest,
+            stored: stored.clone(),
+        })
+        .expect("encodes");
+        assert_eq!(bytes, sequence);
+        assert!(bytes.ends_with(&stored));
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub const MAX_SERVED_STREAMS: usize = 32;
 /// up. There is no limit on a whole exchange: a slow peer's big batch takes as long as it
 /// takes while bytes keep coming.
 pub const PROGRESS_TIMEOUT: Duration = Duration::from_secs(20);
+/// Blobs of a fetch read from the store ahead of the one being sent.
+const READ_AHEAD_BLOBS: usize = 4;
 /// How long a peer may take to send its request once it opened a stream.
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -189,21 +191,35 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
             write_reply(stream, &CasReply::Held { held }).await
         }
         CasRequest::Fetch { digests } => {
-            for digest in digests {
-                let reader = store.clone();
-                let stored = tokio::task::spawn_blocking(move || reader.get_stored(&digest))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let reply = match stored {
-                    Ok(stored) => CasReply::Blob { digest, stored },
-                    Err(StoreError::Missing { .. }) => CasReply::Missing { digest },
-                    Err(err) => {
-                        debug!(%digest, error = %err, "blob not served");
-                        CasReply::Missing { digest }
+            // One blocking task reads the batch's blobs in order while the replies before
+            // them are written: the disk and the network overlap, and a batch costs one
+            // hand-over to the blocking pool, not one a blob.
+            let (replies, mut next) = tokio::sync::mpsc::channel(READ_AHEAD_BLOBS);
+            let reader = store.clone();
+            let reading = tokio::task::spawn_blocking(move || {
+                for digest in digests {
+                    let reply = match reader.get_stored(&digest) {
+                        Ok(stored) => CasReply::Blob { digest, stored },
+                        Err(StoreError::Missing { .. }) => CasReply::Missing { digest },
+                        Err(err) => {
+                            debug!(%digest, error = %err, "blob not served");
+                            CasReply::Missing { digest }
+                        }
+                    };
+                    if replies.blocking_send(reply).is_err() {
+                        // The asker is gone: the rest is not read.
+                        return;
                     }
-                };
+                }
+            });
+            // Should a write fail, `next` is dropped on the way out and the reader stops at
+            // its next blob.
+            while let Some(reply) = next.recv().await {
                 write_reply(stream, &reply).await?;
             }
+            // The channel also closes if the reader panicked: then the answer is not whole,
+            // and no `End` claims it is.
+            reading.await.map_err(|e| e.to_string())?;
             write_reply(stream, &CasReply::End).await
         }
         CasRequest::CacheEntries {

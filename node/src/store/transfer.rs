@@ -512,8 +512,17 @@ pub async fn fetch_tree(
         rounds += 1;
         let before = totals.blobs.load(Ordering::Relaxed);
         let dropped_before = sources.iter().filter(|s| s.is_dropped()).count();
+        let started = std::time::Instant::now();
         let queues = assign(&sources, &missing).await?;
+        let asked = started.elapsed();
         run_round(&store, &sources, queues, &totals, &Arc::new(listings)).await?;
+        tracing::debug!(
+            round = rounds,
+            missing = missing.len(),
+            asked_ms = asked.as_millis() as u64,
+            round_ms = started.elapsed().as_millis() as u64,
+            "a transfer round"
+        );
         let progressed = totals.blobs.load(Ordering::Relaxed) > before;
         let mut failed = false;
         for source in &sources {
@@ -730,10 +739,10 @@ enum Fault {
 /// Fetches one batch and stores each blob once it is verified.
 async fn fetch_batch(
     store: &Arc<Store>,
-    source: &Source,
+    source: &Arc<Source>,
     batch: Vec<Digest>,
-    totals: &Totals,
-    listings: &HashSet<Digest>,
+    totals: &Arc<Totals>,
+    listings: &Arc<HashSet<Digest>>,
 ) -> Result<(), Fault> {
     let received = source
         .source
@@ -742,38 +751,52 @@ async fn fetch_batch(
         .map_err(Fault::Unreachable)?;
     let asked: HashSet<Digest> = batch.iter().copied().collect();
     let mut got = HashSet::new();
-    for (digest, stored) in received {
-        if !asked.contains(&digest) || !got.insert(digest) {
+    for (digest, _) in &received {
+        if !asked.contains(digest) || !got.insert(*digest) {
             return Err(Fault::Source(format!(
                 "it sent blob {digest}, which was not asked for"
             )));
         }
-        let length = stored.len() as u64;
-        let put_store = store.clone();
-        let written = tokio::task::spawn_blocking(move || put_store.put_stored(&digest, &stored))
-            .await
-            .map_err(|e| {
-                Fault::Local(StoreError::Refused {
-                    path: store.root().to_owned(),
-                    reason: e.to_string(),
-                })
-            })?;
-        match written {
-            Ok(written) => {
-                if listings.contains(&digest) {
-                    totals.senders.sent(digest, source.source.name());
-                }
-                totals.blobs.fetch_add(1, Ordering::Relaxed);
-                totals.fetched.fetch_add(digest.size(), Ordering::Relaxed);
-                totals.transferred.fetch_add(length, Ordering::Relaxed);
-                totals.written.fetch_add(written, Ordering::Relaxed);
-            }
-            Err(err @ StoreError::Corrupt { .. }) => {
-                return Err(Fault::Source(format!("it sent a bad blob: {err}")));
-            }
-            Err(err) => return Err(Fault::Local(err)),
-        }
     }
+    // The whole batch is verified and stored on one blocking thread: one hand-over a batch,
+    // not one a blob.
+    let (put_store, put_source, put_totals, put_listings) = (
+        store.clone(),
+        source.clone(),
+        totals.clone(),
+        listings.clone(),
+    );
+    tokio::task::spawn_blocking(move || {
+        for (digest, stored) in received {
+            match put_store.put_stored(&digest, &stored) {
+                Ok(written) => {
+                    if put_listings.contains(&digest) {
+                        put_totals.senders.sent(digest, put_source.source.name());
+                    }
+                    put_totals.blobs.fetch_add(1, Ordering::Relaxed);
+                    put_totals
+                        .fetched
+                        .fetch_add(digest.size(), Ordering::Relaxed);
+                    put_totals
+                        .transferred
+                        .fetch_add(stored.len() as u64, Ordering::Relaxed);
+                    put_totals.written.fetch_add(written, Ordering::Relaxed);
+                }
+                Err(err @ StoreError::Corrupt { .. }) => {
+                    return Err(Fault::Source(format!("it sent a bad blob: {err}")));
+                }
+                Err(err) => return Err(Fault::Local(err)),
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| {
+        Fault::Local(StoreError::Refused {
+            path: store.root().to_owned(),
+            reason: e.to_string(),
+        })
+    })??;
     if let Some(left_out) = batch.iter().find(|d| !got.contains(d)) {
         return Err(Fault::Source(format!(
             "it said it held blob {left_out}, then did not send it"
