@@ -9,6 +9,7 @@
 # already in its store ("unchanged").
 # Needs tar, zstd, rsync and curl (apt-get install -y zstd rsync curl).
 #   bench/pool-cache.sh [SCALE]     (SCALE 1.0 is the full 1.3 GiB tree; 0.1 for a quick run)
+# SETTLE=SECONDS (40) is the pause before each measured step; see settle() below.
 set -euo pipefail
 source "$(dirname "$0")/pool-lib.sh"
 shared=${PEERBUILD_SHARED:-$here/../shared}
@@ -21,9 +22,26 @@ start_node "$work/a"
 start_node "$work/b" "$(bootstrap_address "$work/a")"
 digest=$("$pb" --data-dir "$work/a" cache import "$work/tree" 2>/dev/null)
 await_peer "$work/b" "$work/a"
-sleep 2; sync
 
+# ext4 looks past every inode freed in the last 30 s when it allocates a new one, so creating
+# 15,000 files right after deleting 15,000 can take twice as long. Each measured step here
+# starts SETTLE seconds after the last deletion (a previous run's clean-up, the baselines'),
+# so all of them create their files on the same footing.
+settle() { sync; sleep "${SETTLE:-40}"; }
+settle
 bash "$shared/bench/baselines.sh" "$work/tree"
+settle
+# The baselines' rsync runs right after their tar|tar output is deleted; it is timed again here
+# on the same footing as the restore below.
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+printf 'port = %s\naddress = 127.0.0.1\npid file = %s\nuse chroot = no\nuid = root\ngid = root\n[tree]\npath = %s\nread only = yes\n' \
+  "$port" "$work/rsyncd.pid" "$work/tree" > "$work/rsyncd.conf"
+rsync --daemon --config="$work/rsyncd.conf"
+for _ in $(seq 50); do [ -s "$work/rsyncd.pid" ] && break; sleep 0.1; done
+pids+=("$(cat "$work/rsyncd.pid")")
+t=$(ms); rsync -a "rsync://127.0.0.1:$port/tree/" "$work/rs/"; echo "rsync daemon, loopback, full, settled: $(( $(ms) - t )) ms"
+rm -rf "$work/rs"
+settle
 
 fetch() {
   curl -sS --fail-with-body --unix-socket "$work/b/api.sock" -X POST \

@@ -22,7 +22,7 @@ start_node() {
   shift 2 || shift $#
   local args=(--data-dir "$data" node --listen /ip4/127.0.0.1/tcp/0 --no-mdns --heartbeat-interval 1s "$@")
   [ -n "$bootstrap" ] && args+=(--bootstrap "$bootstrap")
-  PEERBUILD_LOG=warn "$pb" "${args[@]}" 2>>"$work/nodes.log" &
+  PEERBUILD_LOG=${PEERBUILD_LOG:-warn} "$pb" "${args[@]}" 2>>"$work/nodes.log" &
   pids+=($!)
   for _ in $(seq 100); do [ -s "$data/node.json" ] && return 0; sleep 0.1; done
   echo "node on $data did not start" >&2; cat "$work/nodes.log" >&2; exit 1

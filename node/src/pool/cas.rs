@@ -32,6 +32,10 @@ pub const MAX_SERVED_STREAMS: usize = 32;
 /// up. There is no limit on a whole exchange: a slow peer's big batch takes as long as it
 /// takes while bytes keep coming.
 pub const PROGRESS_TIMEOUT: Duration = Duration::from_secs(20);
+/// How many times a request the peer answered nothing to is sent again on a fresh stream, and
+/// the pause before the first retry (twice as long before the second, and so on).
+const UNANSWERED_RETRIES: u32 = 3;
+const UNANSWERED_PAUSE: Duration = Duration::from_millis(20);
 /// Blobs of a fetch read from the store ahead of the one being sent.
 const READ_AHEAD_BLOBS: usize = 4;
 /// How long a peer may take to send its request once it opened a stream.
@@ -263,6 +267,25 @@ impl PeerSource {
         Ok(Progress::new(stream, PROGRESS_TIMEOUT))
     }
 
+    /// Runs `exchange` on a new stream to the peer, again when it answered nothing (see
+    /// [`ask_again`]).
+    async fn ask<T, F, Fut>(&self, exchange: F) -> Result<T, String>
+    where
+        F: Fn(Progress<libp2p::Stream>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Failed>>,
+    {
+        ask_again(&self.peer.to_string(), || self.open(), exchange).await
+    }
+
+    /// Sends a request answered by one reply (see [`single`]), again when it was not answered.
+    async fn ask_single<T>(
+        &self,
+        request: &CasRequest,
+        pick: impl Fn(CasReply) -> Result<T, CasReply>,
+    ) -> Result<T, String> {
+        ask_single(&self.peer.to_string(), || self.open(), request, pick).await
+    }
+
     /// The cache entries of `version` whose keys start with `key_prefix`, as the peer lists them.
     pub async fn cache_entries(
         &self,
@@ -273,11 +296,12 @@ impl PeerSource {
             version: version.to_owned(),
             key_prefix: key_prefix.to_owned(),
         };
-        let entries = single(&mut self.open().await?, &request, |reply| match reply {
-            CasReply::Entries { entries } => Ok(entries),
-            other => Err(other),
-        })
-        .await?;
+        let entries = self
+            .ask_single(&request, |reply| match reply {
+                CasReply::Entries { entries } => Ok(entries),
+                other => Err(other),
+            })
+            .await?;
         // An entry that does not start with what was asked is a lie, not an answer.
         if entries.iter().any(|e| !e.key.starts_with(key_prefix)) {
             return Err("it listed entries that do not match the prefix asked".to_owned());
@@ -286,12 +310,86 @@ impl PeerSource {
     }
 }
 
+/// Runs `exchange` on a stream `open` makes; when the peer answered nothing on it, on a fresh
+/// one, up to [`UNANSWERED_RETRIES`] more times. A peer whose reader of incoming streams is
+/// busy has a new stream dropped (libp2p-stream queues none), which the asker sees as a reset
+/// before any answer: asking again a moment later is what helps. An answer, even a refusal or
+/// a bad one, is final.
+async fn ask_again<S, T, O, OpenFut, F, Fut>(peer: &str, open: O, exchange: F) -> Result<T, String>
+where
+    O: Fn() -> OpenFut,
+    OpenFut: std::future::Future<Output = Result<S, String>>,
+    F: Fn(S) -> Fut,
+    Fut: std::future::Future<Output = Result<T, Failed>>,
+{
+    let mut retries = 0;
+    loop {
+        match exchange(open().await?).await {
+            Err(failed) if !failed.answered && retries < UNANSWERED_RETRIES => {
+                retries += 1;
+                debug!(%peer, why = %failed.why, retries, "a stream was not answered; asking again");
+                tokio::time::sleep(UNANSWERED_PAUSE * retries).await;
+            }
+            answer => return answer.map_err(String::from),
+        }
+    }
+}
+
+/// [`single`] through [`ask_again`].
+async fn ask_single<S, T, O, OpenFut>(
+    peer: &str,
+    open: O,
+    request: &CasRequest,
+    pick: impl Fn(CasReply) -> Result<T, CasReply>,
+) -> Result<T, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    O: Fn() -> OpenFut,
+    OpenFut: std::future::Future<Output = Result<S, String>>,
+{
+    let pick = &pick;
+    ask_again(peer, open, |mut stream| async move {
+        single(&mut stream, request, pick).await
+    })
+    .await
+}
+
 /// What an exchange does after a reply.
 enum Next {
     /// Reads another frame, of at most this many bytes.
     Read(usize),
     /// Stops: the answer is whole.
     Done,
+}
+
+/// Why an exchange failed, and whether the peer had answered anything by then.
+#[derive(Debug)]
+pub(crate) struct Failed {
+    /// A reply frame arrived before the failure.
+    answered: bool,
+    why: String,
+}
+
+impl Failed {
+    fn unanswered(why: impl ToString) -> Failed {
+        Failed {
+            answered: false,
+            why: why.to_string(),
+        }
+    }
+
+    fn answered(why: impl ToString) -> Failed {
+        Failed {
+            answered: true,
+            why: why.to_string(),
+        }
+    }
+}
+
+impl From<Failed> for String {
+    fn from(failed: Failed) -> String {
+        failed.why
+    }
 }
 
 /// Sends `request` on `stream` and reads replies, the first frame at most `limit` bytes and
@@ -303,22 +401,25 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     request: &CasRequest,
     mut limit: usize,
     mut on_reply: impl FnMut(CasReply) -> Result<Next, String>,
-) -> Result<(), String> {
-    let body = cas::encode_request(request).map_err(|e| e.to_string())?;
+) -> Result<(), Failed> {
+    let body = cas::encode_request(request).map_err(Failed::unanswered)?;
     write_frame(stream, &body)
         .await
-        .map_err(|e| e.to_string())?;
-    stream.close().await.map_err(|e| e.to_string())?;
+        .map_err(Failed::unanswered)?;
+    stream.close().await.map_err(Failed::unanswered)?;
+    let mut answered = false;
+    let failed = |answered: bool, why: String| Failed { answered, why };
     loop {
         let frame = read_frame(stream, limit)
             .await
-            .map_err(|e| e.to_string())?
-            .ok_or("the answer ended early")?;
-        let reply = cas::decode_reply(&frame).map_err(|e| e.to_string())?;
+            .map_err(|e| failed(answered, e.to_string()))?
+            .ok_or_else(|| failed(answered, "the answer ended early".to_owned()))?;
+        answered = true;
+        let reply = cas::decode_reply(&frame).map_err(Failed::answered)?;
         if let CasReply::Refused { reason } = reply {
-            return Err(format!("refused: {reason}"));
+            return Err(Failed::answered(format!("refused: {reason}")));
         }
-        match on_reply(reply)? {
+        match on_reply(reply).map_err(Failed::answered)? {
             Next::Read(next) => limit = next,
             Next::Done => return Ok(()),
         }
@@ -331,7 +432,7 @@ async fn single<S: AsyncRead + AsyncWrite + Unpin, T>(
     stream: &mut S,
     request: &CasRequest,
     pick: impl Fn(CasReply) -> Result<T, CasReply>,
-) -> Result<T, String> {
+) -> Result<T, Failed> {
     let mut answer = None;
     let limit = cas::reply_limit(request);
     exchange(stream, request, limit, |reply| match pick(reply) {
@@ -342,7 +443,7 @@ async fn single<S: AsyncRead + AsyncWrite + Unpin, T>(
         Err(other) => Err(format!("unexpected answer {}", reply_name(&other))),
     })
     .await?;
-    answer.ok_or_else(|| "no answer".to_owned())
+    answer.ok_or_else(|| Failed::answered("no answer"))
 }
 
 /// Asks for `digests` on `stream`: the blobs sent, in the order asked, those the peer lacks
@@ -352,7 +453,7 @@ async fn single<S: AsyncRead + AsyncWrite + Unpin, T>(
 async fn fetch_blobs<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     digests: &[Digest],
-) -> Result<StoredBlobs, String> {
+) -> Result<StoredBlobs, Failed> {
     let request = CasRequest::Fetch {
         digests: digests.to_vec(),
     };
@@ -383,9 +484,12 @@ async fn fetch_blobs<S: AsyncRead + AsyncWrite + Unpin>(
         })
     })
     .await;
-    answered.map_err(|err| match due {
-        Some(digest) => format!("blob {digest}: {err}"),
-        None => err,
+    answered.map_err(|failed| match due {
+        Some(digest) => Failed {
+            why: format!("blob {digest}: {}", failed.why),
+            ..failed
+        },
+        None => failed,
     })?;
     Ok(found)
 }
@@ -411,7 +515,7 @@ impl BlobSource for PeerSource {
             let request = CasRequest::Has {
                 digests: digests.to_vec(),
             };
-            single(&mut self.open().await?, &request, |reply| match reply {
+            self.ask_single(&request, |reply| match reply {
                 CasReply::Held { held } => Ok(held),
                 other => Err(other),
             })
@@ -420,7 +524,7 @@ impl BlobSource for PeerSource {
     }
 
     fn fetch<'a>(&'a self, digests: &'a [Digest]) -> BoxFuture<'a, Result<StoredBlobs, String>> {
-        Box::pin(async move { fetch_blobs(&mut self.open().await?, digests).await })
+        Box::pin(self.ask(move |mut stream| async move { fetch_blobs(&mut stream, digests).await }))
     }
 }
 
@@ -516,6 +620,9 @@ mod tests {
     //! Exchanges over scripted streams: a slow peer is waited for while bytes keep moving, a
     //! stalled one is given up after the wait, either side.
 
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Instant;
 
     use super::*;
@@ -699,9 +806,69 @@ mod tests {
         paced.stall_at = 10 << 10;
         let started = Instant::now();
         let failed = run(fetch_blobs(&mut Progress::new(paced, WAIT), &[digest]))
-            .expect_err("a stalled peer is given up");
+            .expect_err("a stalled peer is given up")
+            .why;
         assert!(failed.contains("nothing moved for 0.3 s"), "{failed}");
         assert!(started.elapsed() < WAIT * 4, "{:?}", started.elapsed());
+    }
+
+    /// Asks which of `digests` the peer holds through [`ask_again`], on the streams `peers`
+    /// hands out in turn; returns the answer and how many streams were opened.
+    fn ask_has(peers: Vec<Paced>, digests: &[Digest]) -> (Result<Vec<bool>, String>, usize) {
+        let peers = Mutex::new(VecDeque::from(peers));
+        let opened = AtomicUsize::new(0);
+        let request = CasRequest::Has {
+            digests: digests.to_vec(),
+        };
+        let open = || async {
+            opened.fetch_add(1, Ordering::SeqCst);
+            let next = peers.lock().unwrap().pop_front();
+            next.map(|paced| Progress::new(paced, WAIT))
+                .ok_or_else(|| "no more streams".to_owned())
+        };
+        let answer = run(ask_single("a peer", open, &request, |reply| match reply {
+            CasReply::Held { held } => Ok(held),
+            other => Err(other),
+        }));
+        (answer, opened.load(Ordering::SeqCst))
+    }
+
+    #[test]
+    fn a_stream_the_peer_dropped_unanswered_is_asked_again_on_a_new_one() {
+        let digest = Digest::of(b"held");
+        let dropped = || Paced::new(Vec::new(), 1024, Duration::ZERO);
+        let answering = Paced::new(
+            framed(&[CasReply::Held { held: vec![true] }]),
+            1024,
+            Duration::ZERO,
+        );
+        let (answer, opened) = ask_has(vec![dropped(), dropped(), answering], &[digest]);
+        assert_eq!(answer, Ok(vec![true]));
+        assert_eq!(opened, 3);
+        // A peer that never answers is given up after the retries.
+        let (answer, opened) = ask_has((0..10).map(|_| dropped()).collect(), &[digest]);
+        assert_eq!(answer, Err("the answer ended early".to_owned()));
+        assert_eq!(opened, 1 + UNANSWERED_RETRIES as usize);
+    }
+
+    #[test]
+    fn an_answer_is_final_even_a_refusal() {
+        let digest = Digest::of(b"held");
+        let refusing = Paced::new(
+            framed(&[CasReply::Refused {
+                reason: "busy".into(),
+            }]),
+            1024,
+            Duration::ZERO,
+        );
+        let answering = Paced::new(
+            framed(&[CasReply::Held { held: vec![true] }]),
+            1024,
+            Duration::ZERO,
+        );
+        let (answer, opened) = ask_has(vec![refusing, answering], &[digest]);
+        assert_eq!(answer, Err("refused: busy".to_owned()));
+        assert_eq!(opened, 1);
     }
 
     fn store_with(bytes: &[u8]) -> (tempfile::TempDir, Arc<Store>, Digest) {
@@ -739,7 +906,9 @@ mod tests {
             CasReply::End,
         ]);
         let mut peer = Progress::new(Paced::new(answer, 64 << 10, Duration::ZERO), WAIT);
-        let failed = run(fetch_blobs(&mut peer, &[small, big])).expect_err("refused");
+        let failed = run(fetch_blobs(&mut peer, &[small, big]))
+            .expect_err("refused")
+            .why;
         assert!(
             failed.starts_with(&format!("blob {small}: ")) && failed.contains("over the limit"),
             "{failed}"

@@ -521,6 +521,7 @@ mod transfer {
     //! Fetching trees between stores: every blob verified, liars dropped and bypassed, an
     //! interrupted transfer resumed with only what is missing.
 
+    use std::collections::HashSet;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -641,6 +642,92 @@ mod transfer {
                 Err(_) => Box::pin(async { Err("the connection was lost".to_owned()) }),
             }
         }
+    }
+
+    /// Serves its store's blobs and writes down each batch asked for, in order.
+    struct Recorder {
+        inner: StoreSource,
+        batches: std::sync::Mutex<Vec<Vec<Digest>>>,
+    }
+
+    impl BlobSource for Recorder {
+        fn name(&self) -> String {
+            self.inner.name()
+        }
+        fn has<'a>(&'a self, digests: &'a [Digest]) -> BoxFuture<'a, Result<Vec<bool>, String>> {
+            self.inner.has(digests)
+        }
+        fn fetch<'a>(
+            &'a self,
+            digests: &'a [Digest],
+        ) -> BoxFuture<'a, Result<StoredBlobs, String>> {
+            self.batches.lock().unwrap().push(digests.to_vec());
+            self.inner.fetch(digests)
+        }
+    }
+
+    /// The trees and chunk lists of the tree `root` in `store`.
+    fn listings_of(store: &Store, root: Digest) -> HashSet<Digest> {
+        let mut listings = HashSet::from([root]);
+        let mut trees = vec![root];
+        while let Some(tree) = trees.pop() {
+            let decoded = Tree::decode(&store.get(&tree).expect("reads")).expect("decodes");
+            for entry in decoded.entries() {
+                match &entry.kind {
+                    EntryKind::Dir { digest } => {
+                        listings.insert(*digest);
+                        trees.push(*digest);
+                    }
+                    EntryKind::File {
+                        chunks: Some(list), ..
+                    } => {
+                        listings.insert(*list);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        listings
+    }
+
+    #[test]
+    fn the_trees_and_chunk_lists_come_first_then_every_file_and_chunk_in_one_round() {
+        let (work, _, holder, root) = holder(8);
+        let receiver = Arc::new(Store::open(&work.join("receiver")).expect("opens"));
+        let recorder = Arc::new(Recorder {
+            inner: StoreSource {
+                name: "peer-a".to_owned(),
+                store: holder.clone(),
+            },
+            batches: Default::default(),
+        });
+        let fetched = fetch(&receiver, root, vec![recorder.clone()]).expect("fetches");
+        let listings = listings_of(&holder, root);
+        let batches = recorder.batches.lock().unwrap().clone();
+        // Batches of listings only, then batches of files and chunks only.
+        let first_leaves = batches
+            .iter()
+            .position(|b| b.iter().all(|d| !listings.contains(d)))
+            .expect("files were fetched");
+        assert!(
+            batches[..first_leaves]
+                .iter()
+                .all(|b| b.iter().all(|d| listings.contains(d)))
+        );
+        assert!(
+            batches[first_leaves..]
+                .iter()
+                .all(|b| b.iter().all(|d| !listings.contains(d)))
+        );
+        // One round a level of listings, and one for every file and chunk.
+        let depth = fetched.rounds - 1;
+        assert!(depth >= 2, "{fetched:?}");
+        assert_eq!(
+            batches[..first_leaves].len() as u32,
+            depth,
+            "one batch a level: {fetched:?}"
+        );
+        fs::remove_dir_all(&work).ok();
     }
 
     #[test]

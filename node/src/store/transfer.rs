@@ -3,7 +3,8 @@
 //! A transfer works in rounds. Each round lists what the tree still lacks here ([`missing`]:
 //! the blobs reachable through the trees and chunk lists already held, so a tree's contents are
 //! asked for once the tree itself has arrived), asks every source which of those it holds,
-//! spreads the blobs over their holders, and fetches them in bounded batches
+//! spreads the blobs over their holders (trees and chunk lists first, in rounds of their own;
+//! then every file and chunk in one round), and fetches them in bounded batches
 //! ([`MAX_BATCH_BLOBS`], [`MAX_BATCH_BYTES`]), several batches per source at once. Every blob
 //! travels as stored (already compressed) and is verified against its digest before it is
 //! stored ([`Store::put_stored`]); a source that sends a bad blob, leaves out one it claimed to
@@ -404,6 +405,7 @@ impl Source {
     /// A fetch failed without the source sending anything wrong: the source is asked again
     /// in the next round (its other fetches in flight may fail too: one round, one failure).
     fn failed(&self, why: String) {
+        tracing::debug!(source = %self.source.name(), %why, "a fetch failed");
         self.failed_now
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -495,7 +497,10 @@ pub async fn fetch_tree(
             limit_bytes,
             done_bytes: totals.fetched.load(Ordering::Relaxed),
         };
-        let Plan { missing, listings } = tokio::task::spawn_blocking(move || {
+        let Plan {
+            mut missing,
+            listings,
+        } = tokio::task::spawn_blocking(move || {
             plan(&walk_store, &root, budget, &walk_totals.senders)
         })
         .await
@@ -505,6 +510,13 @@ pub async fn fetch_tree(
         })??;
         if missing.is_empty() {
             break;
+        }
+        // Trees and chunk lists come first, in rounds of their own (they are small, so those
+        // rounds are quick); the files and chunks they list then come in one round, all
+        // batches of it flowing at once, rather than each round waiting for its slowest.
+        // The plan counted everything against the limit already.
+        if !listings.is_empty() {
+            missing.retain(|digest| listings.contains(digest));
         }
         if let Some(digest) = missing.iter().find(|d| d.size() > MAX_BLOB_BYTES) {
             return Err(TransferError::TooLarge { digest: *digest });
@@ -531,6 +543,7 @@ pub async fn fetch_tree(
         let found_out = sources.iter().filter(|s| s.is_dropped()).count() > dropped_before;
         if failed && !found_out {
             // A fetch failed (a connection broke): ask again, after a moment.
+            tracing::debug!(round = rounds, "a fetch failed; the next round asks again");
             tokio::time::sleep(AFTER_FAILURE).await;
             continue;
         }
