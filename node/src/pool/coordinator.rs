@@ -38,6 +38,8 @@ const OFFER_MARGIN: Duration = Duration::from_secs(15);
 /// How often a peer's capabilities may change in the engine's eyes (each new set of
 /// capabilities is a constraint class the engine keeps).
 const CAPABILITY_CHANGES: Duration = Duration::from_secs(60);
+/// How long the engine remembers that a run ended, for the heartbeats that left before it did.
+const ENDED_REMEMBERED: Duration = Duration::from_secs(10);
 
 /// What the engine tells a build's task to do.
 #[derive(Debug)]
@@ -186,6 +188,8 @@ struct Engine {
     /// Offer `task` names of live runs (with the peer each is on), to read peers' lists of
     /// what they run.
     runs: HashMap<String, (TaskId, Attempt, PeerId)>,
+    /// Runs that ended in the last [`ENDED_REMEMBERED`], by name, and when.
+    ended: HashMap<String, Instant>,
     /// Each remote peer's capabilities as the engine knows them, and when they last changed.
     capabilities: HashMap<PeerId, (Arc<Capabilities>, Instant)>,
     /// This node's own, as last fed.
@@ -224,6 +228,7 @@ impl Engine {
             next_build: 1,
             fed: HashMap::new(),
             runs: HashMap::new(),
+            ended: HashMap::new(),
             capabilities: HashMap::new(),
             local_capabilities: None,
             prefixes: HashMap::new(),
@@ -363,6 +368,7 @@ impl Engine {
             let heartbeat = self.heartbeat(&heartbeat, peer);
             self.step(Event::Heartbeat(heartbeat));
         }
+        self.ended.retain(|_, at| at.elapsed() < ENDED_REMEMBERED);
         let present: BTreeSet<String> = present.into_iter().collect();
         let gone: Vec<String> = self
             .fed
@@ -397,11 +403,22 @@ impl Engine {
                 heard
             }
         };
+        // A run of this coordinator's that the heartbeat lists but that has ended here held its
+        // slot when the heartbeat left, and the slot is free now (the worker frees it before
+        // its last reply). Taken as used, it would keep the peer a slot fuller than it is until
+        // its next heartbeat, and a batch whose members end just after a heartbeat would wait
+        // that long for each of those slots.
+        let ended = wire
+            .running
+            .iter()
+            .filter(|task| self.ended.contains_key(*task))
+            .count();
+        let ended = u32::try_from(ended).unwrap_or(u32::MAX);
         Heartbeat {
             peer,
             capabilities,
             total_slots,
-            free_slots: wire.slots_free.min(total_slots),
+            free_slots: wire.slots_free.saturating_add(ended).min(total_slots),
             load_permille: wire.load_milli.min(1000),
             holds: Vec::new(),
             running: wire
@@ -521,13 +538,26 @@ impl Engine {
                 self.order(build, Order::Done);
                 self.builds.remove(&build);
                 self.prefixes.remove(&build);
-                self.runs.retain(|_, (task, _, _)| task.build != build);
+                self.forget_runs(|(task, _, _)| task.build == build);
             }
         }
     }
 
     fn forget_run(&mut self, task: TaskId, attempt: Attempt) {
-        self.runs.retain(|_, (t, a, _)| (*t, *a) != (task, attempt));
+        self.forget_runs(|(t, a, _)| (*t, *a) == (task, attempt));
+    }
+
+    /// Forgets the runs `ended` picks, remembering for a while that they ended (see
+    /// [`Engine::heartbeat`]).
+    fn forget_runs(&mut self, ended: impl Fn(&(TaskId, Attempt, PeerId)) -> bool) {
+        let now = Instant::now();
+        let ended_runs = &mut self.ended;
+        self.runs.retain(|name, run| {
+            if ended(run) {
+                ended_runs.insert(name.clone(), now);
+            }
+            !ended(run)
+        });
     }
 
     /// A failure as the user reads it, peers by their ids.
@@ -809,6 +839,58 @@ mod tests {
         assert!(
             matches!(&after[..], [Order::Lost { peer, attempt: lost, .. }, Order::Offer { attempt: next, .. }] if peer == "peer-b" && *lost == attempt && *next != attempt),
             "the lost run is named, so its task stops it: {after:?}"
+        );
+    }
+
+    #[test]
+    fn a_slot_whose_run_ended_after_the_heartbeat_left_is_free() {
+        let mut remote = wire("peer-b", &[("gpu", "a100")]);
+        remote.slots_total = 1;
+        remote.slots_free = 1;
+        let mut engine = engine(&remote);
+        engine.read_pool();
+        let (orders_to, mut orders) = mpsc::channel(ORDERS);
+        let build = engine.submit(gpu_plan(), orders_to);
+        let offered = drain(&mut orders);
+        let [
+            Order::Offer {
+                attempt,
+                peer,
+                task: run,
+                ..
+            },
+        ] = &offered[..]
+        else {
+            panic!("one offer: {offered:?}");
+        };
+        let (attempt, peer, run) = (*attempt, *peer, run.clone());
+        let task = TaskId { build, index: 0 };
+        engine.step(Event::Started {
+            task,
+            attempt,
+            peer,
+        });
+        engine.step(Event::Finished {
+            task,
+            attempt,
+            peer,
+            outcome: scheduler::TaskOutcome::Succeeded,
+        });
+        // Peer B's heartbeat, sent while the run still held its one slot, arrives after.
+        beat(
+            &mut engine,
+            &WireHeartbeat {
+                slots_free: 0,
+                ..remote.clone()
+            },
+            std::slice::from_ref(&run),
+        );
+        let (orders_to, mut orders) = mpsc::channel(ORDERS);
+        engine.submit(gpu_plan(), orders_to);
+        let next = drain(&mut orders);
+        assert!(
+            matches!(&next[..], [Order::Offer { name, .. }] if name == "peer-b"),
+            "the next build goes to the slot that is free now: {next:?}"
         );
     }
 
