@@ -314,7 +314,7 @@ impl PeerSource {
 /// one, up to [`UNANSWERED_RETRIES`] more times. A peer whose reader of incoming streams is
 /// busy has a new stream dropped (libp2p-stream queues none), which the asker sees as a reset
 /// before any answer: asking again a moment later is what helps. An answer, even a refusal or
-/// a bad one, is final.
+/// a bad one, is final, and so is a stall (see [`Failed::before_answer`]).
 async fn ask_again<S, T, O, OpenFut, F, Fut>(peer: &str, open: O, exchange: F) -> Result<T, String>
 where
     O: Fn() -> OpenFut,
@@ -325,7 +325,7 @@ where
     let mut retries = 0;
     loop {
         match exchange(open().await?).await {
-            Err(failed) if !failed.answered && retries < UNANSWERED_RETRIES => {
+            Err(failed) if failed.unanswered && retries < UNANSWERED_RETRIES => {
                 retries += 1;
                 debug!(%peer, why = %failed.why, retries, "a stream was not answered; asking again");
                 tokio::time::sleep(UNANSWERED_PAUSE * retries).await;
@@ -362,25 +362,30 @@ enum Next {
     Done,
 }
 
-/// Why an exchange failed, and whether the peer had answered anything by then.
+/// Why an exchange failed, and whether asking again on a fresh stream may help.
 #[derive(Debug)]
 pub(crate) struct Failed {
-    /// A reply frame arrived before the failure.
-    answered: bool,
+    /// The stream ended or broke before the peer answered anything, without stalling: what a
+    /// peer that dropped the stream unread looks like.
+    unanswered: bool,
     why: String,
 }
 
 impl Failed {
-    fn unanswered(why: impl ToString) -> Failed {
+    /// The stream failed before any answer: worth asking again unless it stalled (a peer
+    /// that keeps a stream waiting is not asked to do it again).
+    fn before_answer(err: std::io::Error) -> Failed {
         Failed {
-            answered: false,
-            why: why.to_string(),
+            unanswered: err.kind() != io::ErrorKind::TimedOut,
+            why: err.to_string(),
         }
     }
 
-    fn answered(why: impl ToString) -> Failed {
+    /// A failure asking again would not mend: an answer came (even a refusal or a bad one),
+    /// or this side could not make its request.
+    fn fin(why: impl ToString) -> Failed {
         Failed {
-            answered: true,
+            unanswered: false,
             why: why.to_string(),
         }
     }
@@ -402,24 +407,30 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     mut limit: usize,
     mut on_reply: impl FnMut(CasReply) -> Result<Next, String>,
 ) -> Result<(), Failed> {
-    let body = cas::encode_request(request).map_err(Failed::unanswered)?;
+    let body = cas::encode_request(request).map_err(Failed::fin)?;
     write_frame(stream, &body)
         .await
-        .map_err(Failed::unanswered)?;
-    stream.close().await.map_err(Failed::unanswered)?;
+        .map_err(Failed::before_answer)?;
+    stream.close().await.map_err(Failed::before_answer)?;
     let mut answered = false;
-    let failed = |answered: bool, why: String| Failed { answered, why };
     loop {
-        let frame = read_frame(stream, limit)
-            .await
-            .map_err(|e| failed(answered, e.to_string()))?
-            .ok_or_else(|| failed(answered, "the answer ended early".to_owned()))?;
+        let frame = match read_frame(stream, limit).await {
+            Ok(Some(frame)) => frame,
+            Err(err) if !answered => return Err(Failed::before_answer(err)),
+            Err(err) => return Err(Failed::fin(err)),
+            Ok(None) => {
+                return Err(Failed {
+                    unanswered: !answered,
+                    why: "the answer ended early".to_owned(),
+                });
+            }
+        };
         answered = true;
-        let reply = cas::decode_reply(&frame).map_err(Failed::answered)?;
+        let reply = cas::decode_reply(&frame).map_err(Failed::fin)?;
         if let CasReply::Refused { reason } = reply {
-            return Err(Failed::answered(format!("refused: {reason}")));
+            return Err(Failed::fin(format!("refused: {reason}")));
         }
-        match on_reply(reply).map_err(Failed::answered)? {
+        match on_reply(reply).map_err(Failed::fin)? {
             Next::Read(next) => limit = next,
             Next::Done => return Ok(()),
         }
@@ -443,7 +454,7 @@ async fn single<S: AsyncRead + AsyncWrite + Unpin, T>(
         Err(other) => Err(format!("unexpected answer {}", reply_name(&other))),
     })
     .await?;
-    answer.ok_or_else(|| Failed::answered("no answer"))
+    answer.ok_or_else(|| Failed::fin("no answer"))
 }
 
 /// Asks for `digests` on `stream`: the blobs sent, in the order asked, those the peer lacks
@@ -849,6 +860,21 @@ mod tests {
         let (answer, opened) = ask_has((0..10).map(|_| dropped()).collect(), &[digest]);
         assert_eq!(answer, Err("the answer ended early".to_owned()));
         assert_eq!(opened, 1 + UNANSWERED_RETRIES as usize);
+    }
+
+    #[test]
+    fn a_stream_that_stalls_before_any_answer_is_not_asked_again() {
+        let mut stalled = Paced::new(Vec::new(), 1024, Duration::ZERO);
+        stalled.stall_at = 0;
+        let answering = Paced::new(
+            framed(&[CasReply::Held { held: vec![true] }]),
+            1024,
+            Duration::ZERO,
+        );
+        let (answer, opened) = ask_has(vec![stalled, answering], &[Digest::of(b"held")]);
+        let failed = answer.expect_err("a stalled peer is given up");
+        assert!(failed.contains("nothing moved"), "{failed}");
+        assert_eq!(opened, 1);
     }
 
     #[test]
