@@ -430,19 +430,25 @@ impl Lan {
             format!("-n {a} link set lo up"),
             format!("-n {b} link set lo up"),
         ];
-        let _serial = crate::netns_setup_lock();
-        for step in steps {
-            let ok = Command::new("ip")
-                .args(step.split_whitespace())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if !ok {
-                return None;
+        let made = crate::set_up_network(
+            || {
+                steps.iter().try_for_each(|step| {
+                    crate::try_ip(&step.split_whitespace().collect::<Vec<_>>())
+                })
+            },
+            || {
+                for namespace in &lan.namespaces {
+                    let _ = crate::try_ip(&["netns", "delete", namespace]);
+                }
+            },
+        );
+        match made {
+            Ok(()) => Some(lan),
+            Err(err) => {
+                eprintln!("cannot make two network namespaces joined by a veth pair: {err}");
+                None
             }
         }
-        Some(lan)
     }
 }
 

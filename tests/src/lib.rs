@@ -599,12 +599,8 @@ impl Outside {
         let peer = format!("pbo{label}");
         let host_cidr = format!("{}/30", outside.host_address);
         let outside_cidr = format!("{}/30", outside.address);
-        let serial = netns_setup_lock();
-        // Now and then the kernel refuses to move the veth end into a namespace just made
-        // (EINVAL, seen on CI): undo and make them again, a few times, before giving up.
-        let mut tries = 0;
-        loop {
-            let made = (|| {
+        set_up_network(
+            || {
                 try_ip(&["netns", "add", &ns])?;
                 try_ip(&[
                     "link", "add", &host_link, "type", "veth", "peer", "name", &peer,
@@ -615,20 +611,13 @@ impl Outside {
                 try_ip(&["-n", &ns, "addr", "add", &outside_cidr, "dev", &peer])?;
                 try_ip(&["-n", &ns, "link", "set", &peer, "up"])?;
                 try_ip(&["-n", &ns, "link", "set", "lo", "up"])
-            })();
-            match made {
-                Ok(()) => break,
-                Err(err) if tries < 4 => {
-                    tries += 1;
-                    eprintln!("setting up the outside namespace failed ({err}); again");
-                    let _ = try_ip(&["link", "del", &host_link]);
-                    let _ = try_ip(&["netns", "del", &ns]);
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-                Err(err) => panic!("{err}"),
-            }
-        }
-        drop(serial);
+            },
+            || {
+                let _ = try_ip(&["link", "del", &host_link]);
+                let _ = try_ip(&["netns", "del", &ns]);
+            },
+        )
+        .unwrap_or_else(|err| panic!("{err}"));
         let server = format!(
             "import socket\n\
              s = socket.socket()\n\
@@ -693,11 +682,38 @@ pub fn enter_netns(command: &mut Command, namespace: &str) {
     }
 }
 
-fn try_ip(args: &[&str]) -> Result<(), String> {
+/// Makes a network set-up (`make`: its `ip` steps) under [`netns_setup_lock`]. Now and then
+/// the kernel refuses a step, such as moving a veth end into a namespace just made (EINVAL,
+/// seen on CI): the set-up is undone (`undo`) and made again, up to four more times, before
+/// the last error is returned.
+pub fn set_up_network(
+    make: impl Fn() -> Result<(), String>,
+    undo: impl Fn(),
+) -> Result<(), String> {
+    let _serial = netns_setup_lock();
+    let mut tries = 0;
+    loop {
+        match make() {
+            Ok(()) => return Ok(()),
+            Err(err) if tries < 4 => {
+                tries += 1;
+                eprintln!("a network set-up failed ({err}); again");
+                undo();
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(err) => {
+                undo();
+                return Err(err);
+            }
+        }
+    }
+}
+
+pub fn try_ip(args: &[&str]) -> Result<(), String> {
     let output = Command::new("ip")
         .args(args)
         .output()
-        .expect("run ip (package iproute2)");
+        .map_err(|e| format!("run ip (package iproute2): {e}"))?;
     if output.status.success() {
         return Ok(());
     }
