@@ -41,6 +41,15 @@ const CAPABILITY_CHANGES: Duration = Duration::from_secs(60);
 /// How long the engine remembers that a run ended, for the heartbeats that left before it did.
 const ENDED_REMEMBERED: Duration = Duration::from_secs(10);
 
+/// A remote peer's capabilities as the engine knows them.
+struct Known {
+    capabilities: Arc<Capabilities>,
+    /// When they last changed.
+    changed: Instant,
+    /// Whether the peer has listed its sandboxes (its probes ran) in any heartbeat yet.
+    probed: bool,
+}
+
 /// What the engine tells a build's task to do.
 #[derive(Debug)]
 pub enum Order {
@@ -190,8 +199,8 @@ struct Engine {
     runs: HashMap<String, (TaskId, Attempt, PeerId)>,
     /// Runs that ended in the last [`ENDED_REMEMBERED`], by name, and when.
     ended: HashMap<String, Instant>,
-    /// Each remote peer's capabilities as the engine knows them, and when they last changed.
-    capabilities: HashMap<PeerId, (Arc<Capabilities>, Instant)>,
+    /// Each remote peer's capabilities as the engine knows them.
+    capabilities: HashMap<PeerId, Known>,
     /// This node's own, as last fed.
     local_capabilities: Option<Arc<Capabilities>>,
     /// Each build's run names' prefix.
@@ -392,14 +401,32 @@ impl Engine {
         let total_slots = wire.slots_total.min(MAX_RUNNING as u32);
         let now = Instant::now();
         let heard = capabilities(wire);
-        let capabilities = match self.capabilities.get(&peer) {
-            Some((known, _)) if **known == heard => known.clone(),
-            Some((known, changed)) if now.duration_since(*changed) < CAPABILITY_CHANGES => {
-                known.clone()
+        let probed = !wire.sandboxes.is_empty();
+        let capabilities = match self.capabilities.get_mut(&peer) {
+            Some(known) if *known.capabilities == heard => known.capabilities.clone(),
+            // The first sandbox list a peer sends (its probes ran after its first heartbeat)
+            // is taken at once: until then it was taken to offer every sandbox.
+            Some(known) if probed && !known.probed => {
+                known.capabilities = Arc::new(heard);
+                known.changed = now;
+                known.probed = true;
+                known.capabilities.clone()
             }
-            _ => {
+            Some(known) if now.duration_since(known.changed) < CAPABILITY_CHANGES => {
+                known.capabilities.clone()
+            }
+            known => {
                 let heard = Arc::new(heard);
-                self.capabilities.insert(peer, (heard.clone(), now));
+                // A peer's free pass for its first sandbox list is used once.
+                let probed = probed || known.is_some_and(|k| k.probed);
+                self.capabilities.insert(
+                    peer,
+                    Known {
+                        capabilities: heard.clone(),
+                        changed: now,
+                        probed,
+                    },
+                );
                 heard
             }
         };
@@ -995,6 +1022,42 @@ mod tests {
             why.starts_with("no peer can run this build (of 2 in the pool)")
                 && why.contains("me, peer-b lack label gpu=a100"),
             "{why}"
+        );
+    }
+
+    #[test]
+    fn a_peers_first_sandbox_list_is_taken_at_once() {
+        // Peer B's first heartbeat left before its sandbox probes ran.
+        let probed = wire("peer-b", &[("gpu", "a100")]);
+        let early = WireHeartbeat {
+            sandboxes: Vec::new(),
+            ..probed.clone()
+        };
+        let mut engine = engine(&early);
+        engine.read_pool();
+        // Seconds later it lists them: namespace only. A build that needs docker cannot go
+        // there (the once-a-minute limit on changes does not hold the list back).
+        let needs_docker = |engine: &mut Engine| {
+            let (orders_to, mut orders) = mpsc::channel(ORDERS);
+            let plan = Plan {
+                sandbox: Some("docker".into()),
+                ..gpu_plan()
+            };
+            engine.submit(plan, orders_to);
+            drain(&mut orders)
+        };
+        beat(&mut engine, &probed, &[]);
+        let said = needs_docker(&mut engine);
+        assert!(
+            matches!(&said[..], [Order::Fail(_), Order::Done]),
+            "no peer offers docker: {said:?}"
+        );
+        // The pass is used once: a change back within the minute waits.
+        beat(&mut engine, &early, &[]);
+        let said = needs_docker(&mut engine);
+        assert!(
+            matches!(&said[..], [Order::Fail(_), Order::Done]),
+            "{said:?}"
         );
     }
 
