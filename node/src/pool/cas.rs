@@ -32,8 +32,9 @@ pub const MAX_SERVED_STREAMS: usize = 32;
 /// up. There is no limit on a whole exchange: a slow peer's big batch takes as long as it
 /// takes while bytes keep coming.
 pub const PROGRESS_TIMEOUT: Duration = Duration::from_secs(20);
-/// How many times a request the peer answered nothing to is sent again on a fresh stream, and
-/// the pause before the first retry (twice as long before the second, and so on).
+/// How many times a request (a blob request, a task offer) the peer answered nothing to is
+/// sent again on a fresh stream, and the pause before the first retry (twice as long before
+/// the second, and so on).
 const UNANSWERED_RETRIES: u32 = 3;
 const UNANSWERED_PAUSE: Duration = Duration::from_millis(20);
 /// Blobs of a fetch read from the store ahead of the one being sent.
@@ -333,6 +334,37 @@ where
             answer => return answer.map_err(String::from),
         }
     }
+}
+
+/// Opens a stream with `open`, writes `request` as a frame and reads the first reply frame
+/// (at most `limit` bytes), through [`ask_again`]: a stream that ends or breaks before that
+/// frame is replaced by a fresh one, a few times. Returns the stream, for the rest of the
+/// exchange, and the frame. The task protocol's offers go this way.
+pub(crate) async fn first_answer<S, O, OpenFut>(
+    peer: &str,
+    open: O,
+    request: &[u8],
+    limit: usize,
+) -> Result<(S, Vec<u8>), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    O: Fn() -> OpenFut,
+    OpenFut: std::future::Future<Output = Result<S, String>>,
+{
+    ask_again(peer, open, |mut stream| async move {
+        write_frame(&mut stream, request)
+            .await
+            .map_err(Failed::before_answer)?;
+        match read_frame(&mut stream, limit).await {
+            Ok(Some(frame)) => Ok((stream, frame)),
+            Ok(None) => Err(Failed {
+                unanswered: true,
+                why: "the stream ended".to_owned(),
+            }),
+            Err(err) => Err(Failed::before_answer(err)),
+        }
+    })
+    .await
 }
 
 /// [`single`] through [`ask_again`].
@@ -860,6 +892,29 @@ mod tests {
         let (answer, opened) = ask_has((0..10).map(|_| dropped()).collect(), &[digest]);
         assert_eq!(answer, Err("the answer ended early".to_owned()));
         assert_eq!(opened, 1 + UNANSWERED_RETRIES as usize);
+    }
+
+    #[test]
+    fn an_offer_dropped_unanswered_is_made_again_on_a_fresh_stream() {
+        let peers = Mutex::new(VecDeque::from([
+            Paced::new(Vec::new(), 1024, Duration::ZERO),
+            Paced::new(framed(&[CasReply::End]), 1024, Duration::ZERO),
+        ]));
+        let opened = AtomicUsize::new(0);
+        let open = || async {
+            opened.fetch_add(1, Ordering::SeqCst);
+            let next = peers.lock().unwrap().pop_front();
+            next.ok_or_else(|| "no more streams".to_owned())
+        };
+        let (stream, frame) =
+            run(first_answer("a peer", open, b"offer", 1024)).expect("answered the second time");
+        assert_eq!(opened.load(Ordering::SeqCst), 2);
+        assert_eq!(unframed(&stream.written), vec![b"offer".to_vec()]);
+        assert_eq!(
+            cas::decode_reply(&frame).expect("decodes"),
+            CasReply::End,
+            "the answer on the fresh stream"
+        );
     }
 
     #[test]

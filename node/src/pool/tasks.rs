@@ -35,7 +35,7 @@ use scheduler::{
     TaskOutcome,
 };
 
-use super::cas::{next_stream, read_frame, write_frame};
+use super::cas::{first_answer, next_stream, read_frame, write_frame};
 use super::coordinator::{self, Coordinator, Order};
 use super::shared_cache::NodeCache;
 use super::swarm::SwarmCommand;
@@ -573,18 +573,27 @@ impl Tasks {
             Ok(secrets) => secrets,
             Err(err) => return Ending::Failed(format!("the secrets cannot be sent: {err}")),
         };
-        let mut control = self.control.clone();
+        let control = self.control.clone();
         // Unreachable or mute, the peer is as good as lost for this run; a decline is its
         // answer.
         let opened = tokio::time::timeout(OFFER_TIMEOUT, async {
-            let mut stream = control
-                .open_stream(worker, protocol())
-                .await
-                .map_err(|e| Ending::Lost(format!("cannot open a stream: {e}")))?;
-            write_frame(&mut stream, &body)
-                .await
-                .map_err(|e| Ending::Lost(e.to_string()))?;
-            match read_reply(&mut stream).await.map_err(Ending::Lost)? {
+            // A worker too busy to take a new stream has it dropped (libp2p-stream queues
+            // none), and nothing ran: the offer is made again on a fresh stream, a few times.
+            let open = || {
+                let mut control = control.clone();
+                async move {
+                    control
+                        .open_stream(worker, protocol())
+                        .await
+                        .map_err(|e| format!("cannot open a stream: {e}"))
+                }
+            };
+            let (mut stream, frame) =
+                first_answer(&worker.to_string(), open, &body, task::MAX_REPLY_BYTES)
+                    .await
+                    .map_err(Ending::Lost)?;
+            let reply = task::decode_reply(&frame).map_err(|e| Ending::Lost(e.to_string()))?;
+            match reply {
                 TaskReply::Accepted => {}
                 TaskReply::Declined { reason } if reason == NO_FREE_SLOT => {
                     return Err(Ending::Full);
