@@ -23,10 +23,11 @@ start_node "$work/b" "$(bootstrap_address "$work/a")"
 digest=$("$pb" --data-dir "$work/a" cache import "$work/tree" 2>/dev/null)
 await_peer "$work/b" "$work/a"
 
-# ext4 looks past every inode freed in the last 30 s when it allocates a new one, so creating
-# 15,000 files right after deleting 15,000 can take twice as long. Each measured step here
-# starts SETTLE seconds after the last deletion (a previous run's clean-up, the baselines'),
-# so all of them create their files on the same footing.
+# Each measured step starts SETTLE seconds after the one before, so all of them start on the
+# same footing: ext4 looks past inodes freed in the last seconds when it allocates new ones
+# (the baselines delete 15,000 files just before), and this machine's DAMON reclaim evicts
+# idle page cache during a pause (the settled rsync reads its tree from disk, as the restore
+# reads the holder's store).
 settle() { sync; sleep "${SETTLE:-40}"; }
 settle
 bash "$shared/bench/baselines.sh" "$work/tree"
