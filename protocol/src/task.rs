@@ -7,7 +7,8 @@
 //! coordinator writes [`TaskSecrets`]; the worker then writes any number of
 //! [`TaskReply::Event`]s (the build's events, the `--json` schema, in order) and one ending:
 //! [`TaskReply::Finished`] with the result signed by the worker's key, [`TaskReply::Refused`]
-//! when the worker's `peerbuild run` refused the build before it ran, or [`TaskReply::Fault`].
+//! when the worker's `peerbuild run` refused the build before it ran, [`TaskReply::Fault`], or
+//! [`TaskReply::HandedBack`] when the worker stopped it to shut down.
 //! The coordinator closing its side of the stream cancels the build.
 //!
 //! Secrets travel only in [`TaskSecrets`], on this stream: Noise-encrypted, to the one peer
@@ -110,6 +111,12 @@ pub enum TaskReply {
     },
     /// The worker could not run the build.
     Fault {
+        message: String,
+    },
+    /// The worker stopped the build unfinished because it is shutting down: it is run again
+    /// elsewhere, and the worker is not to blame (added last: the variants before keep their
+    /// numbers on the wire).
+    HandedBack {
         message: String,
     },
 }
@@ -241,10 +248,30 @@ mod tests {
                 public_key: vec![1, 2],
                 signature: vec![3],
             },
+            TaskReply::Refused {
+                message: "not allowed".into(),
+            },
+            TaskReply::Fault {
+                message: "no sandbox".into(),
+            },
+            TaskReply::HandedBack {
+                message: "shutting down".into(),
+            },
         ] {
             let bytes = encode_reply(&reply).expect("encodes");
             assert_eq!(decode_reply(&bytes), Ok(reply));
         }
+    }
+
+    #[test]
+    fn the_replies_keep_their_numbers_on_the_wire() {
+        // Peers of this version agree on each variant's number (postcard's varint after the
+        // format version): a variant added later goes last.
+        let number = |reply: &TaskReply| encode_reply(reply).expect("encodes")[1];
+        let message = String::new;
+        assert_eq!(number(&TaskReply::Accepted), 0);
+        assert_eq!(number(&TaskReply::Fault { message: message() }), 5);
+        assert_eq!(number(&TaskReply::HandedBack { message: message() }), 6);
     }
 
     #[test]

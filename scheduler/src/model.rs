@@ -306,6 +306,11 @@ pub enum TaskOutcome {
     Error {
         message: String,
     },
+    /// The peer stopped it unfinished to shut down: retried elsewhere, and no strike against
+    /// the peer when it then succeeds there.
+    HandedBack {
+        message: String,
+    },
 }
 
 /// Why a worker refused an offer.
@@ -559,6 +564,10 @@ pub enum LossReason {
     },
     /// The peer's heartbeats stopped listing it.
     Vanished,
+    /// The peer stopped it unfinished to shut down.
+    HandedBack {
+        message: String,
+    },
 }
 
 impl fmt::Display for LossReason {
@@ -570,6 +579,7 @@ impl fmt::Display for LossReason {
             }
             LossReason::Error { message } => write!(f, "the peer could not run it: {message}"),
             LossReason::Vanished => f.write_str("the peer stopped reporting it"),
+            LossReason::HandedBack { message } => write!(f, "the peer handed it back: {message}"),
         }
     }
 }
@@ -703,6 +713,7 @@ impl fmt::Display for TaskOutcome {
             TaskOutcome::Succeeded => f.write_str("succeeded"),
             TaskOutcome::Failed => f.write_str("failed"),
             TaskOutcome::Error { message } => write!(f, "error: {message}"),
+            TaskOutcome::HandedBack { message } => write!(f, "handed back: {message}"),
         }
     }
 }

@@ -110,6 +110,18 @@ struct TaskState {
     runs: Vec<Run>,
     /// Peers whose runs of this task errored; if it then succeeds elsewhere, they get a strike.
     errored_on: Vec<PeerId>,
+    /// Peers that handed a run of this task back to shut down: avoided like the above, no
+    /// strike.
+    handed_back_on: Vec<PeerId>,
+}
+
+impl TaskState {
+    /// The peers a retry avoids while others qualify.
+    fn avoided(&self) -> Vec<PeerId> {
+        let mut avoided = self.errored_on.clone();
+        avoided.extend(&self.handed_back_on);
+        avoided
+    }
 }
 
 #[derive(Debug)]
@@ -294,6 +306,7 @@ impl Scheduler {
                 losses: 0,
                 runs: Vec::new(),
                 errored_on: Vec::new(),
+                handed_back_on: Vec::new(),
             })
             .collect();
         self.builds.insert(
@@ -561,6 +574,10 @@ impl Scheduler {
             TaskOutcome::Error { message } => {
                 self.task_mut(task).errored_on.push(peer);
                 self.lost(now, task, run, LossReason::Error { message }, out);
+            }
+            TaskOutcome::HandedBack { message } => {
+                self.task_mut(task).handed_back_on.push(peer);
+                self.lost(now, task, run, LossReason::HandedBack { message }, out);
             }
             TaskOutcome::Succeeded | TaskOutcome::Failed => {
                 if let (Some(started), Some(view)) = (run.started, self.pool.peer(peer)) {
@@ -1071,23 +1088,23 @@ impl Scheduler {
         }
     }
 
-    /// A retry goes to a peer that has not failed to run the task; back to one that has only
-    /// when no other qualified peer is left in the pool.
+    /// A retry goes to a peer that has not failed to run the task (nor handed it back); back to
+    /// one that has only when no other qualified peer is left in the pool.
     fn choose_for_retry(&mut self, task: TaskId) -> Option<Choice> {
-        let errored_on = self.task(task).errored_on.clone();
-        if errored_on.is_empty() {
+        let avoided = self.task(task).avoided();
+        if avoided.is_empty() {
             return self.choose(task, &[]);
         }
-        if let Some(choice) = self.choose(task, &errored_on) {
+        if let Some(choice) = self.choose(task, &avoided) {
             return Some(choice);
         }
         let requirement = self.task(task).requirement;
         let (qualified, _) = self.pool.qualified(requirement);
-        let errored_here = errored_on
+        let avoided_here = avoided
             .iter()
             .filter(|peer| self.pool.peer(**peer).is_some())
             .count() as u32;
-        if qualified > errored_here {
+        if qualified > avoided_here {
             return None;
         }
         self.choose(task, &[])
@@ -1151,7 +1168,7 @@ impl Scheduler {
                     quarantined,
                     free_slots: self.pool.capacity(state.requirement),
                     yielding: self.over_fair_share(),
-                    avoided: state.errored_on.clone(),
+                    avoided: state.avoided(),
                 })
             }
             Phase::Placed => {

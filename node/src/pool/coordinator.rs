@@ -629,7 +629,7 @@ impl Engine {
 /// Why a run was lost, as the user reads it.
 fn loss(reason: &LossReason) -> String {
     match reason {
-        LossReason::Error { message } => message.clone(),
+        LossReason::Error { message } | LossReason::HandedBack { message } => message.clone(),
         LossReason::LeaseExpired { silent_ms } => {
             format!("its lease ran out: silent for {} ms", silent_ms)
         }

@@ -253,6 +253,8 @@ enum Ending {
     /// The worker could not be reached, or was lost or failed while running it, or sent what
     /// it should not: run it again elsewhere.
     Lost(String),
+    /// The worker stopped it unfinished to shut down: run it again elsewhere, no blame.
+    HandedBack(String),
     /// The submitter went away: stop.
     Cancelled,
 }
@@ -425,6 +427,9 @@ impl Tasks {
                         Ending::Lost(message) => SchedulerEvent::Finished {
                             task, attempt, peer, outcome: TaskOutcome::Error { message },
                         },
+                        Ending::HandedBack(message) => SchedulerEvent::Finished {
+                            task, attempt, peer, outcome: TaskOutcome::HandedBack { message },
+                        },
                         Ending::Failed(why) => {
                             if !answered {
                                 let _ = out.send(fault_result(&submission, Status::Fault, why)).await;
@@ -549,6 +554,7 @@ impl Tasks {
             Some(TaskReply::Finished { result, .. }) => parse_result(&result, self.me),
             Some(TaskReply::Refused { message }) => Ending::Refused(message),
             Some(TaskReply::Fault { message }) => Ending::Lost(message),
+            Some(TaskReply::HandedBack { message }) => Ending::HandedBack(message),
             _ => Ending::Lost("the build ended without a result".to_owned()),
         }
     }
@@ -670,6 +676,7 @@ impl Tasks {
                 }
                 Ok(TaskReply::Refused { message }) => return Ending::Refused(message),
                 Ok(TaskReply::Fault { message }) => return Ending::Lost(message),
+                Ok(TaskReply::HandedBack { message }) => return Ending::HandedBack(message),
                 Ok(other) => {
                     return Ending::Lost(format!("it answered {} mid-build", reply_name(&other)));
                 }
@@ -1220,6 +1227,7 @@ fn reply_name(reply: &TaskReply) -> &'static str {
         TaskReply::Finished { .. } => "Finished",
         TaskReply::Refused { .. } => "Refused",
         TaskReply::Fault { .. } => "Fault",
+        TaskReply::HandedBack { .. } => "HandedBack",
     }
 }
 
@@ -1354,7 +1362,7 @@ impl Tasks {
         let ending = if stopping {
             // Whatever the stopped build says, it did not run to its end: the coordinator
             // runs it again elsewhere.
-            TaskReply::Fault {
+            TaskReply::HandedBack {
                 message: "the peer is shutting down and handed the build back".to_owned(),
             }
         } else {

@@ -178,8 +178,9 @@ fn a_straggler_gets_a_speculative_copy_and_the_first_result_wins() {
     .assert_eq(&harness.transcript());
 }
 
-#[test]
-fn a_peer_whose_runs_fail_where_others_succeed_is_quarantined() {
+/// P1 with 4 free slots, P2 with 1, two strikes to a quarantine: two builds each end their
+/// first run on P1 with `outcome`, then succeed on P2.
+fn lost_twice_on_p1(outcome: TaskOutcome) -> Harness {
     let mut harness = Harness::with(Config {
         quarantine_strikes: 2,
         ..Config::default()
@@ -189,10 +190,16 @@ fn a_peer_whose_runs_fail_where_others_succeed_is_quarantined() {
     for b in 1..=2 {
         harness.quietly(build(b, 1, vec![task()]));
         harness.quietly(started(b, 0, 1, 1));
-        harness.finish(id(b, 0), 1, 1, error());
+        harness.finish(id(b, 0), 1, 1, outcome.clone());
         harness.quietly(started(b, 0, 2, 2));
         harness.finish(id(b, 0), 2, 2, TaskOutcome::Succeeded);
     }
+    harness
+}
+
+#[test]
+fn a_peer_whose_runs_fail_where_others_succeed_is_quarantined() {
+    let mut harness = lost_twice_on_p1(error());
     harness.step(build(3, 1, vec![task()]));
     harness.quietly(started(3, 0, 1, 2));
     // The quarantine ends after five minutes, and P1 gets work again.
@@ -224,6 +231,31 @@ fn a_peer_whose_runs_fail_where_others_succeed_is_quarantined() {
         300000ms tick
         300000ms submit B4 by S1 (1 tasks)
           offer B4.0 #1: placed on P1: no inputs, 4/4 slots free, load 0%, expected 0ms (best of 1)"#]]
+    .assert_eq(&harness.transcript());
+}
+
+#[test]
+fn a_peer_that_hands_runs_back_to_shut_down_earns_no_strikes() {
+    let mut harness = lost_twice_on_p1(TaskOutcome::HandedBack {
+        message: "the peer is shutting down".into(),
+    });
+    // Back from its restart, P1 is offered work at once: no quarantine.
+    harness.step(build(3, 1, vec![task()]));
+    expect![[r#"
+        0ms P1 finished B1.0 #1: handed back: the peer is shutting down
+          rerun B1.0: lost #1 on P1, the peer handed it back: the peer is shutting down
+          offer B1.0 #2: placed on P2: no inputs, 1/4 slots free, load 0% (best of 1)
+        0ms P2 finished B1.0 #2: succeeded
+          accept B1.0 #2 from P2: succeeded
+          build B1 succeeded
+        0ms P1 finished B2.0 #1: handed back: the peer is shutting down
+          rerun B2.0: lost #1 on P1, the peer handed it back: the peer is shutting down
+          offer B2.0 #2: placed on P2: no inputs, 1/4 slots free, load 0%, expected 0ms (best of 1)
+        0ms P2 finished B2.0 #2: succeeded
+          accept B2.0 #2 from P2: succeeded
+          build B2 succeeded
+        0ms submit B3 by S1 (1 tasks)
+          offer B3.0 #1: placed on P1: no inputs, 4/4 slots free, load 0%, expected 0ms (best of 2)"#]]
     .assert_eq(&harness.transcript());
 }
 

@@ -315,8 +315,17 @@ fn a_build_no_peer_can_run_fails_at_once_saying_why() {
     );
 }
 
-#[test]
-fn a_worker_killed_mid_build_has_its_build_run_again_on_another_peer() {
+/// What became of a build whose worker was taken away mid-build.
+struct Lost {
+    stdout: String,
+    result: serde_json::Value,
+    victim_id: String,
+    survivor_id: String,
+}
+
+/// Runs a slow build on one of two workers and, as soon as it runs there, takes that worker
+/// away with `take_away`; returns once the build ended, asserting it succeeded.
+fn lose_a_worker_mid_build(take_away: impl FnOnce(&mut Cluster, usize)) -> Lost {
     let mut cluster = pool(vec![
         NodeOptions::default(),
         labelled("role=worker"),
@@ -333,7 +342,7 @@ fn a_worker_killed_mid_build_has_its_build_run_again_on_another_peer() {
         &project,
         &["--require", "role=worker", "--secrets", &secrets],
     );
-    // Whichever worker took it is killed as soon as it runs the build.
+    // Whichever worker took it is taken away as soon as it runs the build.
     let mut victim = None;
     wait_until(
         "a worker starts the build",
@@ -352,7 +361,7 @@ fn a_worker_killed_mid_build_has_its_build_run_again_on_another_peer() {
     let victim = victim.expect("a worker took the build");
     let victim_id = cluster.node(victim).peer_id.clone();
     let survivor_id = cluster.node(3 - victim).peer_id.clone();
-    cluster.kill(victim);
+    take_away(&mut cluster, victim);
 
     let deadline = Instant::now() + Duration::from_secs(120);
     let status = loop {
@@ -378,24 +387,56 @@ fn a_worker_killed_mid_build_has_its_build_run_again_on_another_peer() {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
-    let result = &events
+    let result = events
         .iter()
         .rev()
         .find(|e| e["event"] == "build_finished")
-        .expect("a result")["result"];
-    assert_eq!(result["peer"], survivor_id.as_str());
+        .expect("a result")["result"]
+        .clone();
+    assert_eq!(result["peer"], survivor_id.as_str(), "{}", cluster.logs());
+    Lost {
+        stdout,
+        result,
+        victim_id,
+        survivor_id,
+    }
+}
+
+#[test]
+fn a_worker_killed_mid_build_has_its_build_run_again_on_another_peer() {
+    let lost = lose_a_worker_mid_build(|cluster, victim| cluster.kill(victim));
     assert!(
-        stdout.contains(&format!(
-            "peer {victim_id} was lost while running the build"
+        lost.stdout.contains(&format!(
+            "peer {} was lost while running the build",
+            lost.victim_id
         )),
-        "the user sees why it ran again: {stdout}"
+        "the user sees why it ran again: {}",
+        lost.stdout
     );
     assert!(
-        result["message"]
+        lost.result["message"]
             .as_str()
-            .is_some_and(|m| m.contains(&victim_id)),
-        "{result}"
+            .is_some_and(|m| m.contains(&lost.victim_id)),
+        "{}",
+        lost.result
     );
+}
+
+#[test]
+fn a_worker_stopped_mid_build_hands_it_back_and_it_runs_on_another_peer() {
+    let lost = lose_a_worker_mid_build(|cluster, victim| {
+        let status = cluster.stop(victim);
+        assert!(status.success(), "SIGTERM ends the node with 0: {status:?}");
+    });
+    assert!(
+        lost.stdout.contains(&format!(
+            "peer {} was lost while running the build (the peer is shutting down and handed the build back)",
+            lost.victim_id
+        )),
+        "the user sees it was handed back: {}",
+        lost.stdout
+    );
+    assert_ne!(lost.victim_id, lost.survivor_id);
 }
 
 #[test]
