@@ -90,6 +90,10 @@ struct Run {
     missed_heartbeats: u8,
 }
 
+/// How many runs of a task may be handed back (peers shutting down) per attempt it may lose,
+/// before a handback counts as a loss too.
+const HANDBACKS_PER_ATTEMPT: u32 = 4;
+
 #[derive(Debug)]
 struct TaskState {
     /// Only what placement needs from the `TaskSpec`: its requirements are interned as
@@ -113,13 +117,17 @@ struct TaskState {
     /// Peers that handed a run of this task back to shut down: avoided like the above, no
     /// strike.
     handed_back_on: Vec<PeerId>,
+    /// Runs handed back so far (see [`HANDBACKS_PER_ATTEMPT`]).
+    handbacks: u32,
 }
 
 impl TaskState {
-    /// The peers a retry avoids while others qualify.
+    /// The peers a retry avoids while others qualify, each once.
     fn avoided(&self) -> Vec<PeerId> {
         let mut avoided = self.errored_on.clone();
         avoided.extend(&self.handed_back_on);
+        avoided.sort_unstable();
+        avoided.dedup();
         avoided
     }
 }
@@ -307,6 +315,7 @@ impl Scheduler {
                 runs: Vec::new(),
                 errored_on: Vec::new(),
                 handed_back_on: Vec::new(),
+                handbacks: 0,
             })
             .collect();
         self.builds.insert(
@@ -681,7 +690,16 @@ impl Scheduler {
         }
         let max_attempts = self.config.max_attempts;
         let state = self.task_mut(task);
-        state.losses += 1;
+        // A run handed back by a peer shutting down is nobody's failure: it does not use up
+        // an attempt, unless the task keeps coming back far more often than it may be lost
+        // (a peer that only ever hands work back cannot keep a build going round forever).
+        let handed_back = matches!(reason, LossReason::HandedBack { .. });
+        if handed_back {
+            state.handbacks += 1;
+        }
+        if !handed_back || state.handbacks > max_attempts.saturating_mul(HANDBACKS_PER_ATTEMPT) {
+            state.losses += 1;
+        }
         let losses = state.losses;
         if losses >= max_attempts {
             let reason = FailReason::RetriesExhausted {

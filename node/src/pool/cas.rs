@@ -405,10 +405,14 @@ pub(crate) struct Failed {
 
 impl Failed {
     /// The stream failed before any answer: worth asking again unless it stalled (a peer
-    /// that keeps a stream waiting is not asked to do it again).
+    /// that keeps a stream waiting is not asked to do it again) or what it sent was bad (a
+    /// frame over its limit is an answer, a wrong one).
     fn before_answer(err: std::io::Error) -> Failed {
         Failed {
-            unanswered: err.kind() != io::ErrorKind::TimedOut,
+            unanswered: !matches!(
+                err.kind(),
+                io::ErrorKind::TimedOut | io::ErrorKind::InvalidData
+            ),
             why: err.to_string(),
         }
     }
@@ -929,6 +933,21 @@ mod tests {
         let (answer, opened) = ask_has(vec![stalled, answering], &[Digest::of(b"held")]);
         let failed = answer.expect_err("a stalled peer is given up");
         assert!(failed.contains("nothing moved"), "{failed}");
+        assert_eq!(opened, 1);
+    }
+
+    #[test]
+    fn a_first_frame_over_its_limit_is_a_bad_answer_not_asked_again() {
+        // A length of 4 GiB - 1 where a `Held` of one bool is due.
+        let oversized = Paced::new(vec![0xff; 8], 1024, Duration::ZERO);
+        let answering = Paced::new(
+            framed(&[CasReply::Held { held: vec![true] }]),
+            1024,
+            Duration::ZERO,
+        );
+        let (answer, opened) = ask_has(vec![oversized, answering], &[Digest::of(b"held")]);
+        let failed = answer.expect_err("a bad answer is final");
+        assert!(failed.contains("over the limit"), "{failed}");
         assert_eq!(opened, 1);
     }
 

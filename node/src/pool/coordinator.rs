@@ -415,10 +415,10 @@ impl Engine {
             Some(known) if now.duration_since(known.changed) < CAPABILITY_CHANGES => {
                 known.capabilities.clone()
             }
-            known => {
+            _ => {
                 let heard = Arc::new(heard);
-                // A peer's free pass for its first sandbox list is used once.
-                let probed = probed || known.is_some_and(|k| k.probed);
+                // A set without sandboxes (a restart, probes not run yet) earns the pass again:
+                // taking such a set is itself limited to once a minute.
                 self.capabilities.insert(
                     peer,
                     Known {
@@ -441,11 +441,20 @@ impl Engine {
             .filter(|task| self.ended.contains_key(*task))
             .count();
         let ended = u32::try_from(ended).unwrap_or(u32::MAX);
+        // Never more free than the runs it lists leave: one that ended may already be counted
+        // free (the worker lists a run until the coordinator closes its stream).
+        let listed = u32::try_from(wire.running.len()).unwrap_or(u32::MAX);
+        let unlisted = total_slots.saturating_sub(listed.saturating_sub(ended));
         Heartbeat {
             peer,
             capabilities,
             total_slots,
-            free_slots: wire.slots_free.saturating_add(ended).min(total_slots),
+            free_slots: wire
+                .slots_free
+                .saturating_add(ended)
+                .min(unlisted)
+                .max(wire.slots_free)
+                .min(total_slots),
             load_permille: wire.load_milli.min(1000),
             holds: Vec::new(),
             running: wire
@@ -517,7 +526,8 @@ impl Engine {
                 );
             }
             Action::Cancel { task, attempt, .. } => {
-                self.forget_run(task, attempt);
+                // The worker may still be stopping it, holding its slot.
+                self.forget_runs(|(t, a, _)| (*t, *a) == (task, attempt), false);
                 self.order(task.build, Order::Cancel { attempt });
             }
             Action::Rerun {
@@ -526,7 +536,13 @@ impl Engine {
                 peer,
                 reason,
             } => {
-                self.forget_run(task, lost);
+                // Ended by the worker's own last reply (an error, a refusal, a handback), its
+                // slot was freed first; lost any other way, it may still hold it.
+                let replied = matches!(
+                    reason,
+                    LossReason::Error { .. } | LossReason::HandedBack { .. }
+                );
+                self.forget_runs(|(t, a, _)| (*t, *a) == (task, lost), replied);
                 let name = self.names.name(peer);
                 warn!(peer = %name, reason = %reason, "run lost; placing the build again");
                 let said = format!(
@@ -543,7 +559,7 @@ impl Engine {
                 );
             }
             Action::Accept { task, attempt, .. } => {
-                self.forget_run(task, attempt);
+                self.forget_runs(|(t, a, _)| (*t, *a) == (task, attempt), true);
                 self.order(task.build, Order::Accept { attempt });
             }
             Action::Fail { task, reason } => {
@@ -565,25 +581,33 @@ impl Engine {
                 self.order(build, Order::Done);
                 self.builds.remove(&build);
                 self.prefixes.remove(&build);
-                self.forget_runs(|(task, _, _)| task.build == build);
+                self.forget_runs(|(task, _, _)| task.build == build, false);
             }
         }
     }
 
     fn forget_run(&mut self, task: TaskId, attempt: Attempt) {
-        self.forget_runs(|(t, a, _)| (*t, *a) == (task, attempt));
+        self.forget_runs(|(t, a, _)| (*t, *a) == (task, attempt), false);
     }
 
-    /// Forgets the runs `ended` picks, remembering for a while that they ended (see
+    /// Forgets the runs `ended` picks. `slots_freed`: their workers ended them with a last
+    /// reply, sent once the slot was free; such runs are remembered for a while (see
     /// [`Engine::heartbeat`]).
-    fn forget_runs(&mut self, ended: impl Fn(&(TaskId, Attempt, PeerId)) -> bool) {
+    fn forget_runs(
+        &mut self,
+        ended: impl Fn(&(TaskId, Attempt, PeerId)) -> bool,
+        slots_freed: bool,
+    ) {
         let now = Instant::now();
         let ended_runs = &mut self.ended;
         self.runs.retain(|name, run| {
-            if ended(run) {
+            if !ended(run) {
+                return true;
+            }
+            if slots_freed {
                 ended_runs.insert(name.clone(), now);
             }
-            !ended(run)
+            false
         });
     }
 
@@ -1023,6 +1047,28 @@ mod tests {
                 && why.contains("me, peer-b lack label gpu=a100"),
             "{why}"
         );
+    }
+
+    #[test]
+    fn an_ended_run_listed_after_its_slot_was_freed_is_not_counted_twice() {
+        let mut remote = wire("peer-b", &[]);
+        remote.slots_total = 4;
+        let mut engine = engine(&remote);
+        engine.ended.insert("me/1/1#1".into(), Instant::now());
+        // The worker freed the ended run's slot (3 free), but lists it until the coordinator
+        // closes its stream, beside a run still going.
+        let heartbeat = WireHeartbeat {
+            slots_free: 3,
+            running: vec!["me/1/1#1".into(), "me/1/2#1".into()],
+            ..remote.clone()
+        };
+        assert_eq!(engine.heartbeat(&heartbeat, PeerId(2)).free_slots, 3);
+        // Sent while the ended run still held its slot: that slot is free now.
+        let earlier = WireHeartbeat {
+            slots_free: 2,
+            ..heartbeat
+        };
+        assert_eq!(engine.heartbeat(&earlier, PeerId(2)).free_slots, 3);
     }
 
     #[test]

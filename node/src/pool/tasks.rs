@@ -50,6 +50,10 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 pub const OFFER_TIMEOUT: Duration = Duration::from_secs(30);
 /// A worker's answer when it has no free slot (the coordinator tries others, then it again).
 const NO_FREE_SLOT: &str = "no free slot";
+/// A worker's decline of a run it holds already: an offer made again after its stream broke
+/// (see `cas::first_answer`) finds the first one still waiting for its secrets. Taken like a
+/// full peer: nobody's fault, the next heartbeat says when there is room.
+const ALREADY_RUNNING: &str = "this peer runs that task already";
 /// How long a worker may take to write one frame to the coordinator before it is taken for gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long past a build's own timeout a coordinator waits for its worker's result.
@@ -601,7 +605,9 @@ impl Tasks {
             let reply = task::decode_reply(&frame).map_err(|e| Ending::Lost(e.to_string()))?;
             match reply {
                 TaskReply::Accepted => {}
-                TaskReply::Declined { reason } if reason == NO_FREE_SLOT => {
+                TaskReply::Declined { reason }
+                    if reason == NO_FREE_SLOT || reason == ALREADY_RUNNING =>
+                {
                     return Err(Ending::Full);
                 }
                 TaskReply::Declined { reason } => return Err(Ending::Declined(reason)),
@@ -1299,7 +1305,7 @@ impl Tasks {
             return write_reply(&mut writer, &TaskReply::Declined { reason }).await;
         };
         let Some(_running) = Running::new(&self.running, &offer.task) else {
-            let reason = "this peer runs that task already".to_owned();
+            let reason = ALREADY_RUNNING.to_owned();
             return write_reply(&mut writer, &TaskReply::Declined { reason }).await;
         };
         write_reply(&mut writer, &TaskReply::Accepted).await?;

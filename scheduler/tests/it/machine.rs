@@ -260,6 +260,56 @@ fn a_peer_that_hands_runs_back_to_shut_down_earns_no_strikes() {
 }
 
 #[test]
+fn handed_back_runs_do_not_use_up_the_attempts_but_cannot_go_round_forever() {
+    let mut harness = Harness::new();
+    harness.quietly(peer(1).heartbeat());
+    let hand_back = |harness: &mut Harness, build: u64, attempt: u32| {
+        harness.quietly(started(build, 0, attempt, 1));
+        harness.quietly(Event::Finished {
+            task: id(build, 0),
+            attempt: Attempt(attempt),
+            peer: PeerId(1),
+            outcome: TaskOutcome::HandedBack {
+                message: "shutting down".into(),
+            },
+        })
+    };
+    // Five handbacks, more than the three attempts a task may lose: it is still placed.
+    harness.quietly(build(1, 1, vec![task()]));
+    for attempt in 1..=5 {
+        hand_back(&mut harness, 1, attempt);
+    }
+    harness.accept(id(1, 0), 6, 1);
+    harness.finish(id(1, 0), 6, 1, TaskOutcome::Succeeded);
+    // Past four handbacks an attempt (twelve), each one counts as a loss: the third fails it.
+    harness.step(build(2, 1, vec![task()]));
+    for attempt in 1..=14 {
+        hand_back(&mut harness, 2, attempt);
+    }
+    harness.accept(id(2, 0), 15, 1);
+    harness.finish(
+        id(2, 0),
+        15,
+        1,
+        TaskOutcome::HandedBack {
+            message: "shutting down".into(),
+        },
+    );
+    expect![[r#"
+        0ms P1 starts B1.0 #6
+        0ms P1 finished B1.0 #6: succeeded
+          accept B1.0 #6 from P1: succeeded
+          build B1 succeeded
+        0ms submit B2 by S1 (1 tasks)
+          offer B2.0 #1: placed on P1: no inputs, 4/4 slots free, load 0%, expected 0ms (best of 1)
+        0ms P1 starts B2.0 #15
+        0ms P1 finished B2.0 #15: handed back: shutting down
+          fail B2.0: lost 3 times; last: the peer handed it back: shutting down
+          build B2 failed (B2.0)"#]]
+    .assert_eq(&harness.transcript());
+}
+
+#[test]
 fn dependencies_wait_and_a_failure_stops_dependents_unless_ignored() {
     let mut harness = Harness::new();
     harness.quietly(peer(1).heartbeat());
