@@ -699,7 +699,22 @@ fn check_format(root: &Path) -> Result<()> {
             found: found.trim().to_owned(),
         }),
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-            fs::write(&path, format!("{STORE_FORMAT}\n")).map_err(|e| StoreError::io(&path, e))
+            // Written whole under a name of this process's (which `clean_dead_temporaries`
+            // spares) and renamed into place: a store that several processes or threads open
+            // at once never shows another opener an empty FORMAT.
+            static WRITTEN: AtomicU64 = AtomicU64::new(0);
+            let temporary = root.join("tmp").join(format!(
+                "{}-format-{}-{}",
+                std::process::id(),
+                nanos(),
+                WRITTEN.fetch_add(1, Ordering::Relaxed)
+            ));
+            fs::write(&temporary, format!("{STORE_FORMAT}\n"))
+                .map_err(|e| StoreError::io(&temporary, e))?;
+            fs::rename(&temporary, &path).map_err(|e| {
+                let _ = fs::remove_file(&temporary);
+                StoreError::io(&path, e)
+            })
         }
         Err(err) => Err(StoreError::io(&path, err)),
     }

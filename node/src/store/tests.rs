@@ -154,6 +154,24 @@ fn random_trees_round_trip_exactly() {
 }
 
 #[test]
+fn a_new_store_opened_by_many_at_once_opens_for_all() {
+    let work = scratch("open-at-once");
+    for round in 0..20 {
+        let root = work.join(format!("store-{round}"));
+        let start = std::sync::Barrier::new(8);
+        std::thread::scope(|scope| {
+            for _ in 0..8 {
+                scope.spawn(|| {
+                    start.wait();
+                    Store::open(&root).expect("opens");
+                });
+            }
+        });
+    }
+    fs::remove_dir_all(&work).ok();
+}
+
+#[test]
 fn concurrent_imports_of_overlapping_trees_agree() {
     let work = scratch("concurrent");
     let mut rng = Rng(77);
