@@ -63,6 +63,10 @@ const EXIT_WAIT: Duration = Duration::from_secs(10);
 
 /// The container's init: it only keeps the container alive; the shell is an exec.
 const KEEP_ALIVE: &str = "while :; do sleep 3600; done";
+/// How many more containers a session starts when one dies as it starts.
+const CONTAINER_RETRIES: u32 = 2;
+/// What the engine refused when it would not start the shell in a started container.
+const SHELL_START: &str = "start the build's shell";
 
 /// Opens the three FIFOs (output and replies first, so that once the node's writer to the
 /// requests FIFO opens, both are open), then runs the driver in bash when the build wants bash
@@ -214,20 +218,75 @@ impl DockerExecutor {
         }
     }
 
+    /// Starts a session's container and shell. A container that died under the shell's
+    /// start (seen about once in 40 starts on CI's engine with several builds at once: the
+    /// container exits with status 127 right after it started, and the engine then refuses
+    /// the shell with "is not running") is replaced by a fresh one, up to
+    /// [`CONTAINER_RETRIES`] times; the error then says how the last one ended.
     async fn start_session(&self, spec: &SessionSpec) -> Result<Box<dyn Session>, SandboxError> {
-        if spec.privileged && !self.config.allow_privileged {
-            return Err(SandboxError::PrivilegedRefused);
+        let mut retries = 0;
+        loop {
+            match self.try_start_session(spec).await {
+                Ok(session) => return Ok(session),
+                Err((_, Some(_))) if retries < CONTAINER_RETRIES => retries += 1,
+                Err((err, died)) => {
+                    return Err(match (err, died) {
+                        (SandboxError::Docker { action, reason }, Some(died)) => {
+                            SandboxError::Docker {
+                                action,
+                                reason: format!("{reason} ({died})"),
+                            }
+                        }
+                        (err, _) => err,
+                    });
+                }
+            }
         }
-        let holder = spec
-            .workdir
-            .parent()
-            .ok_or_else(|| SandboxError::Unavailable {
-                backend: "docker",
-                reason: format!(
-                    "the workspace {} has no parent folder",
-                    spec.workdir.display()
-                ),
-            })?;
+    }
+
+    /// How a container that is no longer running ended, or `None` while it runs (or cannot
+    /// be inspected).
+    async fn died(&self, container: &str) -> Option<String> {
+        let inspected = self.docker.inspect_container(container, None).await.ok()?;
+        let state = inspected.state?;
+        if state.running != Some(false) {
+            return None;
+        }
+        let mut how = format!(
+            "the container exited with status {}",
+            state.exit_code.unwrap_or(-1)
+        );
+        if state.oom_killed == Some(true) {
+            how.push_str(", killed for want of memory");
+        }
+        if let Some(error) = state.error.filter(|e| !e.is_empty()) {
+            how.push_str(&format!(": {error}"));
+        }
+        Some(how)
+    }
+
+    /// One try of [`Self::start_session`]: on failure, the error and, if the container died,
+    /// how (the container is removed either way).
+    async fn try_start_session(
+        &self,
+        spec: &SessionSpec,
+    ) -> Result<Box<dyn Session>, (SandboxError, Option<String>)> {
+        if spec.privileged && !self.config.allow_privileged {
+            return Err((SandboxError::PrivilegedRefused, None));
+        }
+        let holder = spec.workdir.parent().ok_or_else(|| {
+            let reason = format!(
+                "the workspace {} has no parent folder",
+                spec.workdir.display()
+            );
+            (
+                SandboxError::Unavailable {
+                    backend: "docker",
+                    reason,
+                },
+                None,
+            )
+        })?;
         let (uid, gid) = match &spec.run_as {
             Some(run_as) => (run_as.uid, run_as.gid),
             // SAFETY: geteuid and getegid have no preconditions.
@@ -236,11 +295,13 @@ impl DockerExecutor {
         let user = format!("{uid}:{gid}");
         let name = container_name();
         let folder = holder.join(format!("docker-{name}"));
-        let fifos =
-            make_session_folder(&folder, uid, gid).map_err(|source| SandboxError::Spawn {
+        let fifos = make_session_folder(&folder, uid, gid).map_err(|source| {
+            let err = SandboxError::Spawn {
                 what: "session folder",
                 source,
-            })?;
+            };
+            (err, None)
+        })?;
         let refused = |action: &'static str| {
             move |e: bollard::errors::Error| SandboxError::Docker {
                 action,
@@ -248,9 +309,12 @@ impl DockerExecutor {
             }
         };
         // Readers first: a writer's open in the container waits for them.
-        let open_error = |source| SandboxError::Spawn {
-            what: "session pipes",
-            source,
+        let open_error = |source| {
+            let err = SandboxError::Spawn {
+                what: "session pipes",
+                source,
+            };
+            (err, None)
         };
         let output = pipe::OpenOptions::new()
             .open_receiver(&fifos.output)
@@ -267,7 +331,7 @@ impl DockerExecutor {
                 self.container(spec, &folder, &user),
             )
             .await
-            .map_err(refused("create the build's container"))?;
+            .map_err(|e| (refused("create the build's container")(e), None))?;
         // From here on the process owns the container and removes it if anything fails.
         let mut process = DockerProcess {
             docker: self.docker.clone(),
@@ -286,8 +350,17 @@ impl DockerExecutor {
                 spec.mode,
             ))),
             Err(err) => {
+                // Only a container that started and then died under the shell is worth
+                // another: one the engine cannot start at all (say, privileged where that is
+                // not possible) fails the same way again.
+                let died = match &err {
+                    SandboxError::Docker { action, .. } if *action == SHELL_START => {
+                        self.died(&process.container).await
+                    }
+                    _ => None,
+                };
                 let _ = process.remove().await;
-                Err(err)
+                Err((err, died))
             }
         }
     }
@@ -348,7 +421,7 @@ impl DockerExecutor {
                 },
             )
             .await
-            .map_err(refused("start the build's shell"))?;
+            .map_err(refused(SHELL_START))?;
         process.exec = exec.id;
         self.docker
             .start_exec(
@@ -359,7 +432,7 @@ impl DockerExecutor {
                 }),
             )
             .await
-            .map_err(refused("start the build's shell"))?;
+            .map_err(refused(SHELL_START))?;
         let deadline = tokio::time::Instant::now() + START_WAIT;
         loop {
             match pipe::OpenOptions::new().open_sender(&fifos.requests) {
