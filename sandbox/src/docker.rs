@@ -65,6 +65,22 @@ const EXIT_WAIT: Duration = Duration::from_secs(10);
 const KEEP_ALIVE: &str = "while :; do sleep 3600; done";
 /// How many more containers a session starts when one dies as it starts.
 const CONTAINER_RETRIES: u32 = 2;
+/// Why one try at a session failed.
+enum StartFailure {
+    /// The container died as its shell started (worth another); `reason` says how it ended.
+    Died {
+        action: &'static str,
+        reason: String,
+    },
+    Other(SandboxError),
+}
+
+impl From<SandboxError> for StartFailure {
+    fn from(err: SandboxError) -> StartFailure {
+        StartFailure::Other(err)
+    }
+}
+
 /// What the engine refused when it would not start the shell in a started container.
 const SHELL_START: &str = "start the build's shell";
 
@@ -228,18 +244,11 @@ impl DockerExecutor {
         loop {
             match self.try_start_session(spec).await {
                 Ok(session) => return Ok(session),
-                Err((_, Some(_))) if retries < CONTAINER_RETRIES => retries += 1,
-                Err((err, died)) => {
-                    return Err(match (err, died) {
-                        (SandboxError::Docker { action, reason }, Some(died)) => {
-                            SandboxError::Docker {
-                                action,
-                                reason: format!("{reason} ({died})"),
-                            }
-                        }
-                        (err, _) => err,
-                    });
+                Err(StartFailure::Died { .. }) if retries < CONTAINER_RETRIES => retries += 1,
+                Err(StartFailure::Died { action, reason }) => {
+                    return Err(SandboxError::Docker { action, reason });
                 }
+                Err(StartFailure::Other(err)) => return Err(err),
             }
         }
     }
@@ -265,28 +274,24 @@ impl DockerExecutor {
         Some(how)
     }
 
-    /// One try of [`Self::start_session`]: on failure, the error and, if the container died,
-    /// how (the container is removed either way).
+    /// One try of [`Self::start_session`] (the container is removed if it fails).
     async fn try_start_session(
         &self,
         spec: &SessionSpec,
-    ) -> Result<Box<dyn Session>, (SandboxError, Option<String>)> {
+    ) -> Result<Box<dyn Session>, StartFailure> {
         if spec.privileged && !self.config.allow_privileged {
-            return Err((SandboxError::PrivilegedRefused, None));
+            return Err(SandboxError::PrivilegedRefused.into());
         }
-        let holder = spec.workdir.parent().ok_or_else(|| {
-            let reason = format!(
-                "the workspace {} has no parent folder",
-                spec.workdir.display()
-            );
-            (
-                SandboxError::Unavailable {
-                    backend: "docker",
-                    reason,
-                },
-                None,
-            )
-        })?;
+        let holder = spec
+            .workdir
+            .parent()
+            .ok_or_else(|| SandboxError::Unavailable {
+                backend: "docker",
+                reason: format!(
+                    "the workspace {} has no parent folder",
+                    spec.workdir.display()
+                ),
+            })?;
         let (uid, gid) = match &spec.run_as {
             Some(run_as) => (run_as.uid, run_as.gid),
             // SAFETY: geteuid and getegid have no preconditions.
@@ -295,13 +300,11 @@ impl DockerExecutor {
         let user = format!("{uid}:{gid}");
         let name = container_name();
         let folder = holder.join(format!("docker-{name}"));
-        let fifos = make_session_folder(&folder, uid, gid).map_err(|source| {
-            let err = SandboxError::Spawn {
+        let fifos =
+            make_session_folder(&folder, uid, gid).map_err(|source| SandboxError::Spawn {
                 what: "session folder",
                 source,
-            };
-            (err, None)
-        })?;
+            })?;
         let refused = |action: &'static str| {
             move |e: bollard::errors::Error| SandboxError::Docker {
                 action,
@@ -309,12 +312,9 @@ impl DockerExecutor {
             }
         };
         // Readers first: a writer's open in the container waits for them.
-        let open_error = |source| {
-            let err = SandboxError::Spawn {
-                what: "session pipes",
-                source,
-            };
-            (err, None)
+        let open_error = |source| SandboxError::Spawn {
+            what: "session pipes",
+            source,
         };
         let output = pipe::OpenOptions::new()
             .open_receiver(&fifos.output)
@@ -331,7 +331,7 @@ impl DockerExecutor {
                 self.container(spec, &folder, &user),
             )
             .await
-            .map_err(|e| (refused("create the build's container")(e), None))?;
+            .map_err(refused("create the build's container"))?;
         // From here on the process owns the container and removes it if anything fails.
         let mut process = DockerProcess {
             docker: self.docker.clone(),
@@ -360,7 +360,13 @@ impl DockerExecutor {
                     _ => None,
                 };
                 let _ = process.remove().await;
-                Err((err, died))
+                Err(match (err, died) {
+                    (SandboxError::Docker { action, reason }, Some(died)) => StartFailure::Died {
+                        action,
+                        reason: format!("{reason} ({died})"),
+                    },
+                    (err, _) => StartFailure::Other(err),
+                })
             }
         }
     }

@@ -114,11 +114,9 @@ struct TaskState {
     runs: Vec<Run>,
     /// Peers whose runs of this task errored; if it then succeeds elsewhere, they get a strike.
     errored_on: Vec<PeerId>,
-    /// Peers that handed a run of this task back to shut down: avoided like the above, no
-    /// strike.
+    /// Peers that handed a run of this task back to shut down, one entry a run: avoided like
+    /// the above, no strike (see [`HANDBACKS_PER_ATTEMPT`]).
     handed_back_on: Vec<PeerId>,
-    /// Runs handed back so far (see [`HANDBACKS_PER_ATTEMPT`]).
-    handbacks: u32,
 }
 
 impl TaskState {
@@ -315,7 +313,6 @@ impl Scheduler {
                 runs: Vec::new(),
                 errored_on: Vec::new(),
                 handed_back_on: Vec::new(),
-                handbacks: 0,
             })
             .collect();
         self.builds.insert(
@@ -693,11 +690,9 @@ impl Scheduler {
         // A run handed back by a peer shutting down is nobody's failure: it does not use up
         // an attempt, unless the task keeps coming back far more often than it may be lost
         // (a peer that only ever hands work back cannot keep a build going round forever).
-        let handed_back = matches!(reason, LossReason::HandedBack { .. });
-        if handed_back {
-            state.handbacks += 1;
-        }
-        if !handed_back || state.handbacks > max_attempts.saturating_mul(HANDBACKS_PER_ATTEMPT) {
+        let handbacks = state.handed_back_on.len() as u64;
+        let forgiven = u64::from(max_attempts) * u64::from(HANDBACKS_PER_ATTEMPT);
+        if !matches!(reason, LossReason::HandedBack { .. }) || handbacks > forgiven {
             state.losses += 1;
         }
         let losses = state.losses;

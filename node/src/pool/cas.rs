@@ -859,60 +859,70 @@ mod tests {
         assert!(started.elapsed() < WAIT * 4, "{:?}", started.elapsed());
     }
 
-    /// Asks which of `digests` the peer holds through [`ask_again`], on the streams `peers`
-    /// hands out in turn; returns the answer and how many streams were opened.
-    fn ask_has(peers: Vec<Paced>, digests: &[Digest]) -> (Result<Vec<bool>, String>, usize) {
-        let peers = Mutex::new(VecDeque::from(peers));
-        let opened = AtomicUsize::new(0);
+    /// A peer's side of a stream that answers at once with `replies`.
+    fn answering(replies: &[CasReply]) -> Paced {
+        Paced::new(framed(replies), 1024, Duration::ZERO)
+    }
+
+    /// Streams handed out in turn to whoever opens one, counted.
+    struct Streams {
+        queue: Mutex<VecDeque<Paced>>,
+        opened: AtomicUsize,
+    }
+
+    impl Streams {
+        fn new(peers: Vec<Paced>) -> Streams {
+            Streams {
+                queue: Mutex::new(peers.into()),
+                opened: AtomicUsize::new(0),
+            }
+        }
+
+        async fn open(&self) -> Result<Paced, String> {
+            self.opened.fetch_add(1, Ordering::SeqCst);
+            let next = self.queue.lock().unwrap().pop_front();
+            next.ok_or_else(|| "no more streams".to_owned())
+        }
+
+        fn opened(&self) -> usize {
+            self.opened.load(Ordering::SeqCst)
+        }
+    }
+
+    /// Asks whether the peer holds a blob through [`ask_again`], on the streams `peers` hands
+    /// out in turn; returns the answer and how many streams were opened.
+    fn ask_has(peers: Vec<Paced>) -> (Result<Vec<bool>, String>, usize) {
+        let streams = Streams::new(peers);
         let request = CasRequest::Has {
-            digests: digests.to_vec(),
+            digests: vec![Digest::of(b"held")],
         };
-        let open = || async {
-            opened.fetch_add(1, Ordering::SeqCst);
-            let next = peers.lock().unwrap().pop_front();
-            next.map(|paced| Progress::new(paced, WAIT))
-                .ok_or_else(|| "no more streams".to_owned())
-        };
+        let open = || async { Ok(Progress::new(streams.open().await?, WAIT)) };
         let answer = run(ask_single("a peer", open, &request, |reply| match reply {
             CasReply::Held { held } => Ok(held),
             other => Err(other),
         }));
-        (answer, opened.load(Ordering::SeqCst))
+        (answer, streams.opened())
     }
 
     #[test]
     fn a_stream_the_peer_dropped_unanswered_is_asked_again_on_a_new_one() {
-        let digest = Digest::of(b"held");
-        let dropped = || Paced::new(Vec::new(), 1024, Duration::ZERO);
-        let answering = Paced::new(
-            framed(&[CasReply::Held { held: vec![true] }]),
-            1024,
-            Duration::ZERO,
-        );
-        let (answer, opened) = ask_has(vec![dropped(), dropped(), answering], &[digest]);
+        let dropped = || answering(&[]);
+        let held = answering(&[CasReply::Held { held: vec![true] }]);
+        let (answer, opened) = ask_has(vec![dropped(), dropped(), held]);
         assert_eq!(answer, Ok(vec![true]));
         assert_eq!(opened, 3);
         // A peer that never answers is given up after the retries.
-        let (answer, opened) = ask_has((0..10).map(|_| dropped()).collect(), &[digest]);
+        let (answer, opened) = ask_has((0..10).map(|_| dropped()).collect());
         assert_eq!(answer, Err("the answer ended early".to_owned()));
         assert_eq!(opened, 1 + UNANSWERED_RETRIES as usize);
     }
 
     #[test]
     fn an_offer_dropped_unanswered_is_made_again_on_a_fresh_stream() {
-        let peers = Mutex::new(VecDeque::from([
-            Paced::new(Vec::new(), 1024, Duration::ZERO),
-            Paced::new(framed(&[CasReply::End]), 1024, Duration::ZERO),
-        ]));
-        let opened = AtomicUsize::new(0);
-        let open = || async {
-            opened.fetch_add(1, Ordering::SeqCst);
-            let next = peers.lock().unwrap().pop_front();
-            next.ok_or_else(|| "no more streams".to_owned())
-        };
-        let (stream, frame) =
-            run(first_answer("a peer", open, b"offer", 1024)).expect("answered the second time");
-        assert_eq!(opened.load(Ordering::SeqCst), 2);
+        let streams = Streams::new(vec![answering(&[]), answering(&[CasReply::End])]);
+        let (stream, frame) = run(first_answer("a peer", || streams.open(), b"offer", 1024))
+            .expect("answered the second time");
+        assert_eq!(streams.opened(), 2);
         assert_eq!(unframed(&stream.written), vec![b"offer".to_vec()]);
         assert_eq!(
             cas::decode_reply(&frame).expect("decodes"),
@@ -922,53 +932,25 @@ mod tests {
     }
 
     #[test]
-    fn a_stream_that_stalls_before_any_answer_is_not_asked_again() {
-        let mut stalled = Paced::new(Vec::new(), 1024, Duration::ZERO);
+    fn a_stall_a_bad_frame_or_a_refusal_is_final_not_asked_again() {
+        let mut stalled = answering(&[]);
         stalled.stall_at = 0;
-        let answering = Paced::new(
-            framed(&[CasReply::Held { held: vec![true] }]),
-            1024,
-            Duration::ZERO,
-        );
-        let (answer, opened) = ask_has(vec![stalled, answering], &[Digest::of(b"held")]);
-        let failed = answer.expect_err("a stalled peer is given up");
-        assert!(failed.contains("nothing moved"), "{failed}");
-        assert_eq!(opened, 1);
-    }
-
-    #[test]
-    fn a_first_frame_over_its_limit_is_a_bad_answer_not_asked_again() {
         // A length of 4 GiB - 1 where a `Held` of one bool is due.
         let oversized = Paced::new(vec![0xff; 8], 1024, Duration::ZERO);
-        let answering = Paced::new(
-            framed(&[CasReply::Held { held: vec![true] }]),
-            1024,
-            Duration::ZERO,
-        );
-        let (answer, opened) = ask_has(vec![oversized, answering], &[Digest::of(b"held")]);
-        let failed = answer.expect_err("a bad answer is final");
-        assert!(failed.contains("over the limit"), "{failed}");
-        assert_eq!(opened, 1);
-    }
-
-    #[test]
-    fn an_answer_is_final_even_a_refusal() {
-        let digest = Digest::of(b"held");
-        let refusing = Paced::new(
-            framed(&[CasReply::Refused {
-                reason: "busy".into(),
-            }]),
-            1024,
-            Duration::ZERO,
-        );
-        let answering = Paced::new(
-            framed(&[CasReply::Held { held: vec![true] }]),
-            1024,
-            Duration::ZERO,
-        );
-        let (answer, opened) = ask_has(vec![refusing, answering], &[digest]);
-        assert_eq!(answer, Err("refused: busy".to_owned()));
-        assert_eq!(opened, 1);
+        let refusing = answering(&[CasReply::Refused {
+            reason: "busy".into(),
+        }]);
+        for (first, said) in [
+            (stalled, "nothing moved"),
+            (oversized, "over the limit"),
+            (refusing, "refused: busy"),
+        ] {
+            let held = answering(&[CasReply::Held { held: vec![true] }]);
+            let (answer, opened) = ask_has(vec![first, held]);
+            let failed = answer.expect_err("the first answer is final");
+            assert!(failed.contains(said), "{failed}");
+            assert_eq!(opened, 1, "{said}");
+        }
     }
 
     fn store_with(bytes: &[u8]) -> (tempfile::TempDir, Arc<Store>, Digest) {

@@ -445,16 +445,12 @@ impl Engine {
         // free (the worker lists a run until the coordinator closes its stream).
         let listed = u32::try_from(wire.running.len()).unwrap_or(u32::MAX);
         let unlisted = total_slots.saturating_sub(listed.saturating_sub(ended));
+        let said = wire.slots_free.min(total_slots);
         Heartbeat {
             peer,
             capabilities,
             total_slots,
-            free_slots: wire
-                .slots_free
-                .saturating_add(ended)
-                .min(unlisted)
-                .max(wire.slots_free)
-                .min(total_slots),
+            free_slots: said.saturating_add(ended).min(unlisted).max(said),
             load_permille: wire.load_milli.min(1000),
             holds: Vec::new(),
             running: wire
@@ -470,7 +466,8 @@ impl Engine {
 
     fn step(&mut self, event: Event) {
         if let Event::OfferDeclined { task, attempt, .. } = &event {
-            self.forget_run(*task, *attempt);
+            // A decline: the run never held a slot there.
+            self.forget_run(*task, *attempt, false);
         }
         let now = self.now();
         let actions = self.scheduler.step(now, event);
@@ -527,7 +524,7 @@ impl Engine {
             }
             Action::Cancel { task, attempt, .. } => {
                 // The worker may still be stopping it, holding its slot.
-                self.forget_runs(|(t, a, _)| (*t, *a) == (task, attempt), false);
+                self.forget_run(task, attempt, false);
                 self.order(task.build, Order::Cancel { attempt });
             }
             Action::Rerun {
@@ -542,7 +539,7 @@ impl Engine {
                     reason,
                     LossReason::Error { .. } | LossReason::HandedBack { .. }
                 );
-                self.forget_runs(|(t, a, _)| (*t, *a) == (task, lost), replied);
+                self.forget_run(task, lost, replied);
                 let name = self.names.name(peer);
                 warn!(peer = %name, reason = %reason, "run lost; placing the build again");
                 let said = format!(
@@ -559,7 +556,7 @@ impl Engine {
                 );
             }
             Action::Accept { task, attempt, .. } => {
-                self.forget_runs(|(t, a, _)| (*t, *a) == (task, attempt), true);
+                self.forget_run(task, attempt, true);
                 self.order(task.build, Order::Accept { attempt });
             }
             Action::Fail { task, reason } => {
@@ -586,8 +583,8 @@ impl Engine {
         }
     }
 
-    fn forget_run(&mut self, task: TaskId, attempt: Attempt) {
-        self.forget_runs(|(t, a, _)| (*t, *a) == (task, attempt), false);
+    fn forget_run(&mut self, task: TaskId, attempt: Attempt, slot_freed: bool) {
+        self.forget_runs(|(t, a, _)| (*t, *a) == (task, attempt), slot_freed);
     }
 
     /// Forgets the runs `ended` picks. `slots_freed`: their workers ended them with a last
@@ -849,14 +846,20 @@ mod tests {
         engine.read_pool();
     }
 
-    #[test]
-    fn a_run_missing_from_two_of_its_workers_heartbeats_is_placed_again() {
-        let remote = wire("peer-b", &[("gpu", "a100")]);
-        let mut engine = engine(&remote);
-        engine.read_pool();
+    /// A run placed and started, as its offer named it.
+    struct Placed {
+        task: TaskId,
+        attempt: Attempt,
+        peer: PeerId,
+        name: String,
+        run: String,
+    }
+
+    /// Submits `plan`, expects one offer, and has the run start there; returns the run and
+    /// the build's orders, for what comes after.
+    fn place_and_start(engine: &mut Engine, plan: Plan) -> (Placed, mpsc::Receiver<Order>) {
         let (orders_to, mut orders) = mpsc::channel(ORDERS);
-        let build = engine.submit(gpu_plan(), orders_to);
-        let task = TaskId { build, index: 0 };
+        let build = engine.submit(plan, orders_to);
         let offered = drain(&mut orders);
         let [
             Order::Offer {
@@ -870,13 +873,29 @@ mod tests {
         else {
             panic!("one offer: {offered:?}");
         };
-        assert_eq!(name, "peer-b", "only peer B has the label");
-        let (attempt, peer, run) = (*attempt, *peer, run.clone());
+        let placed = Placed {
+            task: TaskId { build, index: 0 },
+            attempt: *attempt,
+            peer: *peer,
+            name: name.clone(),
+            run: run.clone(),
+        };
         engine.step(Event::Started {
-            task,
-            attempt,
-            peer,
+            task: placed.task,
+            attempt: placed.attempt,
+            peer: placed.peer,
         });
+        (placed, orders)
+    }
+
+    #[test]
+    fn a_run_missing_from_two_of_its_workers_heartbeats_is_placed_again() {
+        let remote = wire("peer-b", &[("gpu", "a100")]);
+        let mut engine = engine(&remote);
+        engine.read_pool();
+        let (placed, mut orders) = place_and_start(&mut engine, gpu_plan());
+        assert_eq!(placed.name, "peer-b", "only peer B has the label");
+        let (attempt, run) = (placed.attempt, placed.run);
         // Listed: the run holds, however often the worker beats.
         for _ in 0..3 {
             beat(&mut engine, &remote, std::slice::from_ref(&run));
@@ -900,31 +919,11 @@ mod tests {
         remote.slots_free = 1;
         let mut engine = engine(&remote);
         engine.read_pool();
-        let (orders_to, mut orders) = mpsc::channel(ORDERS);
-        let build = engine.submit(gpu_plan(), orders_to);
-        let offered = drain(&mut orders);
-        let [
-            Order::Offer {
-                attempt,
-                peer,
-                task: run,
-                ..
-            },
-        ] = &offered[..]
-        else {
-            panic!("one offer: {offered:?}");
-        };
-        let (attempt, peer, run) = (*attempt, *peer, run.clone());
-        let task = TaskId { build, index: 0 };
-        engine.step(Event::Started {
-            task,
-            attempt,
-            peer,
-        });
+        let (placed, _) = place_and_start(&mut engine, gpu_plan());
         engine.step(Event::Finished {
-            task,
-            attempt,
-            peer,
+            task: placed.task,
+            attempt: placed.attempt,
+            peer: placed.peer,
             outcome: scheduler::TaskOutcome::Succeeded,
         });
         // Peer B's heartbeat, sent while the run still held its one slot, arrives after.
@@ -934,7 +933,7 @@ mod tests {
                 slots_free: 0,
                 ..remote.clone()
             },
-            std::slice::from_ref(&run),
+            std::slice::from_ref(&placed.run),
         );
         let (orders_to, mut orders) = mpsc::channel(ORDERS);
         engine.submit(gpu_plan(), orders_to);
@@ -950,7 +949,6 @@ mod tests {
         let remote = wire("peer-b", &[]);
         let mut engine = engine(&remote);
         engine.read_pool();
-        let (orders_to, mut orders) = mpsc::channel(ORDERS);
         let plan = Plan {
             requires: Vec::new(),
             ..gpu_plan()
@@ -964,26 +962,8 @@ mod tests {
             },
             &[],
         );
-        let build = engine.submit(plan, orders_to);
-        let offered = drain(&mut orders);
-        let [
-            Order::Offer {
-                attempt,
-                peer,
-                name,
-                ..
-            },
-        ] = &offered[..]
-        else {
-            panic!("one offer: {offered:?}");
-        };
-        assert_eq!(name, "me");
-        let task = TaskId { build, index: 0 };
-        engine.step(Event::Started {
-            task,
-            attempt: *attempt,
-            peer: *peer,
-        });
+        let (placed, mut orders) = place_and_start(&mut engine, plan);
+        assert_eq!(placed.name, "me");
         // Its task has not reported the end yet (the node's `running` set is empty by then):
         // however many ticks pass, the run stands.
         for _ in 0..5 {

@@ -112,13 +112,21 @@ impl Store {
             let path = root.join(dir);
             fs::create_dir_all(&path).map_err(|e| StoreError::io(&path, e))?;
         }
-        check_format(root)?;
+        // This store's own folder for files being written: named by the process (which
+        // `clean_dead_temporaries` spares while it lives), and unique within it.
+        static OPENED: AtomicU64 = AtomicU64::new(0);
+        let tmp = root.join("tmp").join(format!(
+            "{}-{}-{}",
+            std::process::id(),
+            nanos(),
+            OPENED.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::create_dir_all(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
+        check_format(root, &tmp).inspect_err(|_| {
+            let _ = fs::remove_dir_all(&tmp);
+        })?;
         clean_dead_temporaries(&root.join("tmp"));
         clean_dead_pins(&root.join("pins"));
-        let tmp = root
-            .join("tmp")
-            .join(format!("{}-{}", std::process::id(), nanos()));
-        fs::create_dir_all(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
         Ok(Store {
             root: root.to_owned(),
             objects: root.join("objects"),
@@ -417,12 +425,7 @@ impl Store {
             .root
             .join("roots")
             .join(format!("{}-{}", digest.hex(), digest.size()));
-        let temporary = self.tmp.join(format!(
-            "root-{}",
-            self.counter.fetch_add(1, Ordering::Relaxed)
-        ));
-        fs::write(&temporary, what).map_err(|e| StoreError::io(&temporary, e))?;
-        fs::rename(&temporary, &path).map_err(|e| StoreError::io(&path, e))
+        write_whole(&self.temporary_path("root"), &path, what.as_bytes())
     }
 
     /// Marks a root used now, if it is one.
@@ -452,9 +455,7 @@ impl Store {
         let path = self.pin_path(name);
         let owner = pid.map(|pid| format!("pid {pid}\n")).unwrap_or_default();
         let text: String = owner + &trees.iter().map(|d| format!("{d}\n")).collect::<String>();
-        let temporary = self.temporary_path("pin");
-        fs::write(&temporary, text).map_err(|e| StoreError::io(&temporary, e))?;
-        fs::rename(&temporary, &path).map_err(|e| StoreError::io(&path, e))
+        write_whole(&self.temporary_path("pin"), &path, text.as_bytes())
     }
 
     /// Removes a pin; `false` when there was none.
@@ -690,7 +691,8 @@ pub struct StoreLock {
     _file: fs::File,
 }
 
-fn check_format(root: &Path) -> Result<()> {
+/// Checks the store's format, writing it (through `tmp`) into a new store.
+fn check_format(root: &Path, tmp: &Path) -> Result<()> {
     let path = root.join("FORMAT");
     match fs::read_to_string(&path) {
         Ok(found) if found.trim() == STORE_FORMAT => Ok(()),
@@ -698,26 +700,25 @@ fn check_format(root: &Path) -> Result<()> {
             path: root.to_owned(),
             found: found.trim().to_owned(),
         }),
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-            // Written whole under a name of this process's (which `clean_dead_temporaries`
-            // spares) and renamed into place: a store that several processes or threads open
-            // at once never shows another opener an empty FORMAT.
-            static WRITTEN: AtomicU64 = AtomicU64::new(0);
-            let temporary = root.join("tmp").join(format!(
-                "{}-format-{}-{}",
-                std::process::id(),
-                nanos(),
-                WRITTEN.fetch_add(1, Ordering::Relaxed)
-            ));
-            fs::write(&temporary, format!("{STORE_FORMAT}\n"))
-                .map_err(|e| StoreError::io(&temporary, e))?;
-            fs::rename(&temporary, &path).map_err(|e| {
-                let _ = fs::remove_file(&temporary);
-                StoreError::io(&path, e)
-            })
-        }
+        // Whole or not at all: a store several processes open at once never shows another
+        // opener an empty FORMAT.
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => write_whole(
+            &tmp.join("FORMAT"),
+            &path,
+            format!("{STORE_FORMAT}\n").as_bytes(),
+        ),
         Err(err) => Err(StoreError::io(&path, err)),
     }
+}
+
+/// Writes `contents` to `temporary`, then renames it to `path`: readers find the file whole
+/// or not at all.
+fn write_whole(temporary: &Path, path: &Path, contents: &[u8]) -> Result<()> {
+    fs::write(temporary, contents).map_err(|e| StoreError::io(temporary, e))?;
+    fs::rename(temporary, path).map_err(|e| {
+        let _ = fs::remove_file(temporary);
+        StoreError::io(path, e)
+    })
 }
 
 fn clean_dead_temporaries(tmp: &Path) {

@@ -541,7 +541,6 @@ mod transfer {
 
     use std::collections::HashSet;
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use protocol::Digest;
     use protocol::tree::{Entry as TreeEntry, EntryKind, Tree, encode_chunk_list};
@@ -635,40 +634,32 @@ mod transfer {
         }
     }
 
-    /// Serves a few batches, then loses its connection.
-    struct Flaky {
+    /// Serves its store's blobs and writes down each batch asked for, in order; the fetches
+    /// `fails` picks (by their number, from 0) fail instead, as over a broken connection.
+    struct Scripted {
         inner: StoreSource,
-        batches_left: AtomicUsize,
-    }
-
-    impl BlobSource for Flaky {
-        fn name(&self) -> String {
-            self.inner.name()
-        }
-        fn has<'a>(&'a self, digests: &'a [Digest]) -> BoxFuture<'a, Result<Vec<bool>, String>> {
-            self.inner.has(digests)
-        }
-        fn fetch<'a>(
-            &'a self,
-            digests: &'a [Digest],
-        ) -> BoxFuture<'a, Result<StoredBlobs, String>> {
-            let left = self
-                .batches_left
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
-            match left {
-                Ok(_) => self.inner.fetch(digests),
-                Err(_) => Box::pin(async { Err("the connection was lost".to_owned()) }),
-            }
-        }
-    }
-
-    /// Serves its store's blobs and writes down each batch asked for, in order.
-    struct Recorder {
-        inner: StoreSource,
+        fails: Box<dyn Fn(usize) -> bool + Send + Sync>,
         batches: std::sync::Mutex<Vec<Vec<Digest>>>,
     }
 
-    impl BlobSource for Recorder {
+    impl Scripted {
+        fn new(
+            name: &str,
+            store: &Arc<Store>,
+            fails: impl Fn(usize) -> bool + Send + Sync + 'static,
+        ) -> Arc<Scripted> {
+            Arc::new(Scripted {
+                inner: StoreSource {
+                    name: name.to_owned(),
+                    store: store.clone(),
+                },
+                fails: Box::new(fails),
+                batches: Default::default(),
+            })
+        }
+    }
+
+    impl BlobSource for Scripted {
         fn name(&self) -> String {
             self.inner.name()
         }
@@ -679,7 +670,12 @@ mod transfer {
             &'a self,
             digests: &'a [Digest],
         ) -> BoxFuture<'a, Result<StoredBlobs, String>> {
-            self.batches.lock().unwrap().push(digests.to_vec());
+            let mut batches = self.batches.lock().unwrap();
+            let number = batches.len();
+            batches.push(digests.to_vec());
+            if (self.fails)(number) {
+                return Box::pin(async { Err("connection is closed".to_owned()) });
+            }
             self.inner.fetch(digests)
         }
     }
@@ -712,13 +708,7 @@ mod transfer {
     fn the_trees_and_chunk_lists_come_first_then_every_file_and_chunk_in_one_round() {
         let (work, _, holder, root) = holder(8);
         let receiver = Arc::new(Store::open(&work.join("receiver")).expect("opens"));
-        let recorder = Arc::new(Recorder {
-            inner: StoreSource {
-                name: "peer-a".to_owned(),
-                store: holder.clone(),
-            },
-            batches: Default::default(),
-        });
+        let recorder = Scripted::new("peer-a", &holder, |_| false);
         let fetched = fetch(&receiver, root, vec![recorder.clone()]).expect("fetches");
         let listings = listings_of(&holder, root);
         let batches = recorder.batches.lock().unwrap().clone();
@@ -793,18 +783,13 @@ mod transfer {
                 .expect("fetches")
                 .blobs
         };
-        let flaky = Arc::new(Flaky {
-            inner: StoreSource {
-                name: "flaky".into(),
-                store: holder.clone(),
-            },
-            batches_left: AtomicUsize::new(2),
-        });
+        // Two batches, then its connection is gone for good.
+        let flaky = Scripted::new("flaky", &holder, |fetch| fetch >= 2);
         let failed = fetch(&receiver, root, vec![flaky]).expect_err("the only peer went away");
         let message = failed.to_string();
         assert!(
             message.contains("no peer can send blob")
-                && message.contains("flaky: the connection was lost"),
+                && message.contains("flaky: connection is closed"),
             "{message}"
         );
         let resumed = fetch(&receiver, root, vec![source("peer", &holder)]).expect("resumes");
@@ -817,44 +802,12 @@ mod transfer {
         fs::remove_dir_all(&work).ok();
     }
 
-    /// Fails its first fetches (a connection that broke and is made again), then serves.
-    struct Blip {
-        inner: StoreSource,
-        failures_left: AtomicUsize,
-    }
-
-    impl BlobSource for Blip {
-        fn name(&self) -> String {
-            self.inner.name()
-        }
-        fn has<'a>(&'a self, digests: &'a [Digest]) -> BoxFuture<'a, Result<Vec<bool>, String>> {
-            self.inner.has(digests)
-        }
-        fn fetch<'a>(
-            &'a self,
-            digests: &'a [Digest],
-        ) -> BoxFuture<'a, Result<StoredBlobs, String>> {
-            let failing =
-                self.failures_left
-                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
-            match failing {
-                Ok(_) => Box::pin(async { Err("connection is closed".to_owned()) }),
-                Err(_) => self.inner.fetch(digests),
-            }
-        }
-    }
-
     #[test]
     fn a_peer_whose_connection_breaks_for_a_moment_is_asked_again() {
         let (work, _, holder, root) = holder(5);
         let receiver = Arc::new(Store::open(&work.join("receiver")).expect("opens"));
-        let blip = Arc::new(Blip {
-            inner: StoreSource {
-                name: "only-peer".into(),
-                store: holder.clone(),
-            },
-            failures_left: AtomicUsize::new(3),
-        });
+        // Its first three fetches fail: a connection that broke and is made again.
+        let blip = Scripted::new("only-peer", &holder, |fetch| fetch < 3);
         let fetched = fetch(&receiver, root, vec![blip]).expect("the only peer came back");
         assert!(fetched.dropped.is_empty(), "{fetched:?}");
         assert_eq!(missing(&receiver, &root).expect("walks"), Vec::new());

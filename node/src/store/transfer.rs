@@ -710,7 +710,8 @@ async fn run_round(
                         Err(Fault::Source(why)) => source.drop_for(why),
                         Err(Fault::Unreachable(why)) => {
                             source.failed(why);
-                            // The rest of this round's batches for it wait for the next.
+                            // This worker stops; what the source's workers leave undone
+                            // waits for the next round.
                             return;
                         }
                         Err(Fault::Local(err)) => {
