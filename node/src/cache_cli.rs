@@ -17,11 +17,12 @@ pub fn open_store(data_dir: Option<&Path>) -> Result<Store> {
 }
 
 /// Has the node running on the data directory, if one does, fetch what the store lacks of the
-/// tree `digest` from its peers (into the store both share). `None` when no node runs (the
-/// export then says what is missing).
+/// tree `digest` from its peers (into the store both share), restoring it into `into` as it
+/// arrives. `None` when no node runs (the export then says what is missing).
 fn fetch_from_pool(
     data_dir: Option<&Path>,
     digest: &protocol::Digest,
+    into: &Path,
 ) -> Result<Option<crate::pool::shared_cache::TreeFetched>> {
     let data = DataDir::open(data_dir)?;
     let Some(pool) = crate::pool::client::ApiPoolCache::on_data_dir(data.root()) else {
@@ -32,9 +33,14 @@ fn fetch_from_pool(
         .enable_all()
         .build()
         .context("cannot start a runtime")?;
+    let into = std::path::absolute(into)
+        .with_context(|| format!("cannot restore into {}", into.display()))?;
     let fetched = runtime
-        .block_on(pool.fetch_tree(*digest))
+        .block_on(pool.fetch_tree(*digest, Some(&into)))
         .with_context(|| format!("cannot fetch {digest} from the pool"))?;
+    if let Some(why) = &fetched.not_exported {
+        eprintln!("peerbuild: {why}; exporting it here");
+    }
     for dropped in &fetched.dropped {
         eprintln!("peerbuild: dropped from the transfer: {dropped}");
     }
@@ -130,14 +136,20 @@ pub fn run(data_dir: Option<&Path>, command: CacheCommand) -> Result<u8> {
             let mut exported = export::export(&store, &digest, &dir);
             drop(progress);
             // A blob this store lacks (or had to set aside as corrupt) comes from the pool, when
-            // a node runs here; the failed export left nothing behind, so it starts again.
+            // a node runs here, which restores the tree into the folder as it arrives (the
+            // failed export left nothing behind). If the node cannot write there, the tree is
+            // exported here once it is in the store.
             let mut fetched = None;
             if let Err(StoreError::Missing { .. } | StoreError::Corrupt { .. }) = &exported {
-                fetched = fetch_from_pool(data_dir, &digest)?;
-                if fetched.is_some() {
-                    let progress = Progress::start(&store, "exporting");
-                    exported = export::export(&store, &digest, &dir);
-                    drop(progress);
+                fetched = fetch_from_pool(data_dir, &digest, &dir)?;
+                match fetched.as_ref().map(|f| f.exported) {
+                    Some(Some(restored)) => exported = Ok(restored),
+                    Some(None) => {
+                        let progress = Progress::start(&store, "exporting");
+                        exported = export::export(&store, &digest, &dir);
+                        drop(progress);
+                    }
+                    None => {}
                 }
             }
             let exported = exported

@@ -131,6 +131,10 @@ pub struct FindRequest {
     pub paths: Vec<String>,
     pub key: String,
     pub fallbacks: Vec<String>,
+    /// A new folder (an absolute path) to write the entry's tree into as it arrives, when the
+    /// node can write there (see [`Found::Fetched`]'s `exported`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub into: Option<PathBuf>,
 }
 
 /// What the pool found.
@@ -146,6 +150,10 @@ pub enum Found {
         /// Peers dropped from the transfer (a bad blob, no answer), with why.
         #[serde(default)]
         dropped: Vec<String>,
+        /// What was written into the request's `into` folder: the entry's whole tree, as it
+        /// arrived. `None` when nothing was (no `into`, or the node cannot write there).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exported: Option<Box<export::Exported>>,
     },
     /// No peer has an entry for the key or its fallback prefixes.
     Nothing { reason: String },
@@ -589,26 +597,33 @@ pub struct Restored {
     pub staged: PathBuf,
 }
 
-/// Exports an entry's tree into the staging folder `workspace/STAGE` (`rel/` for the build
-/// directory, `abs/` for absolute paths), for the build's shell to merge into place with
-/// [`unstage_script`]. The node itself never writes into the workspace's folders: a build that
-/// planted a symlink there (while its cache key was evaluated) must not steer the node's
-/// writes out of the sandbox.
+/// Exports an entry's tree into `scratch`, then moves it to the staging folder
+/// `workspace/STAGE` (`rel/` for the build directory, `abs/` for absolute paths), for the
+/// build's shell to merge into place with [`unstage_script`]. `arrived` says the tree is in
+/// `scratch` already (the node wrote it there as it arrived from peers). The node itself never
+/// writes into the workspace's folders: a build that planted a symlink there (while its cache
+/// key was evaluated) must not steer the node's writes out of the sandbox.
 pub fn restore(
     store: &Store,
     entry: &Entry,
     workspace: &Path,
     scratch: &Path,
+    arrived: Option<export::Exported>,
 ) -> Result<Restored, String> {
     let digest: Digest = entry
         .tree
         .parse()
         .map_err(|e: protocol::digest::DigestParseError| e.to_string())?;
-    let _ = fs::remove_dir_all(scratch);
-    if let Some(parent) = scratch.parent() {
-        fs::create_dir_all(parent).map_err(|e| e.to_string())?;
-    }
-    let exported = export::export(store, &digest, scratch).map_err(|e| e.to_string())?;
+    let exported = match arrived {
+        Some(exported) => exported,
+        None => {
+            let _ = fs::remove_dir_all(scratch);
+            if let Some(parent) = scratch.parent() {
+                fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+            }
+            export::export(store, &digest, scratch).map_err(|e| e.to_string())?
+        }
+    };
     if entry.from_peer.is_some() {
         prune_to_paths(scratch, &entry.paths)?;
     }
@@ -711,8 +726,9 @@ mod tests {
         };
         let workspace = temp.path().join("workspace");
         fs::create_dir_all(&workspace).expect("mkdir");
-        let restored =
-            restore(&store, &entry, &workspace, &temp.path().join("scratch")).expect("restores");
+        let scratch = temp.path().join("scratch");
+        let stage = |entry: &Entry| restore(&store, entry, &workspace, &scratch, None);
+        let restored = stage(&entry).expect("restores");
         assert_eq!(
             files(&restored.staged),
             ["abs/root/.m2/repo/lib.jar", "rel/deps/ok.txt"]
@@ -724,8 +740,7 @@ mod tests {
 
         // This node's own entries were selected by these paths when saved: restored as they are.
         entry.from_peer = None;
-        let own =
-            restore(&store, &entry, &workspace, &temp.path().join("scratch")).expect("restores");
+        let own = stage(&entry).expect("restores");
         assert_eq!(files(&own.staged).len(), 4);
     }
 }

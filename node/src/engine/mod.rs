@@ -989,6 +989,10 @@ impl Run<'_> {
             }
         }
         let mut from_peers = None;
+        // The entry's tree the node wrote into the scratch folder as it arrived, if it did.
+        let mut arrived = None;
+        let mut as_it_arrived = false;
+        let scratch = workspace.scratch("cache-restore");
         let mut found = self.lookup(cache, &key, &fallbacks).await;
         // The pool is asked unless this store has the key itself; a fallback found here still
         // loses to the key itself held by a peer.
@@ -1003,14 +1007,18 @@ impl Run<'_> {
                 } else {
                     fallbacks.clone()
                 },
+                into: std::path::absolute(&scratch).ok(),
             };
             match self.limits.guard(pool.find(&request)).await {
                 Ok(Ok(cache::Found::Fetched {
+                    entry,
                     peers,
                     transferred_bytes,
                     dropped,
+                    exported,
                     ..
                 })) => {
+                    arrived = exported.map(|exported| (entry.tree, *exported));
                     for why in dropped {
                         self.note(
                             Level::Warning,
@@ -1037,7 +1045,14 @@ impl Run<'_> {
             }
         }
         let outcome = match found {
-            cache::Lookup::Hit { entry, .. } => self.stage_entry(workspace, entry).await,
+            cache::Lookup::Hit { entry, .. } => {
+                // What arrived is used when it is the entry found here now.
+                let arrived = arrived
+                    .filter(|(tree, _)| *tree == entry.tree)
+                    .map(|(_, exported)| exported);
+                as_it_arrived = arrived.is_some();
+                self.stage_entry(workspace, entry, scratch, arrived).await
+            }
             cache::Lookup::Miss { reason } => Err(reason),
         };
         let outcome = match outcome {
@@ -1077,8 +1092,13 @@ impl Run<'_> {
                             "cache hit: restored {files} files ({bytes} bytes) from key `{matched}` in {duration_ms} ms"
                         ),
                         Some((peers, transferred)) => format!(
-                            "cache hit: restored {files} files ({bytes} bytes) from key `{matched}` in {duration_ms} ms, fetched from {} ({transferred} bytes transferred)",
-                            peers.join(", ")
+                            "cache hit: restored {files} files ({bytes} bytes) from key `{matched}` in {duration_ms} ms, fetched from {} ({transferred} bytes transferred{})",
+                            peers.join(", "),
+                            if as_it_arrived {
+                                ", written as it arrived"
+                            } else {
+                                ""
+                            }
                         ),
                     },
                 )
@@ -1107,17 +1127,19 @@ impl Run<'_> {
             })
     }
 
-    /// Stages an entry of this store in the workspace, for the build's shell to merge.
+    /// Stages an entry of this store in the workspace, for the build's shell to merge; exported
+    /// into `scratch` first, unless it `arrived` there already.
     async fn stage_entry(
         &self,
         workspace: &Workspace,
         entry: cache::Entry,
+        scratch: PathBuf,
+        arrived: Option<crate::store::export::Exported>,
     ) -> Result<(String, cache::Restored), String> {
         let store = self.node.store.clone();
         let workspace_path = workspace.path().to_owned();
-        let scratch = workspace.scratch("cache-restore");
         tokio::task::spawn_blocking(move || {
-            let restored = cache::restore(&store, &entry, &workspace_path, &scratch);
+            let restored = cache::restore(&store, &entry, &workspace_path, &scratch, arrived);
             restored.map(|restored| (entry.key, restored))
         })
         .await

@@ -305,6 +305,9 @@ async fn read_json<T: serde::de::DeserializeOwned>(
 /// `POST /v1/cache/find`: a `FindRequest`; answers a `Found`. The entry found is fetched into
 /// the node's store (the data directory the asking build shares) before the answer.
 async fn cache_find(state: &ApiState, find: FindRequest) -> Response<ApiBody> {
+    if let Some(response) = not_absolute(find.into.as_deref()) {
+        return response;
+    }
     match state.cache.find(&find).await {
         Ok(found) => match serde_json::to_vec(&found) {
             Ok(json) => json_response(StatusCode::OK, json),
@@ -327,10 +330,13 @@ fn submit(state: &ApiState, submission: Submission) -> Response<ApiBody> {
     response
 }
 
-/// What `POST /v1/cache/fetch` takes: the tree's digest as `HASH/SIZE`.
+/// What `POST /v1/cache/fetch` takes: the tree's digest as `HASH/SIZE`, and optionally an
+/// absolute path to restore it into as it arrives (a new or empty folder).
 #[derive(serde::Serialize, serde::Deserialize)]
 pub struct FetchRequest {
     pub tree: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub into: Option<std::path::PathBuf>,
 }
 
 /// `POST /v1/cache/fetch`: a `FetchRequest`; fetches the tree into the node's store from its
@@ -340,13 +346,26 @@ async fn cache_fetch(state: &ApiState, fetch: FetchRequest) -> Response<ApiBody>
         Ok(tree) => tree,
         Err(err) => return error(StatusCode::BAD_REQUEST, &format!("tree: {err}")),
     };
-    match state.cache.fetch_tree(tree).await {
+    if let Some(response) = not_absolute(fetch.into.as_deref()) {
+        return response;
+    }
+    match state.cache.fetch_tree(tree, fetch.into).await {
         Ok(fetched) => match serde_json::to_vec(&fetched) {
             Ok(json) => json_response(StatusCode::OK, json),
             Err(err) => error(StatusCode::INTERNAL_SERVER_ERROR, &err.to_string()),
         },
         Err(err) => error(StatusCode::BAD_GATEWAY, &err),
     }
+}
+
+/// A refusal of a request's `into` folder that is not an absolute path (the node's working
+/// folder is not the asker's).
+fn not_absolute(into: Option<&std::path::Path>) -> Option<Response<ApiBody>> {
+    let into = into.filter(|into| !into.is_absolute())?;
+    Some(error(
+        StatusCode::BAD_REQUEST,
+        &format!("into: {} is not an absolute path", into.display()),
+    ))
 }
 
 /// `POST /v1/cache/announce`: an `Entry` saved in the node's store; the pool is told.

@@ -196,6 +196,7 @@ pub async fn upload_tree(endpoint: &Endpoint, store: &Arc<Store>, root: Digest) 
     }
     let fetch = serde_json::to_vec(&super::api::FetchRequest {
         tree: root.to_string(),
+        into: None,
     })?;
     client::post(endpoint, "/v1/cache/fetch", fetch)
         .await

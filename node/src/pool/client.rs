@@ -293,10 +293,17 @@ impl ApiPoolCache {
 }
 
 impl ApiPoolCache {
-    /// Asks the node to fetch the tree `digest` from its peers into the store.
-    pub async fn fetch_tree(&self, digest: protocol::Digest) -> Result<TreeFetched> {
+    /// Asks the node to fetch the tree `digest` from its peers into the store, and to restore
+    /// it into `into` (an absolute path) as it arrives, when given and the node can write there
+    /// (see [`TreeFetched::not_exported`]).
+    pub async fn fetch_tree(
+        &self,
+        digest: protocol::Digest,
+        into: Option<&Path>,
+    ) -> Result<TreeFetched> {
         let json = serde_json::to_vec(&api::FetchRequest {
             tree: digest.to_string(),
+            into: into.map(Path::to_owned),
         })?;
         let asked = post(&self.endpoint, "/v1/cache/fetch", json);
         let body = tokio::time::timeout(FIND_TIMEOUT, asked)

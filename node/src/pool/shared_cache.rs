@@ -9,6 +9,7 @@
 //! this node announces it and provides the tree in turn, so later fetches have more holders.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ use super::cas::PeerSource;
 use super::swarm::SwarmCommand;
 use super::view::PoolView;
 use crate::engine::cache::{self, Entry, FindRequest, Found, PoolCache};
+use crate::store::export::{Destination, Exported};
 use crate::store::transfer::{self, BlobSource, BoxFuture};
 use crate::store::{Store, gc};
 
@@ -123,6 +125,13 @@ pub struct TreeFetched {
     pub written_bytes: u64,
     /// Peers dropped from the transfer, with why.
     pub dropped: Vec<String>,
+    /// What the node wrote into the folder it was asked to restore the tree into, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exported: Option<Exported>,
+    /// Why the node did not restore the tree into the folder it was asked to (it cannot write
+    /// there): the tree is in the store, for the caller to export.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_exported: Option<String>,
 }
 
 /// The node's shared cache: what `peerbuild run` asks through the control API.
@@ -219,9 +228,22 @@ impl NodeCache {
     pub(crate) async fn fetch_from(
         &self,
         tree: Digest,
-        mut peers: Vec<PeerId>,
+        peers: Vec<PeerId>,
         what: &str,
     ) -> Result<(transfer::Fetched, Vec<PeerId>), String> {
+        let (fetched, peers, _) = self.transfer_from(tree, peers, what, None).await?;
+        Ok((fetched, peers))
+    }
+
+    /// [`NodeCache::fetch_from`], the tree also exported into `into` as it arrives (see
+    /// [`transfer::fetch_tree_into`]) when given.
+    async fn transfer_from(
+        &self,
+        tree: Digest,
+        mut peers: Vec<PeerId>,
+        what: &str,
+        into: Option<Destination>,
+    ) -> Result<(transfer::Fetched, Vec<PeerId>, Option<Exported>), String> {
         for provider in self.providers(tree).await {
             if !peers.contains(&provider) {
                 peers.push(provider);
@@ -238,9 +260,20 @@ impl NodeCache {
             .collect();
         // A node has no `--store-max-size`: its store's budget is the environment's, or 20 GiB.
         let budget = gc::budget(None);
-        let fetched = transfer::fetch_tree(self.store.clone(), tree, sources, what, budget)
-            .await
-            .map_err(|e| e.to_string())?;
+        let store = self.store.clone();
+        let (fetched, exported) = match into {
+            None => (
+                transfer::fetch_tree(store, tree, sources, what, budget).await,
+                None,
+            ),
+            Some(into) => {
+                match transfer::fetch_tree_into(store, tree, sources, what, budget, into).await {
+                    Ok((fetched, exported)) => (Ok(fetched), Some(exported)),
+                    Err(err) => (Err(err), None),
+                }
+            }
+        };
+        let fetched = fetched.map_err(|e| e.to_string())?;
         for (source, why) in &fetched.dropped {
             info!(source = %source, reason = %why, "a peer was dropped from a transfer");
         }
@@ -248,14 +281,19 @@ impl NodeCache {
             let name = self.source(*p).name();
             !fetched.dropped.iter().any(|(dropped, _)| *dropped == name)
         });
-        Ok((fetched, peers))
+        Ok((fetched, peers, exported))
     }
 
-    /// Fetches `held`'s tree from its holders and keeps the entry here.
-    async fn fetch(&self, held: &Held) -> Result<Found, String> {
+    /// Fetches `held`'s tree from its holders and keeps the entry here; writes the tree into
+    /// `into` as it arrives, when given and this node can write there.
+    async fn fetch(&self, held: &Held, into: Option<PathBuf>) -> Result<Found, String> {
         let what = format!("cache `{}` (from the pool)", held.entry.key);
-        let (fetched, peers) = self
-            .fetch_from(held.entry.tree, held.holders.clone(), &what)
+        let destination = destination(into).await.unwrap_or_else(|why| {
+            debug!(%why, "the asker exports the entry itself");
+            None
+        });
+        let (fetched, peers, exported) = self
+            .transfer_from(held.entry.tree, held.holders.clone(), &what, destination)
             .await?;
         let from = peers
             .first()
@@ -277,15 +315,26 @@ impl NodeCache {
             transferred_bytes: fetched.transferred_bytes,
             blobs: fetched.blobs,
             dropped: dropped_reasons(&fetched),
+            exported: exported.map(Box::new),
         })
     }
 
     /// Fetches the tree `digest` into this store from whichever peers hold it: the DHT's
-    /// providers and the connected peers (each asked which of its blobs it has).
-    pub async fn fetch_tree(&self, digest: Digest) -> Result<TreeFetched, String> {
+    /// providers and the connected peers (each asked which of its blobs it has). With `into`
+    /// (an absolute path), the tree is also restored there as it arrives, unless this node
+    /// cannot write there (then `not_exported` says why, and the caller exports it).
+    pub async fn fetch_tree(
+        &self,
+        digest: Digest,
+        into: Option<PathBuf>,
+    ) -> Result<TreeFetched, String> {
         let what = format!("tree {digest} (from the pool)");
-        let (fetched, _) = self
-            .fetch_from(digest, self.connected(MAX_SOURCES), &what)
+        let (destination, not_exported) = match destination(into).await {
+            Ok(destination) => (destination, None),
+            Err(why) => (None, Some(why)),
+        };
+        let (fetched, _, exported) = self
+            .transfer_from(digest, self.connected(MAX_SOURCES), &what, destination)
             .await?;
         let _ = self.commands.send(SwarmCommand::Provide(digest)).await;
         Ok(TreeFetched {
@@ -293,6 +342,8 @@ impl NodeCache {
             transferred_bytes: fetched.transferred_bytes,
             written_bytes: fetched.written_bytes,
             dropped: dropped_reasons(&fetched),
+            exported,
+            not_exported,
         })
     }
 
@@ -308,7 +359,7 @@ impl NodeCache {
                 .iter()
                 .take(CANDIDATES_TRIED)
             {
-                match self.fetch(held).await {
+                match self.fetch(held, request.into.clone()).await {
                     Ok(found) => return Ok(found),
                     Err(err) => failures.push(format!("`{}`: {err}", held.entry.key)),
                 }
@@ -324,6 +375,21 @@ impl NodeCache {
         };
         Ok(Found::Nothing { reason })
     }
+}
+
+/// The folder `into` made ready for a tree to be restored into as it arrives; why not, when
+/// this node cannot write there (the asker then exports the tree itself).
+async fn destination(into: Option<PathBuf>) -> Result<Option<Destination>, String> {
+    let Some(path) = into else {
+        return Ok(None);
+    };
+    tokio::task::spawn_blocking(move || {
+        Destination::prepare(&path)
+            .map(Some)
+            .map_err(|e| format!("this node cannot restore the tree there: {e}"))
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()))
 }
 
 /// "PEER: why" for each peer a transfer dropped.

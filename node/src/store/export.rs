@@ -5,11 +5,13 @@
 //! folder beside the destination and renamed into place, so a failure never leaves the
 //! destination half-written.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use protocol::Digest;
@@ -19,7 +21,7 @@ use super::parallel::{each, ordered};
 use super::{Blob, Reader, Result, Store, StoreError};
 
 /// What an export wrote.
-#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Exported {
     pub files: u64,
     pub dirs: u64,
@@ -39,38 +41,70 @@ struct FileJob {
 /// Exports the tree `root` into `dest`, which must not exist or be an empty folder.
 pub fn export(store: &Store, root: &Digest, dest: &Path) -> Result<Exported> {
     let _lock = store.lock_shared()?;
-    if let Ok(mut entries) = fs::read_dir(dest)
-        && entries.next().is_some()
-    {
-        return Err(StoreError::Refused {
-            path: dest.to_owned(),
-            reason: "the destination is not empty; export into a new or empty folder".into(),
-        });
-    }
-    let parent = dest
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    fs::create_dir_all(parent).map_err(|e| StoreError::io(parent, e))?;
-    let name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let temporary = parent.join(format!(".{name}.peerbuild-export-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&temporary);
-    fs::create_dir(&temporary).map_err(|e| StoreError::io(&temporary, e))?;
-    match fill(store, root, &temporary) {
-        Ok(exported) => {
-            if let Err(err) = fs::rename(&temporary, dest) {
-                let _ = fs::remove_dir_all(&temporary);
-                return Err(StoreError::io(dest, err));
-            }
-            store.touch_root(root);
-            Ok(exported)
+    let destination = Destination::prepare(dest)?;
+    let exported = fill(store, root, destination.folder())?;
+    destination.commit()?;
+    store.touch_root(root);
+    Ok(exported)
+}
+
+/// Where an export is written: a temporary folder beside the destination, renamed into place
+/// by [`Destination::commit`] and removed when dropped uncommitted, so a failure never leaves
+/// the destination half-written.
+pub struct Destination {
+    temporary: PathBuf,
+    dest: PathBuf,
+    committed: bool,
+}
+
+impl Destination {
+    /// Makes the temporary folder for an export into `dest`, which must not exist or be an
+    /// empty folder.
+    pub fn prepare(dest: &Path) -> Result<Destination> {
+        if let Ok(mut entries) = fs::read_dir(dest)
+            && entries.next().is_some()
+        {
+            return Err(StoreError::Refused {
+                path: dest.to_owned(),
+                reason: "the destination is not empty; export into a new or empty folder".into(),
+            });
         }
-        Err(err) => {
-            let _ = fs::remove_dir_all(&temporary);
-            Err(err)
+        let parent = dest
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        fs::create_dir_all(parent).map_err(|e| StoreError::io(parent, e))?;
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let temporary = parent.join(format!(".{name}.peerbuild-export-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&temporary);
+        fs::create_dir(&temporary).map_err(|e| StoreError::io(&temporary, e))?;
+        Ok(Destination {
+            temporary,
+            dest: dest.to_owned(),
+            committed: false,
+        })
+    }
+
+    /// The folder to write into.
+    pub fn folder(&self) -> &Path {
+        &self.temporary
+    }
+
+    /// Renames the finished export into place.
+    pub fn commit(mut self) -> Result<()> {
+        fs::rename(&self.temporary, &self.dest).map_err(|e| StoreError::io(&self.dest, e))?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for Destination {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_dir_all(&self.temporary);
         }
     }
 }
@@ -252,6 +286,212 @@ fn stays_inside(target: &Path, depth: usize) -> bool {
     true
 }
 
+/// An export written while its blobs arrive from peers (a restore): planned once the store
+/// holds every tree and chunk list of the tree ([`Arriving::plan`]: folders and symlinks made,
+/// large files created), each file or chunk written the moment the transfer has verified it
+/// ([`Arriving::write`]: no second decompression, no second read of the store), and what the
+/// store held already written from it at the end ([`Arriving::finish`]). A large file's chunks
+/// are hashed in file order as they land (one that lands early is read back from the file once
+/// those before it are in), so its whole-file digest is checked without reading it again.
+pub struct Arriving {
+    exported: Exported,
+    /// Each blob not written yet, with where it goes.
+    pending: Mutex<HashMap<Digest, Vec<Target>>>,
+    large: Vec<LargeFile>,
+    /// Held while a file is created: one at a time (see [`Arriving::place`]).
+    creating: Mutex<()>,
+    files: AtomicU64,
+    bytes: AtomicU64,
+}
+
+/// Where a blob goes.
+enum Target {
+    Small {
+        path: PathBuf,
+        executable: bool,
+    },
+    /// The `index`th chunk of the large file `file`.
+    Chunk {
+        file: usize,
+        index: usize,
+    },
+}
+
+/// A chunked file being written.
+struct LargeFile {
+    job: FileJob,
+    file: fs::File,
+    /// Each chunk's offset and size, in file order.
+    chunks: Vec<(u64, u64)>,
+    hashed: Mutex<InOrder>,
+}
+
+/// A large file's hash, taken over its chunks in order as they land.
+struct InOrder {
+    hasher: blake3::Hasher,
+    landed: Vec<bool>,
+    /// The first chunk not hashed yet.
+    next: usize,
+}
+
+impl Arriving {
+    /// Plans the export of `root` into `dir` (an empty folder, see [`Destination`]): the store
+    /// must hold every tree and chunk list of it by now. Makes the folders, the symlinks and
+    /// the large files.
+    pub fn plan(store: &Store, root: &Digest, dir: &Path) -> Result<Arriving> {
+        let reader = store.reader();
+        let mut plan = Plan::default();
+        let mut exported = Exported::default();
+        make_plan(&reader, root, dir, 0, &mut plan, &mut exported)?;
+        let mut pending: HashMap<Digest, Vec<Target>> = HashMap::new();
+        for batch in plan.batches {
+            fs::create_dir_all(&batch.folder).map_err(|e| StoreError::io(&batch.folder, e))?;
+            for (path, target) in &batch.symlinks {
+                std::os::unix::fs::symlink(target, path).map_err(|e| StoreError::io(path, e))?;
+            }
+            for job in batch.files {
+                pending.entry(job.digest).or_default().push(Target::Small {
+                    path: job.path,
+                    executable: job.executable,
+                });
+            }
+        }
+        let mut large = Vec::with_capacity(plan.large.len());
+        for job in plan.large {
+            let Some(list) = job.chunks else { continue };
+            let chunks = decode_chunk_list(&reader.get(&list)?)?;
+            // Its folder's batch made the folder above.
+            let file = create_file(&job.path, job.executable)?;
+            let mut offset = 0;
+            let mut placed = Vec::with_capacity(chunks.len());
+            for (index, chunk) in chunks.iter().enumerate() {
+                pending.entry(*chunk).or_default().push(Target::Chunk {
+                    file: large.len(),
+                    index,
+                });
+                placed.push((offset, chunk.size()));
+                offset += chunk.size();
+            }
+            large.push(LargeFile {
+                job,
+                file,
+                hashed: Mutex::new(InOrder {
+                    hasher: blake3::Hasher::new(),
+                    landed: vec![false; placed.len()],
+                    next: 0,
+                }),
+                chunks: placed,
+            });
+        }
+        Ok(Arriving {
+            exported,
+            pending: Mutex::new(pending),
+            large,
+            creating: Mutex::new(()),
+            files: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+        })
+    }
+
+    /// Writes the blob `digest`, verified, wherever the tree has it; a blob it does not list,
+    /// or one written already, is passed over.
+    pub fn write(&self, digest: &Digest, bytes: &[u8]) -> Result<()> {
+        let targets = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(digest);
+        for target in targets.iter().flatten() {
+            self.place(target, bytes)?;
+        }
+        Ok(())
+    }
+
+    fn place(&self, target: &Target, bytes: &[u8]) -> Result<()> {
+        match target {
+            Target::Small { path, executable } => {
+                // The transfer verifies blobs on several threads; creating files on all of
+                // them at once only makes them wait on (or spin for) the same folders' locks
+                // and the file system's inode allocator.
+                let _one_at_a_time = self.creating.lock().unwrap_or_else(|e| e.into_inner());
+                write_file(path, bytes, *executable)?;
+                self.files.fetch_add(1, Ordering::Relaxed);
+                self.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                Ok(())
+            }
+            Target::Chunk { file, index } => self.large[*file].land(*index, bytes),
+        }
+    }
+
+    /// Writes what is still unwritten from the store (it held those blobs before the
+    /// transfer), reading each verified, then checks every large file against its digest.
+    pub fn finish(self, store: &Store) -> Result<Exported> {
+        let left: Vec<(Digest, Vec<Target>)> = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .collect();
+        let reader = store.reader();
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+        each(&left, workers, |(digest, targets)| {
+            let blob = reader.get(digest)?;
+            targets
+                .iter()
+                .try_for_each(|target| self.place(target, &blob))
+        })?;
+        let mut exported = self.exported;
+        for large in &self.large {
+            let order = large.hashed.lock().unwrap_or_else(|e| e.into_inner());
+            let size = large.chunks.iter().map(|(_, size)| size).sum();
+            if order.next != large.chunks.len()
+                || Digest::from_parts(*order.hasher.finalize().as_bytes(), size) != large.job.digest
+            {
+                return Err(StoreError::Corrupt {
+                    digest: large.job.digest,
+                    detail: "its chunks do not assemble into the file's digest".into(),
+                });
+            }
+            restore_mode(&large.file, &large.job.path, large.job.executable)?;
+            exported.files += 1;
+            exported.bytes += size;
+        }
+        exported.files += self.files.into_inner();
+        exported.bytes += self.bytes.into_inner();
+        Ok(exported)
+    }
+}
+
+impl LargeFile {
+    /// Writes chunk `index` at its place, and hashes every chunk now in order.
+    fn land(&self, index: usize, bytes: &[u8]) -> Result<()> {
+        let path = &self.job.path;
+        let (offset, _) = self.chunks[index];
+        self.file
+            .write_all_at(bytes, offset)
+            .map_err(|e| StoreError::io(path, e))?;
+        let mut order = self.hashed.lock().unwrap_or_else(|e| e.into_inner());
+        order.landed[index] = true;
+        if order.next != index {
+            return Ok(());
+        }
+        order.hasher.update(bytes);
+        order.next += 1;
+        // The chunks that landed early are in the file (written before they were marked).
+        let mut early = Vec::new();
+        while order.landed.get(order.next) == Some(&true) {
+            let (offset, size) = self.chunks[order.next];
+            early.resize(size as usize, 0);
+            self.file
+                .read_exact_at(&mut early, offset)
+                .map_err(|e| StoreError::io(path, e))?;
+            order.hasher.update(&early);
+            order.next += 1;
+        }
+        Ok(())
+    }
+}
+
 /// Writes a new file with its mode set at creation.
 fn write_file(path: &Path, bytes: &[u8], executable: bool) -> Result<()> {
     let mut file = create_file(path, executable)?;
@@ -263,6 +503,7 @@ fn write_file(path: &Path, bytes: &[u8], executable: bool) -> Result<()> {
 fn create_file(path: &Path, executable: bool) -> Result<fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     fs::OpenOptions::new()
+        .read(true)
         .write(true)
         .create_new(true)
         .mode(mode(executable))

@@ -323,6 +323,18 @@ impl Store {
     /// that match `digest`; returns how many bytes were newly written. Bad bytes are an error
     /// naming the digest, and nothing is stored.
     pub fn put_stored(&self, digest: &Digest, stored: &[u8]) -> Result<u64> {
+        self.put_stored_then(digest, stored, |_| Ok(()))
+    }
+
+    /// [`Store::put_stored`], then `then` with the blob's bytes, decoded and verified (an
+    /// export written while its blobs arrive). Not called when the store held the blob
+    /// already: those bytes were not decoded.
+    pub fn put_stored_then(
+        &self,
+        digest: &Digest,
+        stored: &[u8],
+        then: impl FnOnce(&[u8]) -> Result<()>,
+    ) -> Result<u64> {
         if stored.len() as u64
             > digest
                 .size()
@@ -340,12 +352,14 @@ impl Store {
         if self.contains(digest) {
             return Ok(0);
         }
-        self.check_stored(digest, stored)?;
+        let decoded = self.check_stored(digest, stored)?;
         let (kind, payload) = stored
             .split_first()
             .map(|(kind, payload)| (*kind, payload))
             .unwrap_or((KIND_RAW, &[]));
-        self.write_object(*digest, kind, payload)
+        let written = self.write_object(*digest, kind, payload)?;
+        then(decoded.bytes())?;
+        Ok(written)
     }
 
     /// Decodes stored bytes and checks them against the digest; on a mismatch `set_aside`
@@ -367,21 +381,18 @@ impl Store {
         Ok(blob)
     }
 
-    /// Checks bytes received as stored against their digest.
-    fn check_stored(&self, digest: &Digest, stored: &[u8]) -> Result<()> {
+    /// Checks bytes received as stored against their digest; returns them decoded.
+    fn check_stored<'a>(&self, digest: &Digest, stored: &'a [u8]) -> Result<Decoded<'a>> {
         let corrupt = |detail: String| StoreError::Corrupt {
             digest: *digest,
             detail,
         };
-        let matches = match decode(digest, stored).map_err(corrupt)? {
-            Decoded::Raw(bytes) => blake3::hash(bytes).as_bytes() == digest.hash(),
-            Decoded::Decompressed(bytes) => blake3::hash(&bytes).as_bytes() == digest.hash(),
-        };
-        if !matches {
+        let decoded = decode(digest, stored).map_err(corrupt)?;
+        if blake3::hash(decoded.bytes()).as_bytes() != digest.hash() {
             return Err(corrupt(MISMATCH.into()));
         }
         self.progress.fetch_add(digest.size(), Ordering::Relaxed);
-        Ok(())
+        Ok(decoded)
     }
 
     /// Moves a corrupt object aside (into `corrupt/`, for inspection), so the store no longer
@@ -590,6 +601,15 @@ enum Decoded<'a> {
     Decompressed(Vec<u8>),
 }
 
+impl Decoded<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Decoded::Raw(bytes) => bytes,
+            Decoded::Decompressed(bytes) => bytes,
+        }
+    }
+}
+
 /// Decodes stored bytes (a kind byte, then raw or zstd bytes) and checks their size against
 /// the digest; the hash is the caller's to check. The error is the corruption's description.
 fn decode<'a>(digest: &Digest, stored: &'a [u8]) -> std::result::Result<Decoded<'a>, String> {
@@ -603,11 +623,7 @@ fn decode<'a>(digest: &Digest, stored: &'a [u8]) -> std::result::Result<Decoded<
         }
         _ => return Err("unknown object kind".into()),
     };
-    let len = match &decoded {
-        Decoded::Raw(bytes) => bytes.len(),
-        Decoded::Decompressed(bytes) => bytes.len(),
-    };
-    if len as u64 != digest.size() {
+    if decoded.bytes().len() as u64 != digest.size() {
         return Err(MISMATCH.into());
     }
     Ok(decoded)

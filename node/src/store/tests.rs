@@ -297,11 +297,10 @@ fn a_corrupt_chunk_fails_the_export_and_is_set_aside() {
 
 /// A tree (from a peer, say) whose chunk list holds sound chunks that are not the file it
 /// names is refused, though every chunk matches its own digest.
-#[test]
-fn chunks_that_do_not_make_the_named_file_are_refused() {
+/// A tree of one chunked file whose chunks (`[1; 200,000]` and `[2; 200,000]`, both stored) do
+/// not make the file it names (`claimed`); returns (root, claimed).
+fn tree_with_wrong_chunks(store: &Store) -> (protocol::Digest, protocol::Digest) {
     use protocol::tree::{Entry, EntryKind, Tree, encode_chunk_list};
-    let work = scratch("wrongchunks");
-    let store = Store::open(&work.join("store")).expect("opens");
     let (a, _) = store.put(&[1u8; 200_000]).expect("puts");
     let (b, _) = store.put(&[2u8; 200_000]).expect("puts");
     let (list, _) = store.put(&encode_chunk_list(&[a, b])).expect("puts");
@@ -316,6 +315,18 @@ fn chunks_that_do_not_make_the_named_file_are_refused() {
     }])
     .expect("a tree");
     let (root, _) = store.put(&tree.encode()).expect("puts");
+    (root, claimed)
+}
+
+#[test]
+fn chunks_that_do_not_make_the_named_file_are_refused() {
+    let work = scratch("wrongchunks");
+    let store = Store::open(&work.join("store")).expect("opens");
+    let (root, claimed) = tree_with_wrong_chunks(&store);
+    let (a, b) = (
+        protocol::Digest::of(&[1u8; 200_000]),
+        protocol::Digest::of(&[2u8; 200_000]),
+    );
     let out = work.join("out");
     let err = export::export(&store, &root, &out).expect_err("refused");
     assert!(
@@ -546,14 +557,23 @@ mod transfer {
     use protocol::tree::{Entry as TreeEntry, EntryKind, Tree, encode_chunk_list};
 
     use super::*;
+    use crate::store::export::{Destination, Exported};
     use crate::store::transfer::{
         BlobSource, BoxFuture, Fetched, StoreSource, StoredBlobs, TransferError, fetch_tree,
-        missing,
+        fetch_tree_into, missing,
     };
 
     /// A source tree with small files, a chunked file (several chunks), links and folders,
     /// imported into a store of its own; returns (work dir, source folder, store, root).
     fn holder(seed: u64) -> (PathBuf, PathBuf, Arc<Store>, Digest) {
+        holder_with(seed, |_, _| {})
+    }
+
+    /// [`holder`], with `more` written into the source folder before the import.
+    fn holder_with(
+        seed: u64,
+        more: impl FnOnce(&Path, &mut Rng),
+    ) -> (PathBuf, PathBuf, Arc<Store>, Digest) {
         let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let work = scratch("transfer");
         let source = work.join("source");
@@ -561,6 +581,7 @@ mod transfer {
         random_tree(&mut rng, &source, 0);
         let big: Vec<u8> = (0..3 << 20).map(|_| rng.next() as u8).collect();
         fs::write(source.join("big.bin"), big).expect("write");
+        more(&source, &mut rng);
         let store = Arc::new(Store::open(&work.join("holder")).expect("opens"));
         let root = import::import_dir(&store, &source, "test")
             .expect("imports")
@@ -605,6 +626,24 @@ mod transfer {
             sources,
             "fetched",
             budget_bytes,
+        ))
+    }
+
+    /// A restore into `out` as the blobs arrive.
+    fn restore(
+        store: &Arc<Store>,
+        root: Digest,
+        sources: Vec<Arc<dyn BlobSource>>,
+        out: &Path,
+    ) -> Result<(Fetched, Exported), TransferError> {
+        let into = Destination::prepare(out).expect("prepares");
+        run(fetch_tree_into(
+            store.clone(),
+            root,
+            sources,
+            "restored",
+            1 << 30,
+            into,
         ))
     }
 
@@ -751,6 +790,90 @@ mod transfer {
         assert_eq!(listing(&source_dir), listing(&out));
         let again = fetch(&receiver, root, vec![source("peer-a", &holder)]).expect("fetches");
         assert_eq!((again.blobs, again.rounds), (0, 0), "{again:?}");
+        fs::remove_dir_all(&work).ok();
+    }
+
+    /// A restore written as the blobs arrive, with some of them here already, a liar among
+    /// the peers, and large files whose chunks come from two peers in no set order, one of
+    /// them with a chunk that repeats: the folder is the source exactly, and says what a
+    /// plain export says.
+    #[test]
+    fn a_tree_restored_as_its_blobs_arrive_is_exact() {
+        let (work, source_dir, holder, root) = holder_with(9, |source, rng| {
+            let block: Vec<u8> = (0..700_000).map(|_| rng.next() as u8).collect();
+            fs::write(source.join("repeats.bin"), block.repeat(4)).expect("write");
+        });
+        let receiver = Arc::new(Store::open(&work.join("receiver")).expect("opens"));
+        let partial = work.join("partial");
+        fs::create_dir(&partial).expect("mkdir");
+        fs::copy(source_dir.join("big.bin"), partial.join("big.bin")).expect("copies");
+        import::import_dir_once(&receiver, &partial, "part of it").expect("imports");
+        let liar = Arc::new(Liar(StoreSource {
+            name: "liar".into(),
+            store: holder.clone(),
+        }));
+        let sources = vec![liar, source("peer-a", &holder), source("peer-b", &holder)];
+        let out = work.join("out");
+        let (fetched, exported) = restore(&receiver, root, sources, &out).expect("restores");
+        assert_eq!(fetched.dropped.len(), 1, "{fetched:?}");
+        assert_eq!(listing(&source_dir), listing(&out));
+        let plain = export::export(&receiver, &root, &work.join("plain")).expect("exports");
+        assert_eq!(exported, plain);
+        fs::remove_dir_all(&work).ok();
+    }
+
+    /// A restore whose only peer goes away once files are being written leaves no folder.
+    #[test]
+    fn a_restore_that_fails_leaves_no_folder() {
+        // Files enough for several batches.
+        let (work, _, holder, root) = holder_with(10, |source, rng| {
+            let more: Vec<u8> = (0..20 << 20).map(|_| rng.next() as u8).collect();
+            fs::write(source.join("more.bin"), more).expect("write");
+        });
+        let listings = listings_of(&holder, root);
+        let recorder = Scripted::new("recorder", &holder, |_| false);
+        let count = Arc::new(Store::open(&work.join("count")).expect("opens"));
+        fetch(&count, root, vec![recorder.clone()]).expect("fetches");
+        let listing_batches = recorder
+            .batches
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|b| b.iter().all(|d| listings.contains(d)))
+            .count();
+        // Every listing and one batch of files arrive; then the connection is gone for good.
+        let flaky = Scripted::new("flaky", &holder, move |fetch| fetch > listing_batches);
+        let receiver = Arc::new(Store::open(&work.join("receiver")).expect("opens"));
+        let out = work.join("out");
+        restore(&receiver, root, vec![flaky], &out).expect_err("the only peer went away");
+        let mut left: Vec<_> = fs::read_dir(&work)
+            .expect("lists")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["count", "holder", "receiver", "source"]);
+        fs::remove_dir_all(&work).ok();
+    }
+
+    /// A peer's tree whose chunk list holds sound chunks that are not the file it names: the
+    /// restore fails, though every chunk matched its own digest as it arrived.
+    #[test]
+    fn a_restore_refuses_chunks_that_do_not_make_the_named_file() {
+        let work = scratch("restorewrongchunks");
+        let holder = Arc::new(Store::open(&work.join("holder")).expect("opens"));
+        let (root, claimed) = tree_with_wrong_chunks(&holder);
+        holder.flush(1).expect("flushes");
+        let receiver = Arc::new(Store::open(&work.join("receiver")).expect("opens"));
+        let out = work.join("out");
+        let err =
+            restore(&receiver, root, vec![source("peer", &holder)], &out).expect_err("refused");
+        assert!(
+            matches!(err, TransferError::Store(StoreError::Corrupt { .. }))
+                && err.to_string().contains(&claimed.to_string()),
+            "{err}"
+        );
+        assert!(!out.exists(), "no half-written destination");
         fs::remove_dir_all(&work).ok();
     }
 

@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex};
 use protocol::Digest;
 use protocol::tree::{EntryKind, Tree, decode_chunk_list};
 
+use super::export::{Arriving, Destination, Exported};
 use super::{Store, StoreError};
 
 /// The batch and question sizes are the blob protocol's own limits (`protocol::cas`), so a
@@ -461,6 +462,39 @@ pub async fn fetch_tree(
     what: &str,
     budget_bytes: u64,
 ) -> Result<Fetched, TransferError> {
+    let (fetched, _) = fetch(store, root, sources, what, budget_bytes, None).await?;
+    Ok(fetched)
+}
+
+/// [`fetch_tree`], and the tree exported into `into` as its blobs arrive (a restore): each
+/// file and chunk is written there the moment it is verified, from the bytes decoded to verify
+/// it ([`Arriving`]); what the store held already is written from the store at the end. The
+/// export is renamed into place once whole, after the store keeps the tree.
+pub async fn fetch_tree_into(
+    store: Arc<Store>,
+    root: Digest,
+    sources: Vec<Arc<dyn BlobSource>>,
+    what: &str,
+    budget_bytes: u64,
+    into: Destination,
+) -> Result<(Fetched, Exported), TransferError> {
+    let folder = into.folder().to_owned();
+    let (fetched, exported) = fetch(store, root, sources, what, budget_bytes, Some(into)).await?;
+    let exported = exported.ok_or(StoreError::Refused {
+        path: folder,
+        reason: "the transfer ended before the export was planned".into(),
+    })?;
+    Ok((fetched, exported))
+}
+
+async fn fetch(
+    store: Arc<Store>,
+    root: Digest,
+    sources: Vec<Arc<dyn BlobSource>>,
+    what: &str,
+    budget_bytes: u64,
+    into: Option<Destination>,
+) -> Result<(Fetched, Option<Exported>), TransferError> {
     let lock_store = store.clone();
     // gc never removes what a running transfer has stored but not yet made a root.
     let _lock = tokio::task::spawn_blocking(move || lock_store.lock_shared())
@@ -490,6 +524,7 @@ pub async fn fetch_tree(
         },
         ..Totals::default()
     });
+    let mut arriving: Option<Arc<Arriving>> = None;
     let mut rounds = 0;
     loop {
         let (walk_store, walk_totals) = (store.clone(), totals.clone());
@@ -508,6 +543,23 @@ pub async fn fetch_tree(
             path: store.root().to_owned(),
             reason: e.to_string(),
         })??;
+        // Once every tree and chunk list is here, the export is planned; the files and chunks
+        // still missing are written into it as they arrive.
+        if listings.is_empty()
+            && arriving.is_none()
+            && let Some(into) = &into
+        {
+            let (plan_store, folder) = (store.clone(), into.folder().to_owned());
+            let planned =
+                tokio::task::spawn_blocking(move || Arriving::plan(&plan_store, &root, &folder))
+                    .await
+                    .map_err(|e| StoreError::Refused {
+                        path: into.folder().to_owned(),
+                        reason: e.to_string(),
+                    })??;
+            tracing::debug!(round = rounds, "the export is planned");
+            arriving = Some(Arc::new(planned));
+        }
         if missing.is_empty() {
             break;
         }
@@ -527,7 +579,11 @@ pub async fn fetch_tree(
         let started = std::time::Instant::now();
         let queues = assign(&sources, &missing).await?;
         let asked = started.elapsed();
-        run_round(&store, &sources, queues, &totals, &Arc::new(listings)).await?;
+        let round = Round {
+            listings: Arc::new(listings),
+            arriving: arriving.clone(),
+        };
+        run_round(&store, &sources, queues, &totals, &round).await?;
         tracing::debug!(
             round = rounds,
             missing = missing.len(),
@@ -557,22 +613,44 @@ pub async fn fetch_tree(
     let written = totals.written.load(Ordering::Relaxed);
     let flush_store = store.clone();
     let what = what.to_owned();
-    tokio::task::spawn_blocking(move || {
+    let arriving = arriving.map(|a| Arc::try_unwrap(a).map_err(|_| ()));
+    let exported = tokio::task::spawn_blocking(move || {
         flush_store.flush(written)?;
-        flush_store.add_root(&root, &what)
+        flush_store.add_root(&root, &what)?;
+        let (Some(arriving), Some(into)) = (arriving, into) else {
+            return Ok(None);
+        };
+        tracing::debug!("the store keeps the tree; finishing the export");
+        let arriving = arriving.map_err(|()| StoreError::Refused {
+            path: into.folder().to_owned(),
+            reason: "the export is still being written".into(),
+        })?;
+        let exported = arriving.finish(&flush_store)?;
+        into.commit()?;
+        Ok::<_, StoreError>(Some(exported))
     })
     .await
     .map_err(|e| StoreError::Refused {
         path: store.root().to_owned(),
         reason: e.to_string(),
     })??;
-    Ok(Fetched {
+    let fetched = Fetched {
         blobs: totals.blobs.load(Ordering::Relaxed),
         transferred_bytes: totals.transferred.load(Ordering::Relaxed),
         written_bytes: written,
         rounds,
         dropped: dropped(&sources),
-    })
+    };
+    Ok((fetched, exported))
+}
+
+/// What a round's fetches share besides the totals.
+#[derive(Clone)]
+struct Round {
+    /// The trees and chunk lists asked for (whoever sends one is remembered).
+    listings: Arc<HashSet<Digest>>,
+    /// The export written as blobs arrive, if any.
+    arriving: Option<Arc<Arriving>>,
 }
 
 fn dropped(sources: &[Arc<Source>]) -> Vec<(String, String)> {
@@ -674,7 +752,7 @@ async fn run_round(
     sources: &[Arc<Source>],
     queues: Vec<VecDeque<Vec<Digest>>>,
     totals: &Arc<Totals>,
-    listings: &Arc<HashSet<Digest>>,
+    round: &Round,
 ) -> Result<(), StoreError> {
     let local_error: Arc<Mutex<Option<StoreError>>> = Arc::default();
     let mut workers = tokio::task::JoinSet::new();
@@ -684,14 +762,14 @@ async fn run_round(
         }
         let queue = Arc::new(Mutex::new(queue));
         for _ in 0..IN_FLIGHT_PER_SOURCE {
-            let (store, source, queue, totals, listings, local_error) = (
+            let (store, source, queue, totals, local_error) = (
                 store.clone(),
                 source.clone(),
                 queue.clone(),
                 totals.clone(),
-                listings.clone(),
                 local_error.clone(),
             );
+            let round = round.clone();
             workers.spawn(async move {
                 loop {
                     let failed = local_error
@@ -705,7 +783,7 @@ async fn run_round(
                     else {
                         return;
                     };
-                    match fetch_batch(&store, &source, batch, &totals, &listings).await {
+                    match fetch_batch(&store, &source, batch, &totals, &round).await {
                         Ok(()) => {}
                         Err(Fault::Source(why)) => source.drop_for(why),
                         Err(Fault::Unreachable(why)) => {
@@ -756,7 +834,7 @@ async fn fetch_batch(
     source: &Arc<Source>,
     batch: Vec<Digest>,
     totals: &Arc<Totals>,
-    listings: &Arc<HashSet<Digest>>,
+    round: &Round,
 ) -> Result<(), Fault> {
     let received = source
         .source
@@ -774,15 +852,20 @@ async fn fetch_batch(
     }
     // The whole batch is verified and stored on one blocking thread: one hand-over a batch,
     // not one a blob.
-    let (put_store, put_source, put_totals, put_listings) = (
+    let (put_store, put_source, put_totals, put_listings, arriving) = (
         store.clone(),
         source.clone(),
         totals.clone(),
-        listings.clone(),
+        round.listings.clone(),
+        round.arriving.clone(),
     );
     tokio::task::spawn_blocking(move || {
         for (digest, stored) in received {
-            match put_store.put_stored(&digest, &stored) {
+            let export = |bytes: &[u8]| match &arriving {
+                Some(arriving) => arriving.write(&digest, bytes),
+                None => Ok(()),
+            };
+            match put_store.put_stored_then(&digest, &stored, export) {
                 Ok(written) => {
                     if put_listings.contains(&digest) {
                         put_totals.senders.sent(digest, put_source.source.name());

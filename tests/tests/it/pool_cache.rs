@@ -149,6 +149,11 @@ fn a_cache_saved_beside_one_node_is_restored_by_a_build_beside_another() {
         sum(&second),
         "the restored files are the saved ones"
     );
+    assert!(
+        second.transcript().contains("written as it arrived"),
+        "the node wrote the entry while it arrived: {}",
+        second.transcript()
+    );
     let record = restore_record(&second);
     assert_eq!(record["hit"], true);
     assert_eq!(record["matched_key"], "deps-v1");
@@ -209,7 +214,10 @@ fn cache_export_fetches_a_tree_this_store_lacks_from_the_pool() {
     let digest = String::from_utf8_lossy(&imported.stdout).trim().to_owned();
 
     let out = cluster.scratch().join("out");
-    let exported = cluster.cache_on(2, &["export", &digest, out.to_str().expect("utf-8")]);
+    let exported = cluster.cache_on(
+        2,
+        &["export", "--json", &digest, out.to_str().expect("utf-8")],
+    );
     assert!(
         exported.status.success(),
         "{}\n{}",
@@ -217,6 +225,14 @@ fn cache_export_fetches_a_tree_this_store_lacks_from_the_pool() {
         cluster.logs()
     );
     assert!(String::from_utf8_lossy(&exported.stderr).contains("fetching it from the pool"));
+    // The node wrote the tree into the folder as it arrived, and said what it wrote.
+    let answer: serde_json::Value =
+        serde_json::from_slice(&exported.stdout).expect("JSON on standard output");
+    assert_eq!(
+        answer["fetched"]["exported"], answer["exported"],
+        "{answer}"
+    );
+    assert_eq!(answer["exported"]["files"], 2, "{answer}");
     assert_eq!(std::fs::read(out.join("big.bin")).expect("exported"), big);
     assert_eq!(
         std::fs::read_to_string(out.join("sub/a.txt")).expect("exported"),
