@@ -35,7 +35,7 @@ digest=$("$pb" --data-dir "$work/a" cache import "$work/tree" 2>/dev/null)
 await_peer "$work/b" "$work/a"
 await_peer "$work/c" "$work/a"
 
-if [ -s "$stamp" ]; then
+if [[ $(cat "$stamp" 2>/dev/null) =~ ^[0-9]+$ ]]; then
   wait=$(( $(cat "$stamp") + ${QUIET:-370} - $(date +%s) ))
   if [ "$wait" -gt 0 ]; then echo "waiting ${wait}s for the last run's deletions to age"; sleep "$wait"; fi
 fi
@@ -62,14 +62,18 @@ copy_rsync() {
   local t; t=$(ms); rsync -a "rsync://127.0.0.1:$port/tree/" "$work/rs$1/"
   took[rsync$1]=$(( $(ms) - t )); echo "rsync daemon, loopback, full ($1): ${took[rsync$1]} ms"
 }
-# Node B, then node C, restores the tree from node A into a folder.
+# Node B, then node C, restores the tree into a folder: B from node A; C from A and B (B holds
+# the tree by then, and says so).
 restore() {
   local node=$2 t out; t=$(ms)
   out=$("$pb" --data-dir "$work/$node" cache export --json "$digest" "$work/out$1" 2>/dev/null) \
     || { echo "restore failed: $out" >&2; cat "$work/nodes.log" >&2; exit 1; }
   took[restore$1]=$(( $(ms) - t ))
   echo "peerbuild restore from a peer ($1): ${took[restore$1]} ms ($out)"
-  diff -r --no-dereference "$work/tree" "$work/out$1" >/dev/null && echo "restored tree is identical"
+  if ! diff -r --no-dereference "$work/tree" "$work/out$1" >/dev/null; then
+    echo "restore $1: the restored tree differs from the tree" >&2; exit 1
+  fi
+  echo "restored tree is identical"
 }
 step; copy_tar 1
 step; copy_rsync 1

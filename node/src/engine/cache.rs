@@ -614,7 +614,9 @@ pub fn restore(
         .tree
         .parse()
         .map_err(|e: protocol::digest::DigestParseError| e.to_string())?;
-    let exported = match arrived {
+    // What arrived is used when it is there to be seen (a node with a file system view of its
+    // own may have written elsewhere).
+    let exported = match arrived.filter(|_| scratch.is_dir()) {
         Some(exported) => exported,
         None => {
             let _ = fs::remove_dir_all(scratch);

@@ -236,14 +236,21 @@ impl NodeCache {
     }
 
     /// [`NodeCache::fetch_from`], the tree also exported into `into` as it arrives (see
-    /// [`transfer::fetch_tree_into`]) when given.
+    /// [`transfer::fetch_tree_into`]) when given: then what was written, or why nothing was.
     async fn transfer_from(
         &self,
         tree: Digest,
         mut peers: Vec<PeerId>,
         what: &str,
         into: Option<Destination>,
-    ) -> Result<(transfer::Fetched, Vec<PeerId>, Option<Exported>), String> {
+    ) -> Result<
+        (
+            transfer::Fetched,
+            Vec<PeerId>,
+            Option<Result<Exported, String>>,
+        ),
+        String,
+    > {
         for provider in self.providers(tree).await {
             if !peers.contains(&provider) {
                 peers.push(provider);
@@ -295,6 +302,11 @@ impl NodeCache {
         let (fetched, peers, exported) = self
             .transfer_from(held.entry.tree, held.holders.clone(), &what, destination)
             .await?;
+        let exported = exported.and_then(|exported| {
+            exported
+                .map_err(|why| debug!(%why, "the asker exports the entry itself"))
+                .ok()
+        });
         let from = peers
             .first()
             .map_or_else(|| "the pool".to_owned(), PeerId::to_string);
@@ -329,13 +341,21 @@ impl NodeCache {
         into: Option<PathBuf>,
     ) -> Result<TreeFetched, String> {
         let what = format!("tree {digest} (from the pool)");
-        let (destination, not_exported) = match destination(into).await {
+        let (destination, mut not_exported) = match destination(into).await {
             Ok(destination) => (destination, None),
             Err(why) => (None, Some(why)),
         };
         let (fetched, _, exported) = self
             .transfer_from(digest, self.connected(MAX_SOURCES), &what, destination)
             .await?;
+        let exported = match exported {
+            Some(Ok(exported)) => Some(exported),
+            Some(Err(why)) => {
+                not_exported = Some(format!("the tree could not be written there: {why}"));
+                None
+            }
+            None => None,
+        };
         let _ = self.commands.send(SwarmCommand::Provide(digest)).await;
         Ok(TreeFetched {
             blobs: fetched.blobs,

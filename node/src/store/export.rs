@@ -11,8 +11,8 @@ use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use protocol::Digest;
 use protocol::tree::{EntryKind, Tree, decode_chunk_list};
@@ -78,7 +78,14 @@ impl Destination {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let temporary = parent.join(format!(".{name}.peerbuild-export-{}", std::process::id()));
+        // A node restores into several folders at once, perhaps two into one: each export its
+        // own temporary folder.
+        static EXPORTS: AtomicU64 = AtomicU64::new(0);
+        let temporary = parent.join(format!(
+            ".{name}.peerbuild-export-{}-{}",
+            std::process::id(),
+            EXPORTS.fetch_add(1, Ordering::Relaxed)
+        ));
         let _ = fs::remove_dir_all(&temporary);
         fs::create_dir(&temporary).map_err(|e| StoreError::io(&temporary, e))?;
         Ok(Destination {
@@ -302,6 +309,10 @@ pub struct Arriving {
     creating: Mutex<()>,
     files: AtomicU64,
     bytes: AtomicU64,
+    /// Why the export stopped: the first write that failed. The transfer goes on regardless.
+    failed: Mutex<Option<String>>,
+    /// Set when whoever waits for the export is gone: nothing more is written.
+    stop: Arc<AtomicBool>,
 }
 
 /// Where a blob goes.
@@ -317,10 +328,10 @@ enum Target {
     },
 }
 
-/// A chunked file being written.
+/// A chunked file being written (opened for each chunk, so a tree of many large files never
+/// holds many descriptors).
 struct LargeFile {
     job: FileJob,
-    file: fs::File,
     /// Each chunk's offset and size, in file order.
     chunks: Vec<(u64, u64)>,
     hashed: Mutex<InOrder>,
@@ -336,16 +347,23 @@ struct InOrder {
 
 impl Arriving {
     /// Plans the export of `root` into `dir` (an empty folder, see [`Destination`]): the store
-    /// must hold every tree and chunk list of it by now. Makes the folders, the symlinks and
-    /// the large files.
-    pub fn plan(store: &Store, root: &Digest, dir: &Path) -> Result<Arriving> {
+    /// must hold every tree and chunk list of it by now. Makes the folders (never their
+    /// parents: a folder gone from under the export fails it), the symlinks and the large
+    /// files. Once `stop` is set, nothing more is written.
+    pub fn plan(
+        store: &Store,
+        root: &Digest,
+        dir: &Path,
+        stop: Arc<AtomicBool>,
+    ) -> Result<Arriving> {
         let reader = store.reader();
         let mut plan = Plan::default();
         let mut exported = Exported::default();
         make_plan(&reader, root, dir, 0, &mut plan, &mut exported)?;
         let mut pending: HashMap<Digest, Vec<Target>> = HashMap::new();
+        // Each folder's batches come before the folders in it.
         for batch in plan.batches {
-            fs::create_dir_all(&batch.folder).map_err(|e| StoreError::io(&batch.folder, e))?;
+            make_folder(&batch.folder)?;
             for (path, target) in &batch.symlinks {
                 std::os::unix::fs::symlink(target, path).map_err(|e| StoreError::io(path, e))?;
             }
@@ -361,7 +379,7 @@ impl Arriving {
             let Some(list) = job.chunks else { continue };
             let chunks = decode_chunk_list(&reader.get(&list)?)?;
             // Its folder's batch made the folder above.
-            let file = create_file(&job.path, job.executable)?;
+            create_file(&job.path, job.executable)?;
             let mut offset = 0;
             let mut placed = Vec::with_capacity(chunks.len());
             for (index, chunk) in chunks.iter().enumerate() {
@@ -374,7 +392,6 @@ impl Arriving {
             }
             large.push(LargeFile {
                 job,
-                file,
                 hashed: Mutex::new(InOrder {
                     hasher: blake3::Hasher::new(),
                     landed: vec![false; placed.len()],
@@ -390,21 +407,45 @@ impl Arriving {
             creating: Mutex::new(()),
             files: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            failed: Mutex::new(None),
+            stop,
         })
     }
 
     /// Writes the blob `digest`, verified, wherever the tree has it; a blob it does not list,
-    /// or one written already, is passed over.
-    pub fn write(&self, digest: &Digest, bytes: &[u8]) -> Result<()> {
+    /// or one written already, is passed over. A failed write stops the export (see
+    /// [`Arriving::finish`]), not the transfer: the blob is in the store either way.
+    pub fn write(&self, digest: &Digest, bytes: &[u8]) {
+        if self.stopped() {
+            return;
+        }
         let targets = self
             .pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(digest);
         for target in targets.iter().flatten() {
-            self.place(target, bytes)?;
+            if let Err(err) = self.place(target, bytes) {
+                self.fail(err.to_string());
+                return;
+            }
         }
-        Ok(())
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+            || self
+                .failed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some()
+    }
+
+    fn fail(&self, why: String) {
+        self.failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(why);
     }
 
     fn place(&self, target: &Target, bytes: &[u8]) -> Result<()> {
@@ -425,7 +466,16 @@ impl Arriving {
 
     /// Writes what is still unwritten from the store (it held those blobs before the
     /// transfer), reading each verified, then checks every large file against its digest.
-    pub fn finish(self, store: &Store) -> Result<Exported> {
+    /// The error says why the export is not whole (a write that failed on the way, a chunk
+    /// list that does not make its file): the caller exports the tree itself, or reports it.
+    pub fn finish(self, store: &Store) -> std::result::Result<Exported, String> {
+        if let Some(why) = self.failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            return Err(why);
+        }
+        self.complete(store).map_err(|e| e.to_string())
+    }
+
+    fn complete(self, store: &Store) -> Result<Exported> {
         let left: Vec<(Digest, Vec<Target>)> = self
             .pending
             .lock()
@@ -452,7 +502,8 @@ impl Arriving {
                     detail: "its chunks do not assemble into the file's digest".into(),
                 });
             }
-            restore_mode(&large.file, &large.job.path, large.job.executable)?;
+            let file = large.open()?;
+            restore_mode(&file, &large.job.path, large.job.executable)?;
             exported.files += 1;
             exported.bytes += size;
         }
@@ -463,12 +514,20 @@ impl Arriving {
 }
 
 impl LargeFile {
+    fn open(&self) -> Result<fs::File> {
+        fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.job.path)
+            .map_err(|e| StoreError::io(&self.job.path, e))
+    }
+
     /// Writes chunk `index` at its place, and hashes every chunk now in order.
     fn land(&self, index: usize, bytes: &[u8]) -> Result<()> {
         let path = &self.job.path;
+        let file = self.open()?;
         let (offset, _) = self.chunks[index];
-        self.file
-            .write_all_at(bytes, offset)
+        file.write_all_at(bytes, offset)
             .map_err(|e| StoreError::io(path, e))?;
         let mut order = self.hashed.lock().unwrap_or_else(|e| e.into_inner());
         order.landed[index] = true;
@@ -482,13 +541,29 @@ impl LargeFile {
         while order.landed.get(order.next) == Some(&true) {
             let (offset, size) = self.chunks[order.next];
             early.resize(size as usize, 0);
-            self.file
-                .read_exact_at(&mut early, offset)
+            file.read_exact_at(&mut early, offset)
                 .map_err(|e| StoreError::io(path, e))?;
             order.hasher.update(&early);
             order.next += 1;
         }
         Ok(())
+    }
+}
+
+/// Makes a folder of an export, 0755 whatever the process's umask (a node may run with 0077);
+/// one that exists already (another batch of the same folder made it) is fine.
+fn make_folder(folder: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    match fs::DirBuilder::new().mode(0o755).create(folder) {
+        Ok(()) => {
+            if umask() & 0o755 != 0 {
+                fs::set_permissions(folder, fs::Permissions::from_mode(0o755))
+                    .map_err(|e| StoreError::io(folder, e))?;
+            }
+            Ok(())
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(err) => Err(StoreError::io(folder, err)),
     }
 }
 

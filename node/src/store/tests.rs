@@ -635,7 +635,7 @@ mod transfer {
         root: Digest,
         sources: Vec<Arc<dyn BlobSource>>,
         out: &Path,
-    ) -> Result<(Fetched, Exported), TransferError> {
+    ) -> Result<(Fetched, Result<Exported, String>), TransferError> {
         let into = Destination::prepare(out).expect("prepares");
         run(fetch_tree_into(
             store.clone(),
@@ -717,6 +717,20 @@ mod transfer {
             }
             self.inner.fetch(digests)
         }
+    }
+
+    /// How many batches a whole fetch of `root` from `holder` asks for before its first batch
+    /// of files and chunks (into a scratch store under `work`).
+    fn listing_batches(work: &Path, holder: &Arc<Store>, root: Digest) -> usize {
+        let listings = listings_of(holder, root);
+        let recorder = Scripted::new("recorder", holder, |_| false);
+        let count = Arc::new(Store::open(&work.join("count")).expect("opens"));
+        fetch(&count, root, vec![recorder.clone()]).expect("fetches");
+        let batches = recorder.batches.lock().unwrap();
+        batches
+            .iter()
+            .filter(|b| b.iter().all(|d| listings.contains(d)))
+            .count()
     }
 
     /// The trees and chunk lists of the tree `root` in `store`.
@@ -818,7 +832,7 @@ mod transfer {
         assert_eq!(fetched.dropped.len(), 1, "{fetched:?}");
         assert_eq!(listing(&source_dir), listing(&out));
         let plain = export::export(&receiver, &root, &work.join("plain")).expect("exports");
-        assert_eq!(exported, plain);
+        assert_eq!(exported, Ok(plain));
         fs::remove_dir_all(&work).ok();
     }
 
@@ -830,17 +844,7 @@ mod transfer {
             let more: Vec<u8> = (0..20 << 20).map(|_| rng.next() as u8).collect();
             fs::write(source.join("more.bin"), more).expect("write");
         });
-        let listings = listings_of(&holder, root);
-        let recorder = Scripted::new("recorder", &holder, |_| false);
-        let count = Arc::new(Store::open(&work.join("count")).expect("opens"));
-        fetch(&count, root, vec![recorder.clone()]).expect("fetches");
-        let listing_batches = recorder
-            .batches
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|b| b.iter().all(|d| listings.contains(d)))
-            .count();
+        let listing_batches = listing_batches(&work, &holder, root);
         // Every listing and one batch of files arrive; then the connection is gone for good.
         let flaky = Scripted::new("flaky", &holder, move |fetch| fetch > listing_batches);
         let receiver = Arc::new(Store::open(&work.join("receiver")).expect("opens"));
@@ -856,6 +860,36 @@ mod transfer {
         fs::remove_dir_all(&work).ok();
     }
 
+    /// An export that cannot be written (its folder vanished as the files began to arrive)
+    /// fails alone: the transfer goes on, the tree is in the store, and nothing is left where
+    /// the export was to go, nor made again beside it.
+    #[test]
+    fn a_restore_whose_folder_cannot_be_written_still_fetches_the_tree() {
+        let (work, _, holder, root) = holder(11);
+        let listing_batches = listing_batches(&work, &holder, root);
+        let parent = work.join("parent");
+        fs::create_dir(&parent).expect("mkdir");
+        let vanish_in = parent.clone();
+        let source = Scripted::new("peer", &holder, move |fetch| {
+            // The first batch of files: the export is planned, and its folder goes now.
+            if fetch == listing_batches {
+                for entry in fs::read_dir(&vanish_in).expect("lists").flatten() {
+                    fs::remove_dir_all(entry.path()).ok();
+                }
+            }
+            false
+        });
+        let receiver = Arc::new(Store::open(&work.join("receiver")).expect("opens"));
+        let out = parent.join("out");
+        let (fetched, exported) = restore(&receiver, root, vec![source], &out).expect("fetches");
+        assert!(fetched.blobs > 0, "{fetched:?}");
+        let why = exported.expect_err("the export failed");
+        assert!(why.contains("No such file"), "{why}");
+        assert_eq!(missing(&receiver, &root).expect("walks"), Vec::new());
+        assert_eq!(fs::read_dir(&parent).expect("lists").count(), 0);
+        fs::remove_dir_all(&work).ok();
+    }
+
     /// A peer's tree whose chunk list holds sound chunks that are not the file it names: the
     /// restore fails, though every chunk matched its own digest as it arrived.
     #[test]
@@ -866,14 +900,16 @@ mod transfer {
         holder.flush(1).expect("flushes");
         let receiver = Arc::new(Store::open(&work.join("receiver")).expect("opens"));
         let out = work.join("out");
-        let err =
-            restore(&receiver, root, vec![source("peer", &holder)], &out).expect_err("refused");
+        let (_, exported) =
+            restore(&receiver, root, vec![source("peer", &holder)], &out).expect("fetches");
+        let why = exported.expect_err("the export is refused");
         assert!(
-            matches!(err, TransferError::Store(StoreError::Corrupt { .. }))
-                && err.to_string().contains(&claimed.to_string()),
-            "{err}"
+            why.contains(&claimed.to_string()) && why.contains("do not assemble"),
+            "{why}"
         );
         assert!(!out.exists(), "no half-written destination");
+        // The transfer itself was whole: the tree is in the store, for the asker to look at.
+        assert_eq!(missing(&receiver, &root).expect("walks"), Vec::new());
         fs::remove_dir_all(&work).ok();
     }
 

@@ -469,7 +469,10 @@ pub async fn fetch_tree(
 /// [`fetch_tree`], and the tree exported into `into` as its blobs arrive (a restore): each
 /// file and chunk is written there the moment it is verified, from the bytes decoded to verify
 /// it ([`Arriving`]); what the store held already is written from the store at the end. The
-/// export is renamed into place once whole, after the store keeps the tree.
+/// export is renamed into place once whole, after the store keeps the tree. An export that
+/// fails (a full disk there, a chunk list that does not make its file) does not fail the
+/// transfer: its error says why, nothing is left at `into`, and the tree is in the store.
+/// Dropped before it ends, it writes nothing more and renames nothing into place.
 pub async fn fetch_tree_into(
     store: Arc<Store>,
     root: Digest,
@@ -477,14 +480,20 @@ pub async fn fetch_tree_into(
     what: &str,
     budget_bytes: u64,
     into: Destination,
-) -> Result<(Fetched, Exported), TransferError> {
-    let folder = into.folder().to_owned();
+) -> Result<(Fetched, Result<Exported, String>), TransferError> {
     let (fetched, exported) = fetch(store, root, sources, what, budget_bytes, Some(into)).await?;
-    let exported = exported.ok_or(StoreError::Refused {
-        path: folder,
-        reason: "the transfer ended before the export was planned".into(),
-    })?;
+    let exported =
+        exported.unwrap_or_else(|| Err("the transfer ended before the export began".into()));
     Ok((fetched, exported))
+}
+
+/// Sets its flag when dropped: a transfer's future dropped before it ended stops its export.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 async fn fetch(
@@ -494,7 +503,7 @@ async fn fetch(
     what: &str,
     budget_bytes: u64,
     into: Option<Destination>,
-) -> Result<(Fetched, Option<Exported>), TransferError> {
+) -> Result<(Fetched, Option<Result<Exported, String>>), TransferError> {
     let lock_store = store.clone();
     // gc never removes what a running transfer has stored but not yet made a root.
     let _lock = tokio::task::spawn_blocking(move || lock_store.lock_shared())
@@ -525,6 +534,10 @@ async fn fetch(
         ..Totals::default()
     });
     let mut arriving: Option<Arc<Arriving>> = None;
+    // Why the export could not even be planned (the transfer goes on).
+    let mut unplanned: Option<String> = None;
+    let stop = Arc::new(AtomicBool::new(false));
+    let _stop_when_dropped = StopOnDrop(stop.clone());
     let mut rounds = 0;
     loop {
         let (walk_store, walk_totals) = (store.clone(), totals.clone());
@@ -547,18 +560,26 @@ async fn fetch(
         // still missing are written into it as they arrive.
         if listings.is_empty()
             && arriving.is_none()
+            && unplanned.is_none()
             && let Some(into) = &into
         {
-            let (plan_store, folder) = (store.clone(), into.folder().to_owned());
-            let planned =
-                tokio::task::spawn_blocking(move || Arriving::plan(&plan_store, &root, &folder))
-                    .await
-                    .map_err(|e| StoreError::Refused {
-                        path: into.folder().to_owned(),
-                        reason: e.to_string(),
-                    })??;
+            let folder = into.folder().to_owned();
+            let (plan_store, stop) = (store.clone(), stop.clone());
+            let planned = tokio::task::spawn_blocking(move || {
+                Arriving::plan(&plan_store, &root, &folder, stop)
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(StoreError::Refused {
+                    path: into.folder().to_owned(),
+                    reason: e.to_string(),
+                })
+            });
             tracing::debug!(round = rounds, "the export is planned");
-            arriving = Some(Arc::new(planned));
+            match planned {
+                Ok(planned) => arriving = Some(Arc::new(planned)),
+                Err(err) => unplanned = Some(err.to_string()),
+            }
         }
         if missing.is_empty() {
             break;
@@ -614,19 +635,29 @@ async fn fetch(
     let flush_store = store.clone();
     let what = what.to_owned();
     let arriving = arriving.map(|a| Arc::try_unwrap(a).map_err(|_| ()));
+    let stopped = stop.clone();
     let exported = tokio::task::spawn_blocking(move || {
         flush_store.flush(written)?;
         flush_store.add_root(&root, &what)?;
-        let (Some(arriving), Some(into)) = (arriving, into) else {
+        let Some(into) = into else {
             return Ok(None);
         };
         tracing::debug!("the store keeps the tree; finishing the export");
-        let arriving = arriving.map_err(|()| StoreError::Refused {
-            path: into.folder().to_owned(),
-            reason: "the export is still being written".into(),
-        })?;
-        let exported = arriving.finish(&flush_store)?;
-        into.commit()?;
+        let exported = match (arriving, unplanned) {
+            (_, Some(why)) => Err(why),
+            (None, None) => Err("the export was never planned".into()),
+            (Some(Err(())), None) => Err("the export is still being written".into()),
+            (Some(Ok(arriving)), None) => arriving.finish(&flush_store),
+        };
+        // Nobody waits for it any more (the request was dropped): it is not put in place, and
+        // dropping `into` removes it.
+        if stopped.load(Ordering::Relaxed) {
+            return Ok(Some(Err("the restore was given up".into())));
+        }
+        let exported = exported.and_then(|exported| {
+            into.commit().map_err(|e| e.to_string())?;
+            Ok(exported)
+        });
         Ok::<_, StoreError>(Some(exported))
     })
     .await
@@ -861,9 +892,11 @@ async fn fetch_batch(
     );
     tokio::task::spawn_blocking(move || {
         for (digest, stored) in received {
-            let export = |bytes: &[u8]| match &arriving {
-                Some(arriving) => arriving.write(&digest, bytes),
-                None => Ok(()),
+            let export = |bytes: &[u8]| {
+                if let Some(arriving) = &arriving {
+                    arriving.write(&digest, bytes);
+                }
+                Ok(())
             };
             match put_store.put_stored_then(&digest, &stored, export) {
                 Ok(written) => {
