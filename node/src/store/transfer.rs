@@ -643,6 +643,10 @@ async fn fetch(
             return Ok(None);
         };
         tracing::debug!("the store keeps the tree; finishing the export");
+        let given_up = || stopped.load(Ordering::Relaxed);
+        if given_up() {
+            return Ok(Some(Err("the restore was given up".into())));
+        }
         let exported = match (arriving, unplanned) {
             (_, Some(why)) => Err(why),
             (None, None) => Err("the export was never planned".into()),
@@ -651,7 +655,7 @@ async fn fetch(
         };
         // Nobody waits for it any more (the request was dropped): it is not put in place, and
         // dropping `into` removes it.
-        if stopped.load(Ordering::Relaxed) {
+        if given_up() {
             return Ok(Some(Err("the restore was given up".into())));
         }
         let exported = exported.and_then(|exported| {
