@@ -595,6 +595,8 @@ pub struct Restored {
     pub bytes: u64,
     /// The entry, staged in the workspace for [`unstage_script`].
     pub staged: PathBuf,
+    /// Whether it is what the node wrote as it arrived (else it was exported here).
+    pub as_it_arrived: bool,
 }
 
 /// Exports an entry's tree into `scratch`, then moves it to the staging folder
@@ -616,7 +618,9 @@ pub fn restore(
         .map_err(|e: protocol::digest::DigestParseError| e.to_string())?;
     // What arrived is used when it is there to be seen (a node with a file system view of its
     // own may have written elsewhere).
-    let exported = match arrived.filter(|_| scratch.is_dir()) {
+    let arrived = arrived.filter(|_| scratch.is_dir());
+    let as_it_arrived = arrived.is_some();
+    let exported = match arrived {
         Some(exported) => exported,
         None => {
             let _ = fs::remove_dir_all(scratch);
@@ -639,6 +643,7 @@ pub fn restore(
         files: exported.files,
         bytes: exported.bytes,
         staged,
+        as_it_arrived,
     })
 }
 

@@ -991,7 +991,6 @@ impl Run<'_> {
         let mut from_peers = None;
         // The entry's tree the node wrote into the scratch folder as it arrived, if it did.
         let mut arrived = None;
-        let mut as_it_arrived = false;
         let scratch = workspace.scratch("cache-restore");
         let mut found = self.lookup(cache, &key, &fallbacks).await;
         // The pool is asked unless this store has the key itself; a fallback found here still
@@ -1050,7 +1049,6 @@ impl Run<'_> {
                 let arrived = arrived
                     .filter(|(tree, _)| *tree == entry.tree)
                     .map(|(_, exported)| exported);
-                as_it_arrived = arrived.is_some();
                 self.stage_entry(workspace, entry, scratch, arrived).await
             }
             cache::Lookup::Miss { reason } => Err(reason),
@@ -1071,7 +1069,16 @@ impl Run<'_> {
         };
         let duration_ms = started.elapsed().as_millis() as u64;
         let (record, message) = match outcome {
-            Ok((matched, cache::Restored { files, bytes, .. }, skipped)) => {
+            Ok((
+                matched,
+                cache::Restored {
+                    files,
+                    bytes,
+                    as_it_arrived,
+                    ..
+                },
+                skipped,
+            )) => {
                 for path in skipped {
                     self.note(Level::Warning, format!("cache: left {path} as it was"));
                 }

@@ -1,9 +1,9 @@
 //! Exporting a tree from the store into a folder: every blob verified, folders and small files
 //! written by threads taking a folder each, large files written chunk by chunk in parallel and
 //! checked against their whole-file digest, executable bits, symlinks and empty folders
-//! restored. The export is built in a temporary
-//! folder beside the destination and renamed into place, so a failure never leaves the
-//! destination half-written.
+//! restored. The export is built in a temporary folder beside the destination
+//! ([`Destination`]) and renamed into place, so a failure never leaves the destination
+//! half-written. [`Arriving`] is the same export written while a transfer brings the blobs.
 
 use std::collections::HashMap;
 use std::fs;
@@ -195,10 +195,7 @@ fn fill(store: &Store, root: &Digest, dir: &Path) -> Result<Exported> {
 /// Makes a batch's folder (and any parent another thread has not made yet: all are inside the
 /// export's new temporary folder), then its symlinks and files.
 fn write_batch(reader: &Reader<'_>, batch: &Batch, bytes: &AtomicU64) -> Result<()> {
-    fs::create_dir_all(&batch.folder).map_err(|e| StoreError::io(&batch.folder, e))?;
-    for (path, target) in &batch.symlinks {
-        std::os::unix::fs::symlink(target, path).map_err(|e| StoreError::io(path, e))?;
-    }
+    make_folder_and_links(batch, true)?;
     for job in &batch.files {
         let blob = reader.get(&job.digest)?;
         write_file(&job.path, &blob, job.executable)?;
@@ -332,8 +329,8 @@ enum Target {
 /// holds many descriptors).
 struct LargeFile {
     job: FileJob,
-    /// Each chunk's offset and size, in file order.
-    chunks: Vec<(u64, u64)>,
+    /// Each chunk and its offset, in file order.
+    chunks: Vec<(Digest, u64)>,
     hashed: Mutex<InOrder>,
 }
 
@@ -361,12 +358,10 @@ impl Arriving {
         let mut exported = Exported::default();
         make_plan(&reader, root, dir, 0, &mut plan, &mut exported)?;
         let mut pending: HashMap<Digest, Vec<Target>> = HashMap::new();
-        // Each folder's batches come before the folders in it.
+        // Each folder's batches come before the folders in it: no parent is made here, so a
+        // folder gone from under the export fails it rather than being made again.
         for batch in plan.batches {
-            make_folder(&batch.folder)?;
-            for (path, target) in &batch.symlinks {
-                std::os::unix::fs::symlink(target, path).map_err(|e| StoreError::io(path, e))?;
-            }
+            make_folder_and_links(&batch, false)?;
             for job in batch.files {
                 pending.entry(job.digest).or_default().push(Target::Small {
                     path: job.path,
@@ -380,15 +375,12 @@ impl Arriving {
             let chunks = decode_chunk_list(&reader.get(&list)?)?;
             // Its folder's batch made the folder above.
             create_file(&job.path, job.executable)?;
-            let mut offset = 0;
-            let mut placed = Vec::with_capacity(chunks.len());
+            let placed = at_offsets(&chunks);
             for (index, chunk) in chunks.iter().enumerate() {
                 pending.entry(*chunk).or_default().push(Target::Chunk {
                     file: large.len(),
                     index,
                 });
-                placed.push((offset, chunk.size()));
-                offset += chunk.size();
             }
             large.push(LargeFile {
                 job,
@@ -493,7 +485,7 @@ impl Arriving {
         let mut exported = self.exported;
         for large in &self.large {
             let order = large.hashed.lock().unwrap_or_else(|e| e.into_inner());
-            let size = large.chunks.iter().map(|(_, size)| size).sum();
+            let size = large.chunks.iter().map(|(chunk, _)| chunk.size()).sum();
             if order.next != large.chunks.len()
                 || Digest::from_parts(*order.hasher.finalize().as_bytes(), size) != large.job.digest
             {
@@ -526,7 +518,7 @@ impl LargeFile {
     fn land(&self, index: usize, bytes: &[u8]) -> Result<()> {
         let path = &self.job.path;
         let file = self.open()?;
-        let (offset, _) = self.chunks[index];
+        let (_, offset) = self.chunks[index];
         file.write_all_at(bytes, offset)
             .map_err(|e| StoreError::io(path, e))?;
         let mut order = self.hashed.lock().unwrap_or_else(|e| e.into_inner());
@@ -539,8 +531,8 @@ impl LargeFile {
         // The chunks that landed early are in the file (written before they were marked).
         let mut early = Vec::new();
         while order.landed.get(order.next) == Some(&true) {
-            let (offset, size) = self.chunks[order.next];
-            early.resize(size as usize, 0);
+            let (chunk, offset) = self.chunks[order.next];
+            early.resize(chunk.size() as usize, 0);
             file.read_exact_at(&mut early, offset)
                 .map_err(|e| StoreError::io(path, e))?;
             order.hasher.update(&early);
@@ -550,21 +542,42 @@ impl LargeFile {
     }
 }
 
-/// Makes a folder of an export, 0755 whatever the process's umask (a node may run with 0077);
-/// one that exists already (another batch of the same folder made it) is fine.
-fn make_folder(folder: &Path) -> Result<()> {
+/// Makes a batch's folder, 0755 whatever the process's umask (a node may run with 0077), with
+/// its `parents` when asked (threads write batches in no order), and its symlinks. A folder
+/// that exists already (another batch of it made it) is fine.
+fn make_folder_and_links(batch: &Batch, parents: bool) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
-    match fs::DirBuilder::new().mode(0o755).create(folder) {
-        Ok(()) => {
-            if umask() & 0o755 != 0 {
-                fs::set_permissions(folder, fs::Permissions::from_mode(0o755))
-                    .map_err(|e| StoreError::io(folder, e))?;
-            }
-            Ok(())
+    let folder = &batch.folder;
+    match fs::DirBuilder::new()
+        .mode(0o755)
+        .recursive(parents)
+        .create(folder)
+    {
+        Ok(()) if umask() & 0o755 != 0 => {
+            fs::set_permissions(folder, fs::Permissions::from_mode(0o755))
+                .map_err(|e| StoreError::io(folder, e))?;
         }
-        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(err) => Err(StoreError::io(folder, err)),
+        Ok(()) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(err) => return Err(StoreError::io(folder, err)),
     }
+    for (path, target) in &batch.symlinks {
+        std::os::unix::fs::symlink(target, path).map_err(|e| StoreError::io(path, e))?;
+    }
+    Ok(())
+}
+
+/// Each chunk of a file with its offset in the file.
+fn at_offsets(chunks: &[Digest]) -> Vec<(Digest, u64)> {
+    let mut offset = 0;
+    chunks
+        .iter()
+        .map(|chunk| {
+            let at = offset;
+            offset += chunk.size();
+            (*chunk, at)
+        })
+        .collect()
 }
 
 /// Writes a new file with its mode set at creation.
@@ -629,15 +642,8 @@ fn write_chunked(reader: &Reader<'_>, job: &FileJob, workers: usize) -> Result<u
         fs::create_dir_all(folder).map_err(|e| StoreError::io(folder, e))?;
     }
     let file = create_file(&job.path, job.executable)?;
-    let mut size = 0u64;
-    let placed: Vec<(Digest, u64)> = chunks
-        .iter()
-        .map(|chunk| {
-            let offset = size;
-            size += chunk.size();
-            (*chunk, offset)
-        })
-        .collect();
+    let placed = at_offsets(&chunks);
+    let size = chunks.iter().map(Digest::size).sum();
     let mut hasher = blake3::Hasher::new();
     ordered(
         placed.into_iter(),

@@ -481,10 +481,7 @@ pub async fn fetch_tree_into(
     budget_bytes: u64,
     into: Destination,
 ) -> Result<(Fetched, Result<Exported, String>), TransferError> {
-    let (fetched, exported) = fetch(store, root, sources, what, budget_bytes, Some(into)).await?;
-    let exported =
-        exported.unwrap_or_else(|| Err("the transfer ended before the export began".into()));
-    Ok((fetched, exported))
+    fetch(store, root, sources, what, budget_bytes, Some(into)).await
 }
 
 /// Sets its flag when dropped: a transfer's future dropped before it ended stops its export.
@@ -503,7 +500,7 @@ async fn fetch(
     what: &str,
     budget_bytes: u64,
     into: Option<Destination>,
-) -> Result<(Fetched, Option<Result<Exported, String>>), TransferError> {
+) -> Result<(Fetched, Result<Exported, String>), TransferError> {
     let lock_store = store.clone();
     // gc never removes what a running transfer has stored but not yet made a root.
     let _lock = tokio::task::spawn_blocking(move || lock_store.lock_shared())
@@ -640,12 +637,12 @@ async fn fetch(
         flush_store.flush(written)?;
         flush_store.add_root(&root, &what)?;
         let Some(into) = into else {
-            return Ok(None);
+            return Ok(Err("no export was asked for".into()));
         };
         tracing::debug!("the store keeps the tree; finishing the export");
         let given_up = || stopped.load(Ordering::Relaxed);
         if given_up() {
-            return Ok(Some(Err("the restore was given up".into())));
+            return Ok(Err("the restore was given up".into()));
         }
         let exported = match (arriving, unplanned) {
             (_, Some(why)) => Err(why),
@@ -656,13 +653,13 @@ async fn fetch(
         // Nobody waits for it any more (the request was dropped): it is not put in place, and
         // dropping `into` removes it.
         if given_up() {
-            return Ok(Some(Err("the restore was given up".into())));
+            return Ok(Err("the restore was given up".into()));
         }
         let exported = exported.and_then(|exported| {
             into.commit().map_err(|e| e.to_string())?;
             Ok(exported)
         });
-        Ok::<_, StoreError>(Some(exported))
+        Ok::<_, StoreError>(exported)
     })
     .await
     .map_err(|e| StoreError::Refused {
