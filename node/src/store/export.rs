@@ -136,11 +136,9 @@ struct Batch {
 const BATCH_FILES: usize = 256;
 
 fn fill(store: &Store, root: &Digest, dir: &Path) -> Result<Exported> {
-    let mut exported = Exported::default();
-    let mut plan = Plan::default();
     let reader = store.reader();
     let reader = &reader;
-    make_plan(reader, root, dir, 0, &mut plan, &mut exported)?;
+    let (plan, mut exported) = plan(reader, root, dir)?;
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     // Large files are written on a thread of their own while the small ones go on, so the
     // disk is kept busy by both (a tree is usually a few big files among many small ones).
@@ -204,12 +202,41 @@ fn write_batch(reader: &Reader<'_>, batch: &Batch, bytes: &AtomicU64) -> Result<
     Ok(())
 }
 
-/// Reads the trees and lists what to write, each folder before the folders in it.
+/// Reads the trees of `root` and lists what to write into `dir`, each folder before the
+/// folders in it, leaving out every symlink that leads out of the tree (see [`Links`]).
+fn plan(reader: &Reader<'_>, root: &Digest, dir: &Path) -> Result<(Plan, Exported)> {
+    let mut plan = Plan::default();
+    let mut exported = Exported::default();
+    make_plan(reader, root, dir, &mut plan, &mut exported)?;
+    let links = Links(
+        plan.batches
+            .iter()
+            .flat_map(|batch| &batch.symlinks)
+            .filter_map(|(path, target)| {
+                Some((path.strip_prefix(dir).ok()?.to_owned(), target.clone()))
+            })
+            .collect(),
+    );
+    for batch in &mut plan.batches {
+        batch.symlinks.retain(|(path, target)| {
+            let inside = path
+                .strip_prefix(dir)
+                .is_ok_and(|path| links.stays_inside(path, target));
+            if inside {
+                exported.symlinks += 1;
+            } else {
+                exported.skipped_symlinks += 1;
+            }
+            inside
+        });
+    }
+    Ok((plan, exported))
+}
+
 fn make_plan(
     store: &Reader<'_>,
     tree: &Digest,
     dir: &Path,
-    depth: usize,
     plan: &mut Plan,
     exported: &mut Exported,
 ) -> Result<()> {
@@ -227,14 +254,7 @@ fn make_plan(
             EntryKind::Dir { digest } => folders.push((path, *digest)),
             EntryKind::Symlink { target } => {
                 let target = Path::new(std::ffi::OsStr::from_bytes(target));
-                // A link leading out of the tree is never recreated (it could point a later
-                // writer anywhere); the rest of the tree is still exported.
-                if !stays_inside(target, depth) {
-                    exported.skipped_symlinks += 1;
-                    continue;
-                }
                 batch.symlinks.push((path, target.to_owned()));
-                exported.symlinks += 1;
             }
             EntryKind::File {
                 digest,
@@ -265,29 +285,57 @@ fn make_plan(
     }
     plan.batches.push(batch);
     for (path, digest) in folders {
-        make_plan(store, &digest, &path, depth + 1, plan, exported)?;
+        make_plan(store, &digest, &path, plan, exported)?;
     }
     Ok(())
 }
 
-/// Whether a relative link target, from a link `depth` folders below the tree's root, stays
-/// inside the tree.
-fn stays_inside(target: &Path, depth: usize) -> bool {
-    let mut level = depth as i64;
-    for component in target.components() {
-        match component {
-            Component::Normal(_) => level += 1,
-            Component::CurDir => {}
-            Component::ParentDir => {
-                level -= 1;
-                if level < 0 {
-                    return false;
-                }
-            }
-            Component::RootDir | Component::Prefix(_) => return false,
-        }
+/// A tree's symlinks, by their path from its root, with their targets. A link is recreated
+/// only if its target, followed the way the kernel would through the tree's other links,
+/// never leaves the tree: a link leading out could point a later writer (the build) anywhere.
+/// Followed, not read as text: `d/y -> ..` stays inside, but `d/x -> y/../..` leaves through
+/// `y` although its text has as many names as `..`s. A name the tree does not hold, or a
+/// file, is taken as a folder: whatever a later writer makes there is its own doing.
+struct Links(HashMap<PathBuf, PathBuf>);
+
+/// The most links followed in resolving one (the kernel's own limit): a longer chain, or a
+/// loop, is not recreated.
+const MAX_HOPS: u32 = 40;
+
+impl Links {
+    /// Whether the link at `path` (from the tree's root) with `target` stays inside the tree.
+    fn stays_inside(&self, path: &Path, target: &Path) -> bool {
+        let folder = path.parent().unwrap_or(Path::new("")).to_owned();
+        self.resolve(folder, target, &mut 0).is_some()
     }
-    true
+
+    /// Where `target`, followed from the folder `at`, leads (a path from the tree's root), or
+    /// `None` if it leaves the tree, is absolute, or follows more than [`MAX_HOPS`] links.
+    fn resolve(&self, mut at: PathBuf, target: &Path, hops: &mut u32) -> Option<PathBuf> {
+        for component in target.components() {
+            match component {
+                Component::Normal(name) => {
+                    at.push(name);
+                    if let Some(next) = self.0.get(&at) {
+                        *hops += 1;
+                        if *hops > MAX_HOPS {
+                            return None;
+                        }
+                        at.pop();
+                        at = self.resolve(at, next, hops)?;
+                    }
+                }
+                Component::CurDir => {}
+                Component::ParentDir => {
+                    if !at.pop() {
+                        return None;
+                    }
+                }
+                Component::RootDir | Component::Prefix(_) => return None,
+            }
+        }
+        Some(at)
+    }
 }
 
 /// An export written while its blobs arrive from peers (a restore): planned once the store
@@ -354,9 +402,7 @@ impl Arriving {
         stop: Arc<AtomicBool>,
     ) -> Result<Arriving> {
         let reader = store.reader();
-        let mut plan = Plan::default();
-        let mut exported = Exported::default();
-        make_plan(&reader, root, dir, 0, &mut plan, &mut exported)?;
+        let (plan, exported) = plan(&reader, root, dir)?;
         let mut pending: HashMap<Digest, Vec<Target>> = HashMap::new();
         // Each folder's batches come before the folders in it: no parent is made here, so a
         // folder gone from under the export fails it rather than being made again.
@@ -675,15 +721,48 @@ fn write_chunked(reader: &Reader<'_>, job: &FileJob, workers: usize) -> Result<u
 
 #[cfg(test)]
 mod tests {
-    use super::stays_inside;
+    use super::Links;
     use std::path::Path;
 
+    fn links(pairs: &[(&str, &str)]) -> Links {
+        Links(
+            pairs
+                .iter()
+                .map(|(path, target)| (path.into(), target.into()))
+                .collect(),
+        )
+    }
+
     #[test]
-    fn symlink_targets_are_checked_lexically() {
-        assert!(stays_inside(Path::new("a/b"), 0));
-        assert!(stays_inside(Path::new("../x"), 1));
-        assert!(!stays_inside(Path::new("../x"), 0));
-        assert!(!stays_inside(Path::new("a/../../x"), 0));
-        assert!(!stays_inside(Path::new("/etc/passwd"), 3));
+    fn symlink_targets_are_followed_through_the_trees_links() {
+        let none = links(&[]);
+        assert!(none.stays_inside(Path::new("l"), Path::new("a/b")));
+        assert!(none.stays_inside(Path::new("d/l"), Path::new("../x")));
+        assert!(none.stays_inside(Path::new("d/l"), Path::new("./../d/.")));
+        assert!(!none.stays_inside(Path::new("l"), Path::new("../x")));
+        assert!(!none.stays_inside(Path::new("l"), Path::new("a/../../x")));
+        assert!(!none.stays_inside(Path::new("a/b/c/l"), Path::new("/etc/passwd")));
+
+        // Lexically inside, but `y` is the root: `y/../..` is the tree's grandparent.
+        let chained = links(&[("d/y", ".."), ("d/x", "y/../.."), ("d/z", "y/e")]);
+        assert!(chained.stays_inside(Path::new("d/y"), Path::new("..")));
+        assert!(!chained.stays_inside(Path::new("d/x"), Path::new("y/../..")));
+        assert!(chained.stays_inside(Path::new("d/z"), Path::new("y/e")));
+
+        // Through a link that itself leads out, and through a link to a link that does.
+        let out = links(&[
+            ("b", "/etc"),
+            ("a", "b"),
+            ("c", "a/passwd"),
+            ("u", "d/../.."),
+        ]);
+        assert!(!out.stays_inside(Path::new("a"), Path::new("b")));
+        assert!(!out.stays_inside(Path::new("c"), Path::new("a/passwd")));
+        assert!(!out.stays_inside(Path::new("u"), Path::new("d/../..")));
+
+        // A loop is never followed to its end.
+        let looped = links(&[("p", "q"), ("q", "p"), ("s", "s")]);
+        assert!(!looped.stays_inside(Path::new("p"), Path::new("q")));
+        assert!(!looped.stays_inside(Path::new("s"), Path::new("s")));
     }
 }

@@ -355,6 +355,28 @@ fn symlinks_pointing_outside_are_not_restored_and_devices_are_refused_on_import(
     let exported = export::export(&store, &root, &work.join("out")).expect("exports the rest");
     assert_eq!(exported.skipped_symlinks, 1);
     assert!(work.join("out").exists() && work.join("out/escape").symlink_metadata().is_err());
+
+    // Links followed through each other: `d/x`'s text stays inside, but through `d/y` (the
+    // root) it leads to the tree's grandparent.
+    let chained = work.join("chained");
+    fs::create_dir_all(chained.join("d/e")).expect("mkdir");
+    std::os::unix::fs::symlink("..", chained.join("d/y")).expect("symlink");
+    std::os::unix::fs::symlink("y/../..", chained.join("d/x")).expect("symlink");
+    std::os::unix::fs::symlink("y/d/e", chained.join("d/z")).expect("symlink");
+    let root = import::import_dir(&store, &chained, "test")
+        .expect("imports")
+        .root
+        .expect("root");
+    let out = work.join("chained-out");
+    let exported = export::export(&store, &root, &out).expect("exports the rest");
+    assert_eq!((exported.symlinks, exported.skipped_symlinks), (2, 1));
+    assert!(out.join("d/x").symlink_metadata().is_err());
+    assert_eq!(
+        fs::read_link(out.join("d/y")).expect("kept"),
+        Path::new("..")
+    );
+    assert!(out.join("d/z").is_dir(), "d/z leads to d/e through d/y");
+
     let fifo = work.join("withfifo");
     fs::create_dir(&fifo).expect("mkdir");
     let status = std::process::Command::new("mkfifo")
