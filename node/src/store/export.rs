@@ -492,8 +492,14 @@ impl Arriving {
                 // The transfer verifies blobs on several threads; creating files on all of
                 // them at once only makes them wait on (or spin for) the same folders' locks
                 // and the file system's inode allocator.
-                let _one_at_a_time = self.creating.lock().unwrap_or_else(|e| e.into_inner());
-                write_file(path, bytes, *executable)?;
+                let file = {
+                    let _one_at_a_time = self.creating.lock().unwrap_or_else(|e| e.into_inner());
+                    write_file(path, bytes, *executable)?
+                };
+                // The transfer syncs the store's file system before the export is done, which
+                // writes the export's pages too: handed to the disk now, they are mostly
+                // written by then instead of waited for.
+                super::start_writeback(&file, 0, 0);
                 self.files.fetch_add(1, Ordering::Relaxed);
                 self.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 Ok(())
@@ -567,6 +573,8 @@ impl LargeFile {
         let (_, offset) = self.chunks[index];
         file.write_all_at(bytes, offset)
             .map_err(|e| StoreError::io(path, e))?;
+        // See `Arriving::place`: the disk starts on it now, not in the transfer's sync.
+        super::start_writeback(&file, offset, bytes.len() as u64);
         let mut order = self.hashed.lock().unwrap_or_else(|e| e.into_inner());
         order.landed[index] = true;
         if order.next != index {
@@ -627,10 +635,11 @@ fn at_offsets(chunks: &[Digest]) -> Vec<(Digest, u64)> {
 }
 
 /// Writes a new file with its mode set at creation.
-fn write_file(path: &Path, bytes: &[u8], executable: bool) -> Result<()> {
+fn write_file(path: &Path, bytes: &[u8], executable: bool) -> Result<fs::File> {
     let mut file = create_file(path, executable)?;
     file.write_all(bytes).map_err(|e| StoreError::io(path, e))?;
-    restore_mode(&file, path, executable)
+    restore_mode(&file, path, executable)?;
+    Ok(file)
 }
 
 /// Creates a new file with its mode set at creation.
