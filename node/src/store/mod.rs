@@ -779,9 +779,10 @@ fn nanos() -> u128 {
 }
 
 /// Starts writing a file's bytes (`len` 0: to its end) to disk without waiting for them, so
-/// the disk works while the import computes and the import's one `syncfs` finds little left
-/// to write. It promises nothing: durability still comes from that sync alone, and a failure
-/// here only leaves the bytes for the sync to write.
+/// the disk works while an import or a transfer goes on and its one `syncfs` finds little left
+/// to write (a restore's export uses it too: that sync writes the export's pages as well). It
+/// promises nothing: durability still comes from that sync alone, and a failure here only
+/// leaves the bytes for the sync to write.
 pub(crate) fn start_writeback(file: &fs::File, offset: u64, len: u64) {
     // SAFETY: sync_file_range on a descriptor we hold open; SYNC_FILE_RANGE_WRITE only starts
     // writeback of the range's dirty pages.
