@@ -110,8 +110,12 @@ impl Destination {
 
 impl Drop for Destination {
     fn drop(&mut self) {
-        if !self.committed {
-            let _ = fs::remove_dir_all(&self.temporary);
+        // A restore given up may still be finishing a write or two into it (they stop at their
+        // next blob), so a removal that fails is tried again.
+        for _ in 0..3 {
+            if self.committed || fs::remove_dir_all(&self.temporary).is_ok() {
+                return;
+            }
         }
     }
 }

@@ -462,7 +462,7 @@ pub async fn fetch_tree(
     what: &str,
     budget_bytes: u64,
 ) -> Result<Fetched, TransferError> {
-    let (fetched, _) = fetch(store, root, sources, what, budget_bytes, None).await?;
+    let (fetched, _) = fetch(store, root, sources, what, budget_bytes, &mut None).await?;
     Ok(fetched)
 }
 
@@ -481,7 +481,30 @@ pub async fn fetch_tree_into(
     budget_bytes: u64,
     into: Destination,
 ) -> Result<(Fetched, Result<Exported, String>), TransferError> {
-    fetch(store, root, sources, what, budget_bytes, Some(into)).await
+    let mut into = Unused(Some(into));
+    let fetched = fetch(store, root, sources, what, budget_bytes, &mut into.0).await;
+    // A transfer that failed leaves its export unused: it is removed (a second or so for a
+    // large partial tree) on a blocking thread, not on the runtime's, and gone before the
+    // answer.
+    if let Some(unused) = into.0.take() {
+        let _ = tokio::task::spawn_blocking(move || drop(unused)).await;
+    }
+    fetched
+}
+
+/// An export not used yet: removed on a blocking thread when dropped, as when the transfer's
+/// future is dropped before it ends, so the runtime's threads never wait for the removal.
+struct Unused(Option<Destination>);
+
+impl Drop for Unused {
+    fn drop(&mut self) {
+        if let Some(unused) = self.0.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn_blocking(move || drop(unused))),
+                Err(_) => drop(unused),
+            }
+        }
+    }
 }
 
 /// Sets its flag when dropped: a transfer's future dropped before it ended stops its export.
@@ -499,7 +522,7 @@ async fn fetch(
     sources: Vec<Arc<dyn BlobSource>>,
     what: &str,
     budget_bytes: u64,
-    into: Option<Destination>,
+    into: &mut Option<Destination>,
 ) -> Result<(Fetched, Result<Exported, String>), TransferError> {
     let lock_store = store.clone();
     // gc never removes what a running transfer has stored but not yet made a root.
@@ -558,7 +581,7 @@ async fn fetch(
         if listings.is_empty()
             && arriving.is_none()
             && unplanned.is_none()
-            && let Some(into) = &into
+            && let Some(into) = into.as_ref()
         {
             let folder = into.folder().to_owned();
             let (plan_store, stop) = (store.clone(), stop.clone());
@@ -633,6 +656,7 @@ async fn fetch(
     let what = what.to_owned();
     let arriving = arriving.map(|a| Arc::try_unwrap(a).map_err(|_| ()));
     let stopped = stop.clone();
+    let into = into.take();
     let exported = tokio::task::spawn_blocking(move || {
         flush_store.flush(written)?;
         flush_store.add_root(&root, &what)?;
