@@ -111,10 +111,16 @@ impl Destination {
 impl Drop for Destination {
     fn drop(&mut self) {
         // A restore given up may still be finishing a write or two into it (they stop at their
-        // next blob), so a removal that fails is tried again.
-        for _ in 0..3 {
-            if self.committed || fs::remove_dir_all(&self.temporary).is_ok() {
-                return;
+        // next blob), so a removal that fails is tried again, after a moment.
+        if self.committed {
+            return;
+        }
+        for attempt in 0..3 {
+            match fs::remove_dir_all(&self.temporary) {
+                Ok(()) => return,
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => return,
+                Err(_) if attempt < 2 => std::thread::sleep(std::time::Duration::from_millis(50)),
+                Err(_) => {}
             }
         }
     }
@@ -197,7 +203,7 @@ fn fill(store: &Store, root: &Digest, dir: &Path) -> Result<Exported> {
 /// Makes a batch's folder (and any parent another thread has not made yet: all are inside the
 /// export's new temporary folder), then its symlinks and files.
 fn write_batch(reader: &Reader<'_>, batch: &Batch, bytes: &AtomicU64) -> Result<()> {
-    make_folder_and_links(batch, true)?;
+    make_folder_and_links(batch, Make::WithParents)?;
     for job in &batch.files {
         let blob = reader.get(&job.digest)?;
         write_file(&job.path, &blob, job.executable)?;
@@ -318,8 +324,11 @@ fn make_plan(
 /// as `..`s. A link into a name the tree does not hold (or a file) is left dangling inside,
 /// but `..` after such a name counts as leaving: the kernel would refuse that path anyway
 /// (no such folder), and a writer could later make the name a link. A target the kernel
-/// refuses (empty, with a NUL byte, longer than `PATH_MAX`), a loop, and a chain of more than
-/// 40 links count as leaving too. Each link is followed once, however many others lead
+/// refuses (empty, with a NUL byte, longer than `PATH_MAX`), a loop, and links nested more
+/// than 40 deep count as leaving too (near the kernel's limit of 40 links in one lookup, which
+/// counts every link followed: a link cut off there, and every link first reached through it,
+/// is refused even if asked alone it would resolve in fewer, erring on the safe side in trees
+/// that hold such chains at all). Each link is followed once, however many others lead
 /// through it, so planning takes time in proportion to the tree and its targets, whatever a
 /// peer put in them.
 struct Links {
@@ -351,7 +360,7 @@ enum Place {
 
 /// The longest link target the kernel takes (`PATH_MAX` with its NUL).
 const MAX_TARGET_BYTES: usize = 4095;
-/// The most links followed within one (the kernel's own limit, 40).
+/// How deep links are followed within one another (near the kernel's limit: see [`Links`]).
 const MAX_DEPTH: u32 = 40;
 
 impl Links {
@@ -419,7 +428,7 @@ impl Links {
 
     /// Where the link `link` leads, reached through `depth` others: followed once, its place
     /// kept for every other link that leads through it. A link met again while it is being
-    /// followed is a loop; one more than [`MAX_DEPTH`] links down is not followed (the
+    /// followed is a loop; one more than [`MAX_DEPTH`] links down is not followed (about the
     /// kernel's limit), and counts as leaving, as does every link that led to it.
     fn follow(&mut self, link: usize, depth: u32) -> Place {
         let Node::Link {
@@ -559,10 +568,23 @@ impl Arriving {
         let reader = store.reader();
         let (plan, exported) = plan(&reader, root, dir)?;
         let mut pending: HashMap<Digest, Vec<Target>> = HashMap::new();
-        // Each folder's batches come before the folders in it: no parent is made here, so a
-        // folder gone from under the export fails it rather than being made again.
+        // Each folder's batches come before the folders in it: no parent is made here, and
+        // the export's own folder is never made again (its `Destination` made it), so a
+        // folder gone from under the export (removed when the restore was given up) fails it
+        // rather than being made again and left behind.
         for batch in plan.batches {
-            make_folder_and_links(&batch, false)?;
+            if stop.load(Ordering::Relaxed) {
+                return Err(StoreError::Refused {
+                    path: dir.to_owned(),
+                    reason: "the restore was given up".into(),
+                });
+            }
+            let make = if batch.folder == dir {
+                Make::Made
+            } else {
+                Make::Alone
+            };
+            make_folder_and_links(&batch, make)?;
             for job in batch.files {
                 pending.entry(job.digest).or_default().push(Target::Small {
                     path: job.path,
@@ -751,20 +773,34 @@ impl LargeFile {
     }
 }
 
-/// Makes a batch's folder, 0755 whatever the process's umask (a node may run with 0077), with
-/// its `parents` when asked (threads write batches in no order), and its symlinks. A folder
-/// that exists already (another batch of it made it) is fine.
-fn make_folder_and_links(batch: &Batch, parents: bool) -> Result<()> {
+/// How [`make_folder_and_links`] makes a batch's folder.
+#[derive(Clone, Copy, PartialEq)]
+enum Make {
+    /// With any parent not made yet (threads write batches in no order).
+    WithParents,
+    /// Itself only: its parent must be there.
+    Alone,
+    /// Not at all: it must be there (the export's own folder).
+    Made,
+}
+
+/// Makes a batch's folder as `make` says, 0755 whatever the process's umask (a node may run
+/// with 0077), and its symlinks. A folder that exists already (another batch of it made it)
+/// is fine if it is a folder.
+fn make_folder_and_links(batch: &Batch, make: Make) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     let folder = &batch.folder;
-    match fs::DirBuilder::new()
-        .mode(0o755)
-        .recursive(parents)
-        .create(folder)
-    {
+    let made = match make {
+        Make::Made => Err(std::io::ErrorKind::AlreadyExists.into()),
+        Make::WithParents | Make::Alone => fs::DirBuilder::new()
+            .mode(0o755)
+            .recursive(make == Make::WithParents)
+            .create(folder),
+    };
+    match made {
         Ok(()) => {
             // With its parents, `Ok` also means it was there already (see below).
-            if parents {
+            if make == Make::WithParents {
                 is_folder(folder)?;
             }
             if umask() & 0o755 != 0 {
@@ -772,9 +808,10 @@ fn make_folder_and_links(batch: &Batch, parents: bool) -> Result<()> {
                     .map_err(|e| StoreError::io(folder, e))?;
             }
         }
-        // Made already (by another batch of it, or as a parent of one): it must be a folder,
-        // not a link a colliding name made (on a file system that folds case, say, where
-        // `plan` recreates no links, or one made by whatever else writes there).
+        // Made already (by another batch of it, as a parent of one, or as the export's own
+        // folder): it must be a folder, not a link a colliding name made (on a file system
+        // that folds case, say, where `plan` recreates no links, or one made by whatever else
+        // writes there).
         Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => is_folder(folder)?,
         Err(err) => return Err(StoreError::io(folder, err)),
     }
@@ -967,7 +1004,7 @@ mod tests {
     #[test]
     fn a_long_chain_of_links_is_followed_once_a_link() {
         // Each link leads through the one before it. Asked from its start, each is followed
-        // once; asked from its end, following stops 40 links down (the kernel's limit), and
+        // once; asked from its end, following stops 40 links down (about the kernel's limit), and
         // those links count as leaving. Either way the time is in proportion to the chain,
         // and the depth bounded.
         let chain: Vec<(String, String)> = (0..20_000)

@@ -472,7 +472,8 @@ pub async fn fetch_tree(
 /// export is renamed into place once whole, after the store keeps the tree. An export that
 /// fails (a full disk there, a chunk list that does not make its file) does not fail the
 /// transfer: its error says why, nothing is left at `into`, and the tree is in the store.
-/// Dropped before it ends, it writes nothing more and renames nothing into place.
+/// Dropped before it ends, it stops writing at its next folder or blob, renames nothing into
+/// place, and what it wrote is removed.
 pub async fn fetch_tree_into(
     store: Arc<Store>,
     root: Digest,
