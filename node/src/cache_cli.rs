@@ -143,9 +143,7 @@ pub fn run(data_dir: Option<&Path>, command: CacheCommand) -> Result<u8> {
             if let Err(StoreError::Missing { .. } | StoreError::Corrupt { .. }) = &exported {
                 fetched = fetch_from_pool(data_dir, &digest, &dir)?;
                 match fetched.as_ref().map(|f| f.exported) {
-                    // Seen here too: a node with a file system view of its own (a private
-                    // /tmp, a container) may have written elsewhere.
-                    Some(Some(restored)) if dir.is_dir() => exported = Ok(restored),
+                    Some(Some(restored)) if restored.is_in(&dir) => exported = Ok(restored),
                     Some(_) => {
                         let progress = Progress::start(&store, "exporting");
                         exported = export::export(&store, &digest, &dir);

@@ -616,9 +616,7 @@ pub fn restore(
         .tree
         .parse()
         .map_err(|e: protocol::digest::DigestParseError| e.to_string())?;
-    // What arrived is used when it is there to be seen (a node with a file system view of its
-    // own may have written elsewhere).
-    let arrived = arrived.filter(|_| scratch.is_dir());
+    let arrived = arrived.filter(|arrived| arrived.is_in(scratch));
     let as_it_arrived = arrived.is_some();
     let exported = match arrived {
         Some(exported) => exported,

@@ -235,22 +235,20 @@ impl NodeCache {
         Ok((fetched, peers))
     }
 
-    /// [`NodeCache::fetch_from`], the tree also exported into `into` as it arrives (see
-    /// [`transfer::fetch_tree_into`]) when given: then what was written, or why nothing was.
+    /// [`NodeCache::fetch_from`], the tree also restored into the folder `into` as it arrives
+    /// (see [`transfer::fetch_tree_into`]) when given: then what was written (`None` without
+    /// `into`), or why nothing was (this node cannot write there, or the export failed).
     async fn transfer_from(
         &self,
         tree: Digest,
         mut peers: Vec<PeerId>,
         what: &str,
-        into: Option<Destination>,
-    ) -> Result<
-        (
-            transfer::Fetched,
-            Vec<PeerId>,
-            Option<Result<Exported, String>>,
-        ),
-        String,
-    > {
+        into: Option<PathBuf>,
+    ) -> Result<(transfer::Fetched, Vec<PeerId>, Exporting), String> {
+        let (into, unwritable) = match destination(into).await {
+            Ok(into) => (into, None),
+            Err(why) => (None, Some(why)),
+        };
         for provider in self.providers(tree).await {
             if !peers.contains(&provider) {
                 peers.push(provider);
@@ -267,20 +265,17 @@ impl NodeCache {
             .collect();
         // A node has no `--store-max-size`: its store's budget is the environment's, or 20 GiB.
         let budget = gc::budget(None);
-        let store = self.store.clone();
-        let (fetched, exported) = match into {
-            None => (
-                transfer::fetch_tree(store, tree, sources, what, budget).await,
-                None,
-            ),
-            Some(into) => {
-                match transfer::fetch_tree_into(store, tree, sources, what, budget, into).await {
-                    Ok((fetched, exported)) => (Ok(fetched), Some(exported)),
-                    Err(err) => (Err(err), None),
-                }
-            }
+        let (fetched, exported) =
+            transfer::fetch_tree_into(self.store.clone(), tree, sources, what, budget, into)
+                .await
+                .map_err(|e| e.to_string())?;
+        let exported = match (unwritable, exported) {
+            (Some(why), _) => Err(why),
+            (None, None) => Ok(None),
+            (None, Some(exported)) => exported
+                .map(Some)
+                .map_err(|why| format!("the tree could not be written there: {why}")),
         };
-        let fetched = fetched.map_err(|e| e.to_string())?;
         for (source, why) in &fetched.dropped {
             info!(source = %source, reason = %why, "a peer was dropped from a transfer");
         }
@@ -295,18 +290,13 @@ impl NodeCache {
     /// `into` as it arrives, when given and this node can write there.
     async fn fetch(&self, held: &Held, into: Option<PathBuf>) -> Result<Found, String> {
         let what = format!("cache `{}` (from the pool)", held.entry.key);
-        let destination = destination(into).await.unwrap_or_else(|why| {
-            debug!(%why, "the asker exports the entry itself");
-            None
-        });
         let (fetched, peers, exported) = self
-            .transfer_from(held.entry.tree, held.holders.clone(), &what, destination)
+            .transfer_from(held.entry.tree, held.holders.clone(), &what, into)
             .await?;
-        let exported = exported.and_then(|exported| {
-            exported
-                .map_err(|why| debug!(%why, "the asker exports the entry itself"))
-                .ok()
-        });
+        let exported = exported
+            .map_err(|why| debug!(%why, "the asker exports the entry itself"))
+            .ok()
+            .flatten();
         let from = peers
             .first()
             .map_or_else(|| "the pool".to_owned(), PeerId::to_string);
@@ -341,20 +331,12 @@ impl NodeCache {
         into: Option<PathBuf>,
     ) -> Result<TreeFetched, String> {
         let what = format!("tree {digest} (from the pool)");
-        let (destination, mut not_exported) = match destination(into).await {
-            Ok(destination) => (destination, None),
-            Err(why) => (None, Some(why)),
-        };
         let (fetched, _, exported) = self
-            .transfer_from(digest, self.connected(MAX_SOURCES), &what, destination)
+            .transfer_from(digest, self.connected(MAX_SOURCES), &what, into)
             .await?;
-        let exported = match exported {
-            Some(Ok(exported)) => Some(exported),
-            Some(Err(why)) => {
-                not_exported = Some(format!("the tree could not be written there: {why}"));
-                None
-            }
-            None => None,
+        let (exported, not_exported) = match exported {
+            Ok(exported) => (exported, None),
+            Err(why) => (None, Some(why)),
         };
         let _ = self.commands.send(SwarmCommand::Provide(digest)).await;
         Ok(TreeFetched {
@@ -396,6 +378,10 @@ impl NodeCache {
         Ok(Found::Nothing { reason })
     }
 }
+
+/// What a transfer restored into the folder it was given: `None` when it was given none; why
+/// not, when this node cannot write there or the export failed (the tree is in the store).
+type Exporting = Result<Option<Exported>, String>;
 
 /// The folder `into` made ready for a tree to be restored into as it arrives; why not, when
 /// this node cannot write there (the asker then exports the tree itself).

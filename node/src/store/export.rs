@@ -31,6 +31,17 @@ pub struct Exported {
     pub skipped_symlinks: u64,
 }
 
+impl Exported {
+    /// Whether this export, written by a node into `dir`, is there to be seen from here: a
+    /// node with a file system view of its own (a private /tmp, a container) may have written
+    /// elsewhere. A folder that should hold something and is empty is not it.
+    pub fn is_in(&self, dir: &Path) -> bool {
+        let empty_tree = self.files == 0 && self.symlinks == 0 && self.dirs <= 1;
+        dir.is_dir()
+            && (empty_tree || fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some()))
+    }
+}
+
 struct FileJob {
     path: PathBuf,
     digest: Digest,
@@ -223,6 +234,15 @@ fn plan(reader: &Reader<'_>, root: &Digest, dir: &Path) -> Result<(Plan, Exporte
     // is recreated there.
     let folds = folds_case(dir)?;
     let relative = |path: &Path| path.strip_prefix(dir).ok().map(Path::to_owned);
+    let has_links = plan.batches.iter().any(|batch| !batch.symlinks.is_empty());
+    if folds || !has_links {
+        let skipped = plan
+            .batches
+            .iter_mut()
+            .map(|batch| batch.symlinks.drain(..).count());
+        exported.skipped_symlinks += skipped.sum::<usize>() as u64;
+        return Ok((plan, exported));
+    }
     let mut links = Links::new(
         plan.batches
             .iter()
@@ -234,7 +254,7 @@ fn plan(reader: &Reader<'_>, root: &Digest, dir: &Path) -> Result<(Plan, Exporte
     );
     for batch in &mut plan.batches {
         batch.symlinks.retain(|(path, _)| {
-            let inside = !folds && relative(path).is_some_and(|path| links.stays_inside(&path));
+            let inside = relative(path).is_some_and(|path| links.stays_inside(&path));
             if inside {
                 exported.symlinks += 1;
             } else {
@@ -999,6 +1019,27 @@ mod tests {
             ("g", long.as_str()),
         ];
         assert_eq!(inside(&[], &refused), [false; 6]);
+    }
+
+    #[test]
+    fn an_export_is_taken_as_there_only_where_it_can_be_seen() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let dir = temp.path().join("out");
+        let tree = super::Exported {
+            files: 2,
+            dirs: 1,
+            ..Default::default()
+        };
+        let empty = super::Exported {
+            dirs: 1,
+            ..Default::default()
+        };
+        assert!(!tree.is_in(&dir) && !empty.is_in(&dir), "no folder");
+        std::fs::create_dir(&dir).expect("mkdir");
+        assert!(!tree.is_in(&dir), "an empty folder, written elsewhere");
+        assert!(empty.is_in(&dir), "an empty tree");
+        std::fs::write(dir.join("f"), b"x").expect("write");
+        assert!(tree.is_in(&dir));
     }
 
     #[test]

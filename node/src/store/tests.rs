@@ -659,14 +659,15 @@ mod transfer {
         out: &Path,
     ) -> Result<(Fetched, Result<Exported, String>), TransferError> {
         let into = Destination::prepare(out).expect("prepares");
-        run(fetch_tree_into(
+        let (fetched, exported) = run(fetch_tree_into(
             store.clone(),
             root,
             sources,
             "restored",
             1 << 30,
-            into,
-        ))
+            Some(into),
+        ))?;
+        Ok((fetched, exported.expect("an export was asked for")))
     }
 
     /// Serves its store's blobs with one byte flipped in each.

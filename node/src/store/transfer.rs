@@ -466,7 +466,8 @@ pub async fn fetch_tree(
     Ok(fetched)
 }
 
-/// [`fetch_tree`], and the tree exported into `into` as its blobs arrive (a restore): each
+/// [`fetch_tree`], and the tree exported into `into`, when given, as its blobs arrive (a
+/// restore; then what was written, or why nothing was): each
 /// file and chunk is written there the moment it is verified, from the bytes decoded to verify
 /// it ([`Arriving`]); what the store held already is written from the store at the end. The
 /// export is renamed into place once whole, after the store keeps the tree. An export that
@@ -480,31 +481,36 @@ pub async fn fetch_tree_into(
     sources: Vec<Arc<dyn BlobSource>>,
     what: &str,
     budget_bytes: u64,
-    into: Destination,
-) -> Result<(Fetched, Result<Exported, String>), TransferError> {
-    let mut into = Unused(Some(into));
+    into: Option<Destination>,
+) -> Result<(Fetched, Option<Result<Exported, String>>), TransferError> {
+    let mut into = Unused(into);
     let fetched = fetch(store, root, sources, what, budget_bytes, &mut into.0).await;
-    // A transfer that failed leaves its export unused: it is removed (a second or so for a
-    // large partial tree) on a blocking thread, not on the runtime's, and gone before the
-    // answer.
-    if let Some(unused) = into.0.take() {
-        let _ = tokio::task::spawn_blocking(move || drop(unused)).await;
+    // A transfer that failed leaves its export unused: it is gone before the answer.
+    if let Some(removing) = into.remove() {
+        let _ = removing.await;
     }
     fetched
 }
 
-/// An export not used yet: removed on a blocking thread when dropped, as when the transfer's
-/// future is dropped before it ends, so the runtime's threads never wait for the removal.
+/// An export not used yet: removed on a blocking thread (a second or so for a large partial
+/// tree), never on the runtime's, whether the transfer failed or its future was dropped.
 struct Unused(Option<Destination>);
+
+impl Unused {
+    /// Starts removing the export, if there is one and a runtime to remove it on (else it is
+    /// removed here and now).
+    fn remove(&mut self) -> Option<tokio::task::JoinHandle<()>> {
+        let unused = self.0.take()?;
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => Some(runtime.spawn_blocking(move || drop(unused))),
+            Err(_) => None,
+        }
+    }
+}
 
 impl Drop for Unused {
     fn drop(&mut self) {
-        if let Some(unused) = self.0.take() {
-            match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => drop(runtime.spawn_blocking(move || drop(unused))),
-                Err(_) => drop(unused),
-            }
-        }
+        self.remove();
     }
 }
 
@@ -524,7 +530,7 @@ async fn fetch(
     what: &str,
     budget_bytes: u64,
     into: &mut Option<Destination>,
-) -> Result<(Fetched, Result<Exported, String>), TransferError> {
+) -> Result<(Fetched, Option<Result<Exported, String>>), TransferError> {
     let lock_store = store.clone();
     // gc never removes what a running transfer has stored but not yet made a root.
     let _lock = tokio::task::spawn_blocking(move || lock_store.lock_shared())
@@ -554,9 +560,9 @@ async fn fetch(
         },
         ..Totals::default()
     });
-    let mut arriving: Option<Arc<Arriving>> = None;
-    // Why the export could not even be planned (the transfer goes on).
-    let mut unplanned: Option<String> = None;
+    // The export written as the blobs arrive once it is planned, or why it could not be (the
+    // transfer goes on).
+    let mut export: Option<Result<Arc<Arriving>, String>> = None;
     let stop = Arc::new(AtomicBool::new(false));
     let _stop_when_dropped = StopOnDrop(stop.clone());
     let mut rounds = 0;
@@ -580,8 +586,7 @@ async fn fetch(
         // Once every tree and chunk list is here, the export is planned; the files and chunks
         // still missing are written into it as they arrive.
         if listings.is_empty()
-            && arriving.is_none()
-            && unplanned.is_none()
+            && export.is_none()
             && let Some(into) = into.as_ref()
         {
             let folder = into.folder().to_owned();
@@ -597,10 +602,7 @@ async fn fetch(
                 })
             });
             tracing::debug!(round = rounds, "the export is planned");
-            match planned {
-                Ok(planned) => arriving = Some(Arc::new(planned)),
-                Err(err) => unplanned = Some(err.to_string()),
-            }
+            export = Some(planned.map(Arc::new).map_err(|err| err.to_string()));
         }
         if missing.is_empty() {
             break;
@@ -623,7 +625,7 @@ async fn fetch(
         let asked = started.elapsed();
         let round = Round {
             listings: Arc::new(listings),
-            arriving: arriving.clone(),
+            arriving: export.as_ref().and_then(|e| e.as_ref().ok()).cloned(),
         };
         run_round(&store, &sources, queues, &totals, &round).await?;
         tracing::debug!(
@@ -655,36 +657,37 @@ async fn fetch(
     let written = totals.written.load(Ordering::Relaxed);
     let flush_store = store.clone();
     let what = what.to_owned();
-    let arriving = arriving.map(|a| Arc::try_unwrap(a).map_err(|_| ()));
+    // Every round's writers are done by now: the export is this transfer's alone.
+    let export = export.map(|e| {
+        e.and_then(|a| Arc::try_unwrap(a).map_err(|_| "the export is still being written".into()))
+    });
     let stopped = stop.clone();
     let into = into.take();
     let exported = tokio::task::spawn_blocking(move || {
         flush_store.flush(written)?;
         flush_store.add_root(&root, &what)?;
         let Some(into) = into else {
-            return Ok(Err("no export was asked for".into()));
+            return Ok(None);
         };
         tracing::debug!("the store keeps the tree; finishing the export");
         let given_up = || stopped.load(Ordering::Relaxed);
         if given_up() {
-            return Ok(Err("the restore was given up".into()));
+            return Ok(Some(Err("the restore was given up".into())));
         }
-        let exported = match (arriving, unplanned) {
-            (_, Some(why)) => Err(why),
-            (None, None) => Err("the export was never planned".into()),
-            (Some(Err(())), None) => Err("the export is still being written".into()),
-            (Some(Ok(arriving)), None) => arriving.finish(&flush_store),
-        };
+        // Planned in the first round with every listing here, which every transfer reaches.
+        let exported = export
+            .unwrap_or_else(|| Err("the export was never planned".into()))
+            .and_then(|arriving| arriving.finish(&flush_store));
         // Nobody waits for it any more (the request was dropped): it is not put in place, and
         // dropping `into` removes it.
         if given_up() {
-            return Ok(Err("the restore was given up".into()));
+            return Ok(Some(Err("the restore was given up".into())));
         }
         let exported = exported.and_then(|exported| {
             into.commit().map_err(|e| e.to_string())?;
             Ok(exported)
         });
-        Ok::<_, StoreError>(exported)
+        Ok::<_, StoreError>(Some(exported))
     })
     .await
     .map_err(|e| StoreError::Refused {
@@ -922,7 +925,6 @@ async fn fetch_batch(
                 if let Some(arriving) = &arriving {
                     arriving.write(&digest, bytes);
                 }
-                Ok(())
             };
             match put_store.put_stored_then(&digest, &stored, export) {
                 Ok(written) => {
