@@ -688,11 +688,13 @@ impl Arriving {
             Target::Small { path, executable } => {
                 // The transfer verifies blobs on several threads; creating files on all of
                 // them at once only makes them wait on (or spin for) the same folders' locks
-                // and the file system's inode allocator.
+                // and the file system's inode allocator. Writing their bytes goes on side by
+                // side.
                 let file = {
                     let _one_at_a_time = self.creating.lock().unwrap_or_else(|e| e.into_inner());
-                    write_file(path, bytes, *executable)?
+                    create_file(path, *executable)?
                 };
+                let file = fill_file(file, path, bytes, *executable)?;
                 if written == Written::Arrived {
                     super::start_writeback(&file, 0, 0);
                 }
@@ -870,7 +872,11 @@ fn at_offsets(chunks: &[Digest]) -> Vec<(Digest, u64)> {
 
 /// Writes a new file with its mode set at creation.
 fn write_file(path: &Path, bytes: &[u8], executable: bool) -> Result<fs::File> {
-    let mut file = create_file(path, executable)?;
+    fill_file(create_file(path, executable)?, path, bytes, executable)
+}
+
+/// Writes a new file's bytes and gives it its mode.
+fn fill_file(mut file: fs::File, path: &Path, bytes: &[u8], executable: bool) -> Result<fs::File> {
     file.write_all(bytes).map_err(|e| StoreError::io(path, e))?;
     restore_mode(&file, path, executable)?;
     Ok(file)
