@@ -89,6 +89,8 @@ fn free_permille(free: u32, total: u32) -> u32 {
 #[derive(Debug)]
 struct Class {
     capabilities: Arc<Capabilities>,
+    /// Peers whose view is in this class, slots or not.
+    peers: u32,
     /// Peers of the class with at least one slot (a node with `--slots 0` only coordinates).
     members: BTreeSet<PeerId>,
     /// Free slots over the available members.
@@ -126,6 +128,10 @@ pub(crate) struct Pool {
     peers: FastMap<PeerId, PeerView>,
     classes: Vec<Class>,
     class_ids: FastMap<Capabilities, ClassId>,
+    /// Classes no peer is in: the ones a new class may take the place of once there are
+    /// `max_classes`.
+    unused_classes: BTreeSet<ClassId>,
+    max_classes: usize,
     requirement_sets: Vec<RequirementSet>,
     requirement_ids: FastMap<Requirements, ReqId>,
     /// Dense positions for peers, so the hot holder scan reads small arrays instead of
@@ -154,6 +160,13 @@ pub(crate) struct Pool {
 }
 
 impl Pool {
+    pub fn new(max_classes: usize) -> Pool {
+        Pool {
+            max_classes,
+            ..Pool::default()
+        }
+    }
+
     /// Peers that can run work (with at least one slot).
     pub fn workers(&self) -> usize {
         self.workers
@@ -161,6 +174,11 @@ impl Pool {
 
     pub fn slots_total(&self) -> u64 {
         self.slots_total
+    }
+
+    /// Classes held, in use or kept for a peer of that kind to come back to.
+    pub fn classes(&self) -> usize {
+        self.classes.len()
     }
 
     pub fn waiting_coordinators(&self) -> usize {
@@ -203,6 +221,7 @@ impl Pool {
             classes,
         });
         self.requirement_ids.insert(requirements.clone(), id);
+        debug_assert!(self.sets_match_classes());
         id
     }
 
@@ -210,20 +229,93 @@ impl Pool {
         if let Some(id) = self.class_ids.get(&**capabilities) {
             return *id;
         }
-        let id = self.classes.len() as ClassId;
+        let reused = if self.classes.len() >= self.max_classes {
+            self.unused_classes.pop_first()
+        } else {
+            None
+        };
+        let id = match reused {
+            Some(id) => {
+                self.forget_class(id);
+                self.classes[id as usize].capabilities = Arc::clone(capabilities);
+                id
+            }
+            None => {
+                self.classes.push(Class {
+                    capabilities: Arc::clone(capabilities),
+                    peers: 0,
+                    members: BTreeSet::new(),
+                    free_slots: 0,
+                    ready: BTreeSet::new(),
+                });
+                let id = (self.classes.len() - 1) as ClassId;
+                self.unused_classes.insert(id);
+                id
+            }
+        };
         for set in &mut self.requirement_sets {
             if set.requirements.satisfied_by(capabilities) {
-                set.classes.push(id);
+                // Sorted: a new class's id is the highest, a reused one goes in its place.
+                let at = set.classes.partition_point(|c| *c < id);
+                set.classes.insert(at, id);
             }
         }
-        self.classes.push(Class {
-            capabilities: Arc::clone(capabilities),
-            members: BTreeSet::new(),
-            free_slots: 0,
-            ready: BTreeSet::new(),
-        });
         self.class_ids.insert(Capabilities::clone(capabilities), id);
+        debug_assert!(self.sets_match_classes());
         id
+    }
+
+    /// Clears a class no peer is in, before it stands for other capabilities: its place in the
+    /// requirement sets and what was learned of it.
+    fn forget_class(&mut self, id: ClassId) {
+        let class = &self.classes[id as usize];
+        debug_assert!(class.peers == 0 && class.members.is_empty() && class.ready.is_empty());
+        self.class_ids.remove(&*class.capabilities);
+        for set in &mut self.requirement_sets {
+            if let Ok(at) = set.classes.binary_search(&id) {
+                set.classes.remove(at);
+            }
+        }
+        self.durations.retain(|(_, class), _| *class != id);
+    }
+
+    /// Moves a peer's view between classes in the counts that tell which classes are in use.
+    fn count_in_class(&mut self, from: Option<ClassId>, to: Option<ClassId>) {
+        if from == to {
+            return;
+        }
+        if let Some(from) = from {
+            let class = &mut self.classes[from as usize];
+            class.peers -= 1;
+            if class.peers == 0 {
+                self.unused_classes.insert(from);
+            }
+        }
+        if let Some(to) = to {
+            let class = &mut self.classes[to as usize];
+            if class.peers == 0 {
+                self.unused_classes.remove(&to);
+            }
+            class.peers += 1;
+        }
+    }
+
+    /// Whether each class is found by its capabilities, and every requirement set lists exactly
+    /// the classes that meet it, in order. Checked (in debug builds) whenever a class or a set
+    /// is made or reused, the only times this can change: checking it at every step would cost
+    /// each step every class and set.
+    fn sets_match_classes(&self) -> bool {
+        let found = self.classes.iter().enumerate().all(|(index, class)| {
+            self.class_ids.get(&*class.capabilities) == Some(&(index as ClassId))
+        });
+        found
+            && self.requirement_sets.iter().all(|set| {
+                let matching = (0..self.classes.len() as ClassId).filter(|c| {
+                    let capabilities = &self.classes[*c as usize].capabilities;
+                    set.requirements.satisfied_by(capabilities)
+                });
+                matching.eq(set.classes.iter().copied())
+            })
     }
 
     fn matches(&self, requirement: ReqId, class: ClassId) -> bool {
@@ -340,6 +432,7 @@ impl Pool {
                         indexed: None,
                     },
                 );
+                self.count_in_class(None, Some(class));
                 if let Some(until) = self.departed_quarantines.remove(&peer) {
                     self.peers
                         .get_mut(&peer)
@@ -356,6 +449,7 @@ impl Pool {
             (view.class, view.total > 0)
         };
         self.forget_membership(peer);
+        self.count_in_class(Some(old_class), Some(class));
         let view = self.peers.get_mut(&peer).expect("present");
         view.queued_tasks = queued_tasks;
         if queued_tasks > 0 {
@@ -500,6 +594,7 @@ impl Pool {
         self.unindex(peer);
         self.forget_membership(peer);
         let view = self.peers.remove(&peer).expect("present");
+        self.count_in_class(Some(view.class), None);
         for input in &view.holds {
             self.remove_holder(*input, view.slot);
         }
@@ -508,6 +603,11 @@ impl Pool {
             self.departed_quarantines.insert(peer, until);
         }
         Some(view)
+    }
+
+    /// Whether the peer is in the pool, or away with its quarantine kept.
+    pub fn remembers(&self, peer: PeerId) -> bool {
+        self.peers.contains_key(&peer) || self.departed_quarantines.contains_key(&peer)
     }
 
     /// Ends a quarantine, whether the peer is in the pool or away.
@@ -713,6 +813,10 @@ impl Pool {
     /// Checks the indexes against the peers; a failure is a bug in this module.
     pub fn check(&self) -> Result<(), String> {
         let mut free_total = 0;
+        let mut in_class = vec![0u32; self.classes.len()];
+        for view in self.peers.values() {
+            in_class[view.class as usize] += 1;
+        }
         for (index, class) in self.classes.iter().enumerate() {
             let mut free = 0;
             for (Reverse(key), peer) in &class.ready {
@@ -732,6 +836,11 @@ impl Pool {
                 ));
             }
             free_total += free;
+            if in_class[index] != class.peers
+                || (class.peers == 0) != self.unused_classes.contains(&(index as ClassId))
+            {
+                return Err(format!("class {index}: peers or unused set out of step"));
+            }
         }
         if free_total != self.free_total {
             return Err(format!("free total {free_total} != {}", self.free_total));

@@ -45,6 +45,12 @@ pub struct Config {
     /// This coordinator's own node, if it is also a peer of the pool: its heartbeats' queue
     /// length is this scheduler's own demand, not another coordinator's.
     pub local_peer: Option<PeerId>,
+    /// Classes of equal capabilities kept, at most, while some hold no peer: past it, a new set
+    /// of capabilities takes the place of a class no peer is in, and that class's learned
+    /// durations go. Peers that come and go with capabilities of their own (a label naming the
+    /// machine) would otherwise grow the classes for as long as the node runs. There are more
+    /// classes than this only while that many are in use.
+    pub max_classes: usize,
 }
 
 impl Default for Config {
@@ -62,6 +68,7 @@ impl Default for Config {
             policy: Policy::Scored,
             seed: 0,
             local_peer: None,
+            max_classes: 1024,
         }
     }
 }
@@ -170,6 +177,8 @@ enum Ending {
 pub struct Stats {
     /// Peers with at least one slot.
     pub peers: usize,
+    /// Classes of equal capabilities held (at most `Config::max_classes`, or those in use).
+    pub classes: usize,
     pub builds: usize,
     /// Tasks of live builds not yet done (waiting on dependencies, queued or running).
     pub pending_tasks: usize,
@@ -204,8 +213,8 @@ impl Scheduler {
     pub fn new(config: Config) -> Scheduler {
         let rng = Rng::new(config.seed);
         Scheduler {
+            pool: Pool::new(config.max_classes),
             config,
-            pool: Pool::default(),
             builds: FastMap::default(),
             submitters: BTreeMap::new(),
             timers: BinaryHeap::new(),
@@ -221,12 +230,20 @@ impl Scheduler {
     pub fn stats(&self) -> Stats {
         Stats {
             peers: self.pool.workers(),
+            classes: self.pool.classes(),
             builds: self.builds.len(),
             pending_tasks: self.pending_tasks,
             queued_tasks: self.queued_tasks,
             running: self.running,
             decisions: self.decisions,
         }
+    }
+
+    /// Whether the scheduler holds anything of `peer`: it is in the pool, or away with a
+    /// quarantine it will find again when it returns. A peer it does not remember may be given
+    /// a new number.
+    pub fn remembers(&self, peer: PeerId) -> bool {
+        self.pool.remembers(peer)
     }
 
     /// Takes in one event at time `now` and returns what to do, in order.

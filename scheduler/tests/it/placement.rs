@@ -2,7 +2,7 @@
 //! actions the scheduler answers with.
 
 use expect_test::{Expect, expect};
-use scheduler::{Guarantees, SandboxKind, TaskOutcome};
+use scheduler::{Config, Event, Guarantees, PeerId, SandboxKind, TaskOutcome};
 
 use crate::support::{Harness, PeerBuilder, TaskBuilder, build, id, linux, peer, task};
 
@@ -183,4 +183,64 @@ fn a_finished_task_frees_its_slot_without_waiting_for_a_heartbeat() {
           accept B1.0 #1 from P1: succeeded
           offer B1.1 #1: placed on P1: no inputs, 1/1 slots free, load 0%, expected 5s (best of 1)"#]]
     .assert_eq(&harness.transcript());
+}
+
+#[test]
+fn peers_that_come_and_go_with_capabilities_of_their_own_do_not_grow_the_classes() {
+    let host = |name: &'static str| {
+        move |r: &mut scheduler::Requirements| {
+            r.labels.insert("host".into(), name.into());
+        }
+    };
+    let max_classes = 8;
+    let mut harness = Harness::with(Config {
+        max_classes,
+        ..Config::default()
+    });
+    harness.quietly(peer(1).label("host", "stays").heartbeat());
+    harness.quietly(peer(2).label("host", "leaves").heartbeat());
+    // The scheduler learns how long task 7 takes on each of the two classes.
+    harness.quietly(build(
+        1,
+        1,
+        vec![
+            task().key(7).requires(host("stays")),
+            task().key(7).requires(host("leaves")),
+        ],
+    ));
+    harness.quietly(crate::support::started(1, 0, 1, 1));
+    harness.quietly(crate::support::started(1, 1, 1, 2));
+    harness.at(10_000);
+    harness.finish(id(1, 0), 1, 1, TaskOutcome::Succeeded);
+    harness.finish(id(1, 1), 1, 2, TaskOutcome::Succeeded);
+    harness.quietly(Event::PeerGone { peer: PeerId(2) });
+    // Thrice as many peers as classes are kept come and go, each with a label of its own.
+    let churned = 3 * max_classes as u64;
+    for p in 100..100 + churned {
+        let name = format!("h{p}");
+        harness.quietly(peer(p).label("host", &name).heartbeat());
+        harness.quietly(Event::PeerGone { peer: PeerId(p) });
+    }
+    assert_eq!(harness.scheduler.stats().classes, max_classes);
+    // A class that stands for other capabilities now matches requirements by its new ones, and
+    // knows nothing of the runs of the class it replaced.
+    harness.quietly(peer(3).label("host", "new").heartbeat());
+    harness.quietly(peer(4).label("host", "leaves").heartbeat());
+    harness.transcript();
+    harness.step(build(
+        2,
+        1,
+        vec![
+            task().key(7).requires(host("new")),
+            task().key(7).requires(host("leaves")),
+            task().key(7).requires(host("stays")),
+        ],
+    ));
+    expect![[r#"
+        10000ms submit B2 by S1 (3 tasks)
+          offer B2.2 #1: placed on P1: no inputs, 4/4 slots free, load 0%, expected 10s (best of 1)
+          offer B2.1 #1: placed on P4: no inputs, 4/4 slots free, load 0% (best of 1)
+          offer B2.0 #1: placed on P3: no inputs, 4/4 slots free, load 0% (best of 1)"#]]
+    .assert_eq(&harness.transcript());
+    assert_eq!(harness.scheduler.stats().classes, max_classes);
 }
