@@ -8,7 +8,7 @@
 //! durations, fair shares, retries elsewhere, quarantine) is the scheduler crate's, tested and
 //! simulated there, and the node only translates.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -40,6 +40,9 @@ const OFFER_MARGIN: Duration = Duration::from_secs(15);
 const CAPABILITY_CHANGES: Duration = Duration::from_secs(60);
 /// How long the engine remembers that a run ended, for the heartbeats that left before it did.
 const ENDED_REMEMBERED: Duration = Duration::from_secs(10);
+/// Peers that left whose ids the engine still names in its messages (a late report of a run
+/// there); older ones are forgotten unless they came back or are quarantined.
+const DEPARTED_NAMED: usize = 1024;
 
 /// A remote peer's capabilities as the engine knows them.
 struct Known {
@@ -155,11 +158,16 @@ impl Coordinator {
     }
 }
 
-/// The scheduler's peer numbers and the peer ids they stand for.
+/// The scheduler's peer numbers and the peer ids they stand for. A number is never given twice,
+/// so one that outlives its peer's name here (in a late message) can name no other peer.
 #[derive(Default)]
 struct Names {
     numbers: HashMap<String, PeerId>,
     names: HashMap<PeerId, String>,
+    given: u64,
+    /// Peers that left, oldest first (a peer may be listed again if it came back and left
+    /// again): past [`DEPARTED_NAMED`] of them, the oldest are forgotten.
+    departed: VecDeque<String>,
 }
 
 impl Names {
@@ -167,7 +175,8 @@ impl Names {
         if let Some(number) = self.numbers.get(name) {
             return *number;
         }
-        let number = PeerId(self.numbers.len() as u64 + 1);
+        self.given += 1;
+        let number = PeerId(self.given);
         self.numbers.insert(name.to_owned(), number);
         self.names.insert(number, name.to_owned());
         number
@@ -178,6 +187,36 @@ impl Names {
             .get(&number)
             .cloned()
             .unwrap_or_else(|| number.to_string())
+    }
+
+    /// Notes that a peer left; [`Names::forget_departed`] forgets it in time.
+    fn departed(&mut self, name: String) {
+        self.departed.push_back(name);
+    }
+
+    /// Forgets the peers that left longest ago, beyond [`DEPARTED_NAMED`] of them. Those that
+    /// `keep` says are back or still need their number (a quarantine the scheduler holds
+    /// against a peer's return is kept by number) stay, in the place of others. So peers coming
+    /// and going leave behind a bounded number of names.
+    fn forget_departed(&mut self, keep: impl Fn(&str, PeerId) -> bool) {
+        let mut looked = 0;
+        while self.departed.len() > DEPARTED_NAMED && looked < self.departed.len() {
+            looked += 1;
+            let Some(name) = self.departed.pop_front() else {
+                break;
+            };
+            let Some(number) = self.numbers.get(&name).copied() else {
+                continue;
+            };
+            if self.departed.contains(&name) {
+                // Listed again, later: that entry speaks for it.
+            } else if keep(&name, number) {
+                self.departed.push_back(name);
+            } else {
+                self.numbers.remove(&name);
+                self.names.remove(&number);
+            }
+        }
     }
 }
 
@@ -391,7 +430,11 @@ impl Engine {
             self.capabilities.remove(&peer);
             info!(peer = %name, "peer gone: its runs are placed again");
             self.step(Event::PeerGone { peer });
+            self.names.departed(name);
         }
+        let (fed, scheduler) = (&self.fed, &self.scheduler);
+        self.names
+            .forget_departed(|name, number| fed.contains_key(name) || scheduler.remembers(number));
     }
 
     /// A remote peer's heartbeat as the engine takes it: its slots clamped to what a node may
@@ -995,6 +1038,36 @@ mod tests {
         let taken = engine.heartbeat(&remote, PeerId(2));
         assert_eq!(taken.total_slots, MAX_RUNNING as u32);
         assert!(taken.queued_tasks <= taken.total_slots);
+    }
+
+    #[test]
+    fn peers_that_left_long_ago_are_forgotten_unless_back_or_quarantined() {
+        let mut names = Names::default();
+        let me = names.number("me");
+        let quarantined = names.number("flaky");
+        let back = names.number("back");
+        names.departed("flaky".into());
+        names.departed("back".into());
+        for p in 0..3 * DEPARTED_NAMED {
+            let name = format!("peer-{p}");
+            names.number(&name);
+            names.departed(name);
+            names.forget_departed(|name, number| name == "back" || number == quarantined);
+        }
+        // This node, and as many that left as are named: the two kept, then the last to leave.
+        assert_eq!(names.names.len(), 1 + DEPARTED_NAMED);
+        assert_eq!(names.numbers.len(), names.names.len());
+        assert_eq!(names.name(me), "me");
+        assert_eq!(names.name(quarantined), "flaky");
+        assert_eq!(names.number("back"), back);
+        let last = format!("peer-{}", 3 * DEPARTED_NAMED - 1);
+        assert!(names.numbers.contains_key(&last));
+        assert!(!names.numbers.contains_key("peer-0"));
+        // A forgotten peer that returns gets a number never given before.
+        let given = names.given;
+        let again = names.number("peer-0");
+        assert_eq!(again, PeerId(given + 1));
+        assert_eq!(names.name(again), "peer-0");
     }
 
     #[test]

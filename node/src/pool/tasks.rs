@@ -1237,6 +1237,14 @@ fn reply_name(reply: &TaskReply) -> &'static str {
     }
 }
 
+/// Whether a run's name is one its coordinator gave it (`COORDINATOR/...`). Only such offers
+/// are taken, so no peer can pass its offer off as another coordinator's run, nor end that
+/// run's place in the heartbeats (which list runs by name).
+fn named_by(task: &str, coordinator: &PeerId) -> bool {
+    task.strip_prefix(coordinator.to_string().as_str())
+        .is_some_and(|rest| rest.starts_with('/'))
+}
+
 /// Takes tasks from coordinators until `shutdown` turns true.
 pub async fn serve(
     tasks: Arc<Tasks>,
@@ -1290,13 +1298,7 @@ impl Tasks {
                 return Err(reason);
             }
         };
-        // A run is named by its coordinator (`COORDINATOR/...`), so no peer can pass its offer
-        // off as another coordinator's run, nor end that run's place in the heartbeats.
-        if !offer
-            .task
-            .strip_prefix(coordinator.to_string().as_str())
-            .is_some_and(|rest| rest.starts_with('/'))
-        {
+        if !named_by(&offer.task, &coordinator) {
             let reason = "the task is not named by the peer that offers it".to_owned();
             return write_reply(&mut writer, &TaskReply::Declined { reason }).await;
         }
@@ -1461,6 +1463,23 @@ mod tests {
         let line = relay(log).expect("an event");
         assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1);
         assert!(line.ends_with(b"\n"));
+    }
+
+    #[test]
+    fn a_peer_can_offer_only_runs_it_named() {
+        let coordinator = PeerId::random();
+        let other = PeerId::random();
+        assert!(named_by(&format!("{coordinator}/17/3.0#1"), &coordinator));
+        for spoofed in [
+            format!("{other}/17/3.0#1"),
+            format!("{coordinator}"),
+            format!("{coordinator}x/17"),
+            format!("/{coordinator}/17"),
+            format!("{other}/{coordinator}/17"),
+            String::new(),
+        ] {
+            assert!(!named_by(&spoofed, &coordinator), "{spoofed}");
+        }
     }
 
     #[test]
