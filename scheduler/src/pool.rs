@@ -91,6 +91,8 @@ struct Class {
     capabilities: Arc<Capabilities>,
     /// Peers whose view is in this class, slots or not.
     peers: u32,
+    /// When the class was last left empty, in `Pool::emptied` counts.
+    emptied: u64,
     /// Peers of the class with at least one slot (a node with `--slots 0` only coordinates).
     members: BTreeSet<PeerId>,
     /// Free slots over the available members.
@@ -130,7 +132,12 @@ pub(crate) struct Pool {
     class_ids: FastMap<Capabilities, ClassId>,
     /// Classes no peer is in: the ones a new class may take the place of once there are
     /// `max_classes`.
-    unused_classes: BTreeSet<ClassId>,
+    unused_classes: BTreeSet<(u64, ClassId)>,
+    /// Classes left empty so far: orders `unused_classes`, so the one unused longest goes
+    /// first (a class whose only peer is restarting keeps what was learned of it).
+    emptied: u64,
+    /// Classes that took the place of another.
+    replaced: u64,
     max_classes: usize,
     requirement_sets: Vec<RequirementSet>,
     requirement_ids: FastMap<Requirements, ReqId>,
@@ -179,6 +186,11 @@ impl Pool {
     /// Classes held, in use or kept for a peer of that kind to come back to.
     pub fn classes(&self) -> usize {
         self.classes.len()
+    }
+
+    /// Classes that took the place of one no peer was in.
+    pub fn classes_replaced(&self) -> u64 {
+        self.replaced
     }
 
     pub fn waiting_coordinators(&self) -> usize {
@@ -230,13 +242,14 @@ impl Pool {
             return *id;
         }
         let reused = if self.classes.len() >= self.max_classes {
-            self.unused_classes.pop_first()
+            self.unused_classes.pop_first().map(|(_, id)| id)
         } else {
             None
         };
         let id = match reused {
             Some(id) => {
                 self.forget_class(id);
+                self.replaced += 1;
                 self.classes[id as usize].capabilities = Arc::clone(capabilities);
                 id
             }
@@ -244,12 +257,15 @@ impl Pool {
                 self.classes.push(Class {
                     capabilities: Arc::clone(capabilities),
                     peers: 0,
+                    emptied: 0,
                     members: BTreeSet::new(),
                     free_slots: 0,
                     ready: BTreeSet::new(),
                 });
                 let id = (self.classes.len() - 1) as ClassId;
-                self.unused_classes.insert(id);
+                self.emptied += 1;
+                self.classes[id as usize].emptied = self.emptied;
+                self.unused_classes.insert((self.emptied, id));
                 id
             }
         };
@@ -288,13 +304,15 @@ impl Pool {
             let class = &mut self.classes[from as usize];
             class.peers -= 1;
             if class.peers == 0 {
-                self.unused_classes.insert(from);
+                self.emptied += 1;
+                class.emptied = self.emptied;
+                self.unused_classes.insert((self.emptied, from));
             }
         }
         if let Some(to) = to {
             let class = &mut self.classes[to as usize];
             if class.peers == 0 {
-                self.unused_classes.remove(&to);
+                self.unused_classes.remove(&(class.emptied, to));
             }
             class.peers += 1;
         }
@@ -837,7 +855,10 @@ impl Pool {
             }
             free_total += free;
             if in_class[index] != class.peers
-                || (class.peers == 0) != self.unused_classes.contains(&(index as ClassId))
+                || (class.peers == 0)
+                    != self
+                        .unused_classes
+                        .contains(&(class.emptied, index as ClassId))
             {
                 return Err(format!("class {index}: peers or unused set out of step"));
             }

@@ -46,10 +46,10 @@ pub struct Config {
     /// length is this scheduler's own demand, not another coordinator's.
     pub local_peer: Option<PeerId>,
     /// Classes of equal capabilities kept, at most, while some hold no peer: past it, a new set
-    /// of capabilities takes the place of a class no peer is in, and that class's learned
-    /// durations go. Peers that come and go with capabilities of their own (a label naming the
-    /// machine) would otherwise grow the classes for as long as the node runs. There are more
-    /// classes than this only while that many are in use.
+    /// of capabilities takes the place of the class no peer has been in for longest, and that
+    /// class's learned durations go. Peers that come and go with capabilities of their own (a
+    /// label naming the machine) would otherwise grow the classes for as long as the node
+    /// runs. There are more classes than this only if more were once in use at the same time.
     pub max_classes: usize,
 }
 
@@ -177,8 +177,11 @@ enum Ending {
 pub struct Stats {
     /// Peers with at least one slot.
     pub peers: usize,
-    /// Classes of equal capabilities held (at most `Config::max_classes`, or those in use).
+    /// Classes of equal capabilities held: at most `Config::max_classes`, or the most that were
+    /// ever in use at once.
     pub classes: usize,
+    /// Classes that took the place of one no peer was in, past `Config::max_classes`.
+    pub classes_replaced: u64,
     pub builds: usize,
     /// Tasks of live builds not yet done (waiting on dependencies, queued or running).
     pub pending_tasks: usize,
@@ -231,6 +234,7 @@ impl Scheduler {
         Stats {
             peers: self.pool.workers(),
             classes: self.pool.classes(),
+            classes_replaced: self.pool.classes_replaced(),
             builds: self.builds.len(),
             pending_tasks: self.pending_tasks,
             queued_tasks: self.queued_tasks,

@@ -252,6 +252,19 @@ impl Scenario {
         )
     }
 
+    /// Everything at once, with room for two constraint classes only: peers of every kind
+    /// coming and going make classes take each other's places all the time.
+    pub fn few_classes() -> Scenario {
+        Scenario {
+            name: "few-classes",
+            config: Config {
+                max_classes: 2,
+                ..Config::default()
+            },
+            ..Scenario::mayhem()
+        }
+    }
+
     /// Every scenario the test suite runs, by name.
     pub fn all() -> Vec<Scenario> {
         vec![
@@ -266,6 +279,7 @@ impl Scenario {
             Scenario::with("cancels", &[Fault::Cancels]),
             Scenario::big_and_small(),
             Scenario::mayhem(),
+            Scenario::few_classes(),
         ]
     }
 }
@@ -302,6 +316,8 @@ pub struct Report {
     /// From each build's submission to its end.
     pub build_ms: BTreeMap<BuildId, u64>,
     pub steps: u64,
+    /// Constraint classes that took the place of another (`Config::max_classes`).
+    pub classes_replaced: u64,
 }
 
 /// A violated invariant, with what replays it.
@@ -351,7 +367,13 @@ pub fn run(scenario: &Scenario, seed: u64) -> Result<Report, Failure> {
             })
             .collect(),
     })?;
-    Ok(world.report)
+    let mut report = world.report;
+    report.classes_replaced = world
+        .coordinators
+        .iter()
+        .map(|c| c.stats().classes_replaced)
+        .sum();
+    Ok(report)
 }
 
 const TRACE_LINES: usize = 40;

@@ -40,8 +40,10 @@ const OFFER_MARGIN: Duration = Duration::from_secs(15);
 const CAPABILITY_CHANGES: Duration = Duration::from_secs(60);
 /// How long the engine remembers that a run ended, for the heartbeats that left before it did.
 const ENDED_REMEMBERED: Duration = Duration::from_secs(10);
-/// Peers that left whose ids the engine still names in its messages (a late report of a run
-/// there); older ones are forgotten unless they came back or are quarantined.
+/// Peers away (left, not back) whose numbers the engine keeps, the last to leave; the others
+/// are forgotten unless quarantined. One that is forgotten and comes back gets a new number, so
+/// a live build's task that avoids it (its run failed there) no longer knows it: that takes
+/// 1,024 other peers leaving during the build.
 const DEPARTED_NAMED: usize = 1024;
 
 /// A remote peer's capabilities as the engine knows them.
@@ -165,9 +167,13 @@ struct Names {
     numbers: HashMap<String, PeerId>,
     names: HashMap<PeerId, String>,
     given: u64,
-    /// Peers that left, oldest first (a peer may be listed again if it came back and left
-    /// again): past [`DEPARTED_NAMED`] of them, the oldest are forgotten.
-    departed: VecDeque<String>,
+    /// Peers that left and have not come back, each with the count of departures when it last
+    /// left: past [`DEPARTED_NAMED`] of them, those that left longest ago are forgotten.
+    away: HashMap<String, u64>,
+    /// Departures, oldest first. An entry whose count is not its peer's in `away` is stale: the
+    /// peer came back, or left again later.
+    departures: VecDeque<(String, u64)>,
+    left: u64,
 }
 
 impl Names {
@@ -182,6 +188,12 @@ impl Names {
         number
     }
 
+    /// A peer's number, for a heartbeat heard from it: it is not away (any more).
+    fn heard(&mut self, name: &str) -> PeerId {
+        self.away.remove(name);
+        self.number(name)
+    }
+
     fn name(&self, number: PeerId) -> String {
         self.names
             .get(&number)
@@ -191,28 +203,39 @@ impl Names {
 
     /// Notes that a peer left; [`Names::forget_departed`] forgets it in time.
     fn departed(&mut self, name: String) {
-        self.departed.push_back(name);
+        self.left += 1;
+        self.away.insert(name.clone(), self.left);
+        self.departures.push_back((name, self.left));
+        // A peer that comes and goes leaves stale entries: dropped once they outnumber the rest.
+        if self.departures.len() > 2 * self.away.len() + DEPARTED_NAMED {
+            let away = &self.away;
+            self.departures
+                .retain(|(name, left)| away.get(name) == Some(left));
+        }
     }
 
-    /// Forgets the peers that left longest ago, beyond [`DEPARTED_NAMED`] of them. Those that
-    /// `keep` says are back or still need their number (a quarantine the scheduler holds
-    /// against a peer's return is kept by number) stay, in the place of others. So peers coming
-    /// and going leave behind a bounded number of names.
-    fn forget_departed(&mut self, keep: impl Fn(&str, PeerId) -> bool) {
-        let mut looked = 0;
-        while self.departed.len() > DEPARTED_NAMED && looked < self.departed.len() {
-            looked += 1;
-            let Some(name) = self.departed.pop_front() else {
+    /// Forgets the peers away longest, beyond [`DEPARTED_NAMED`] of them; but for those whose
+    /// number `needed` says the scheduler still needs (the quarantine it keeps for a peer's
+    /// return is kept by number), which stay in the place of others. So peers coming and going
+    /// leave behind a bounded number of names.
+    fn forget_departed(&mut self, needed: impl Fn(PeerId) -> bool) {
+        // Each entry is looked at once at most: one kept goes to the back.
+        let mut budget = self.departures.len();
+        while self.away.len() > DEPARTED_NAMED && budget > 0 {
+            budget -= 1;
+            let Some((name, left)) = self.departures.pop_front() else {
                 break;
             };
-            let Some(number) = self.numbers.get(&name).copied() else {
+            if self.away.get(&name) != Some(&left) {
                 continue;
-            };
-            if self.departed.contains(&name) {
-                // Listed again, later: that entry speaks for it.
-            } else if keep(&name, number) {
-                self.departed.push_back(name);
-            } else {
+            }
+            let number = self.numbers.get(&name).copied();
+            if number.is_some_and(&needed) {
+                self.departures.push_back((name, left));
+                continue;
+            }
+            self.away.remove(&name);
+            if let Some(number) = number {
                 self.numbers.remove(&name);
                 self.names.remove(&number);
             }
@@ -412,7 +435,7 @@ impl Engine {
                 continue;
             }
             self.fed.insert(heartbeat.peer_id.clone(), heard_at);
-            let peer = self.names.number(&heartbeat.peer_id);
+            let peer = self.names.heard(&heartbeat.peer_id);
             let heartbeat = self.heartbeat(&heartbeat, peer);
             self.step(Event::Heartbeat(heartbeat));
         }
@@ -432,9 +455,9 @@ impl Engine {
             self.step(Event::PeerGone { peer });
             self.names.departed(name);
         }
-        let (fed, scheduler) = (&self.fed, &self.scheduler);
+        let scheduler = &self.scheduler;
         self.names
-            .forget_departed(|name, number| fed.contains_key(name) || scheduler.remembers(number));
+            .forget_departed(|number| scheduler.remembers(number));
     }
 
     /// A remote peer's heartbeat as the engine takes it: its slots clamped to what a node may
@@ -1041,31 +1064,45 @@ mod tests {
     }
 
     #[test]
-    fn peers_that_left_long_ago_are_forgotten_unless_back_or_quarantined() {
+    fn peers_away_longest_are_forgotten_unless_quarantined() {
         let mut names = Names::default();
-        let me = names.number("me");
-        let quarantined = names.number("flaky");
-        let back = names.number("back");
+        let me = names.heard("me");
+        let flaky = names.heard("flaky");
+        let back = names.heard("back");
+        let flapping = names.heard("flapping");
         names.departed("flaky".into());
         names.departed("back".into());
+        // A peer that left, and came back: it is not away.
+        names.heard("back");
         for p in 0..3 * DEPARTED_NAMED {
             let name = format!("peer-{p}");
-            names.number(&name);
+            names.heard(&name);
             names.departed(name);
-            names.forget_departed(|name, number| name == "back" || number == quarantined);
+            // Another comes and goes all the while: one peer, not a crowd pushing others out.
+            names.departed("flapping".into());
+            names.heard("flapping");
+            names.forget_departed(|number| number == flaky);
         }
-        // This node, and as many that left as are named: the two kept, then the last to leave.
-        assert_eq!(names.names.len(), 1 + DEPARTED_NAMED);
+        // This node, the two peers here, and as many away as are named: the quarantined one,
+        // then the last to leave.
+        assert_eq!(names.names.len(), 3 + DEPARTED_NAMED);
         assert_eq!(names.numbers.len(), names.names.len());
+        assert_eq!(names.away.len(), DEPARTED_NAMED);
+        assert!(names.departures.len() <= 3 * DEPARTED_NAMED + 1);
         assert_eq!(names.name(me), "me");
-        assert_eq!(names.name(quarantined), "flaky");
-        assert_eq!(names.number("back"), back);
-        let last = format!("peer-{}", 3 * DEPARTED_NAMED - 1);
-        assert!(names.numbers.contains_key(&last));
-        assert!(!names.numbers.contains_key("peer-0"));
+        assert_eq!(names.name(flaky), "flaky");
+        assert_eq!(names.heard("back"), back);
+        assert_eq!(names.heard("flapping"), flapping);
+        let first_named = 3 * DEPARTED_NAMED - (DEPARTED_NAMED - 1);
+        assert!(names.numbers.contains_key(&format!("peer-{first_named}")));
+        assert!(
+            !names
+                .numbers
+                .contains_key(&format!("peer-{}", first_named - 1))
+        );
         // A forgotten peer that returns gets a number never given before.
         let given = names.given;
-        let again = names.number("peer-0");
+        let again = names.heard("peer-0");
         assert_eq!(again, PeerId(given + 1));
         assert_eq!(names.name(again), "peer-0");
     }

@@ -222,6 +222,12 @@ fn peers_that_come_and_go_with_capabilities_of_their_own_do_not_grow_the_classes
         harness.quietly(Event::PeerGone { peer: PeerId(p) });
     }
     assert_eq!(harness.scheduler.stats().classes, max_classes);
+    // The class no peer has been in for longest is the one replaced: a peer restarting while
+    // another comes and goes finds its class as it was.
+    harness.quietly(Event::PeerGone { peer: PeerId(1) });
+    harness.quietly(peer(99).label("host", "passing").heartbeat());
+    harness.quietly(Event::PeerGone { peer: PeerId(99) });
+    harness.quietly(peer(1).label("host", "stays").heartbeat());
     // A class that stands for other capabilities now matches requirements by its new ones, and
     // knows nothing of the runs of the class it replaced.
     harness.quietly(peer(3).label("host", "new").heartbeat());

@@ -34,6 +34,7 @@ fn sweep(scenario: Scenario, seeds: std::ops::Range<u64>) -> Report {
                 total.unsatisfiable += report.unsatisfiable;
                 total.queued_timeouts += report.queued_timeouts;
                 total.steps += report.steps;
+                total.classes_replaced += report.classes_replaced;
                 total.makespan_ms += report.makespan_ms;
             }
             Err(failure) => panic!("{failure}"),
@@ -127,6 +128,12 @@ fn random_placement_keeps_every_invariant_too() {
 fn everything_at_once() {
     let total = sweep(Scenario::mayhem(), seeds());
     assert!(total.cancelled > 0, "{total:?}");
+}
+
+#[test]
+fn classes_taking_each_others_places_keep_every_invariant() {
+    let total = sweep(Scenario::few_classes(), seeds());
+    assert!(total.classes_replaced > 0, "{total:?}");
 }
 
 /// `SIM_SCENARIO=name SIM_SEED=n` replays one run and prints it; without them, checks that a
