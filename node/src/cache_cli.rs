@@ -156,7 +156,7 @@ pub fn run(data_dir: Option<&Path>, command: CacheCommand) -> Result<u8> {
                 .with_context(|| format!("cannot export {digest} into {}", dir.display()))?;
             if exported.skipped_symlinks > 0 {
                 eprintln!(
-                    "peerbuild: {} symlinks point outside the tree and were not restored",
+                    "peerbuild: {} symlinks were not restored: they lead out of the tree, or the file system folds case",
                     exported.skipped_symlinks
                 );
             }

@@ -93,6 +93,8 @@ struct Class {
     peers: u32,
     /// When the class was last left empty, in `Pool::emptied` counts.
     emptied: u64,
+    /// How long each kind of task took on this class, learned from its runs.
+    durations: FastMap<TaskKey, u64>,
     /// Peers of the class with at least one slot (a node with `--slots 0` only coordinates).
     members: BTreeSet<PeerId>,
     /// Free slots over the available members.
@@ -154,7 +156,8 @@ pub(crate) struct Pool {
     /// the front, so hearing from a peer costs nothing here and the heap holds about one entry
     /// per heartbeat within a lease.
     liveness: BinaryHeap<Reverse<(Millis, PeerId)>>,
-    durations: FastMap<(TaskKey, ClassId), u64>,
+    /// Learned durations over all classes, for the bound.
+    durations: usize,
     free_total: u64,
     /// Peers with at least one slot, and their slots.
     workers: usize,
@@ -246,11 +249,17 @@ impl Pool {
         } else {
             None
         };
+        // The class is counted in by the caller, at once: a reused one stays out of
+        // `unused_classes`, a new one never goes in.
         let id = match reused {
             Some(id) => {
-                self.forget_class(id);
+                let class = &mut self.classes[id as usize];
+                debug_assert!(class.peers == 0 && class.members.is_empty());
+                let old = std::mem::replace(&mut class.capabilities, Arc::clone(capabilities));
+                self.durations -= class.durations.len();
+                class.durations.clear();
+                self.class_ids.remove(&*old);
                 self.replaced += 1;
-                self.classes[id as usize].capabilities = Arc::clone(capabilities);
                 id
             }
             None => {
@@ -258,41 +267,28 @@ impl Pool {
                     capabilities: Arc::clone(capabilities),
                     peers: 0,
                     emptied: 0,
+                    durations: FastMap::default(),
                     members: BTreeSet::new(),
                     free_slots: 0,
                     ready: BTreeSet::new(),
                 });
-                let id = (self.classes.len() - 1) as ClassId;
-                self.emptied += 1;
-                self.classes[id as usize].emptied = self.emptied;
-                self.unused_classes.insert((self.emptied, id));
-                id
+                (self.classes.len() - 1) as ClassId
             }
         };
         for set in &mut self.requirement_sets {
-            if set.requirements.satisfied_by(capabilities) {
-                // Sorted: a new class's id is the highest, a reused one goes in its place.
-                let at = set.classes.partition_point(|c| *c < id);
-                set.classes.insert(at, id);
+            // Sorted: a new class's id is the highest, a reused one keeps its place.
+            let listed = set.classes.binary_search(&id);
+            match (listed, set.requirements.satisfied_by(capabilities)) {
+                (Err(at), true) => set.classes.insert(at, id),
+                (Ok(at), false) => {
+                    set.classes.remove(at);
+                }
+                _ => {}
             }
         }
         self.class_ids.insert(Capabilities::clone(capabilities), id);
         debug_assert!(self.sets_match_classes());
         id
-    }
-
-    /// Clears a class no peer is in, before it stands for other capabilities: its place in the
-    /// requirement sets and what was learned of it.
-    fn forget_class(&mut self, id: ClassId) {
-        let class = &self.classes[id as usize];
-        debug_assert!(class.peers == 0 && class.members.is_empty() && class.ready.is_empty());
-        self.class_ids.remove(&*class.capabilities);
-        for set in &mut self.requirement_sets {
-            if let Ok(at) = set.classes.binary_search(&id) {
-                set.classes.remove(at);
-            }
-        }
-        self.durations.retain(|(_, class), _| *class != id);
     }
 
     /// Moves a peer's view between classes in the counts that tell which classes are in use.
@@ -410,16 +406,12 @@ impl Pool {
         queued_tasks: u32,
     ) -> Option<ClassId> {
         let peer = heartbeat.peer;
+        let previous = self.peers.get(&peer).map(|view| view.class);
         // Most heartbeats repeat the peer's capabilities: check its class before hashing.
-        let known = self
-            .peers
-            .get(&peer)
-            .map(|view| view.class)
-            .filter(|class| {
-                let current = &self.classes[*class as usize].capabilities;
-                Arc::ptr_eq(current, &heartbeat.capabilities)
-                    || **current == *heartbeat.capabilities
-            });
+        let known = previous.filter(|class| {
+            let current = &self.classes[*class as usize].capabilities;
+            Arc::ptr_eq(current, &heartbeat.capabilities) || **current == *heartbeat.capabilities
+        });
         let class = match known {
             Some(class) => class,
             None => self.class_id(&heartbeat.capabilities),
@@ -450,7 +442,6 @@ impl Pool {
                         indexed: None,
                     },
                 );
-                self.count_in_class(None, Some(class));
                 if let Some(until) = self.departed_quarantines.remove(&peer) {
                     self.peers
                         .get_mut(&peer)
@@ -467,7 +458,7 @@ impl Pool {
             (view.class, view.total > 0)
         };
         self.forget_membership(peer);
-        self.count_in_class(Some(old_class), Some(class));
+        self.count_in_class(previous, Some(class));
         let view = self.peers.get_mut(&peer).expect("present");
         view.queued_tasks = queued_tasks;
         if queued_tasks > 0 {
@@ -667,16 +658,18 @@ impl Pool {
     }
 
     pub fn expected_ms(&self, key: TaskKey, class: ClassId) -> Option<u64> {
-        self.durations.get(&(key, class)).copied()
+        self.classes[class as usize].durations.get(&key).copied()
     }
 
     /// Learns from a finished run: a moving average that weighs the newest run a quarter.
     pub fn learn(&mut self, key: TaskKey, class: ClassId, duration_ms: u64) {
-        let full = self.durations.len() >= MAX_DURATIONS;
-        match self.durations.get_mut(&(key, class)) {
+        let full = self.durations >= MAX_DURATIONS;
+        let durations = &mut self.classes[class as usize].durations;
+        match durations.get_mut(&key) {
             Some(average) => *average = (*average * 3 + duration_ms) / 4,
             None if !full => {
-                self.durations.insert((key, class), duration_ms);
+                durations.insert(key, duration_ms);
+                self.durations += 1;
             }
             None => {}
         }

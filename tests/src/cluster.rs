@@ -29,6 +29,9 @@ pub struct NodeOptions {
     /// Run the node in this network namespace, listening on every address with mDNS on
     /// (instead of loopback only, without mDNS).
     pub netns: Option<String>,
+    /// Run the node with this umask (a node must write what it shares or restores readable
+    /// whatever its umask).
+    pub umask: Option<libc::mode_t>,
 }
 
 /// A running (or stopped) node.
@@ -159,6 +162,17 @@ impl Cluster {
         }
         if options.api_tcp {
             command.args(["--api", "127.0.0.1:0"]);
+        }
+        if let Some(mask) = options.umask {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: between fork and exec the closure only calls umask(2), which cannot fail
+            // and allocates nothing.
+            unsafe {
+                command.pre_exec(move || {
+                    libc::umask(mask);
+                    Ok(())
+                });
+            }
         }
         command
     }

@@ -429,7 +429,7 @@ impl Run<'_> {
                 if skipped_symlinks > 0 {
                     self.note(
                         Level::Warning,
-                        format!("{skipped_symlinks} symlinks of the source point outside it and were left out of the workspace"),
+                        format!("{skipped_symlinks} symlinks of the source were left out of the workspace: they lead out of it, or the file system folds case"),
                     );
                 }
                 let detail = format!(

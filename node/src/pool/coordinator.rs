@@ -8,7 +8,7 @@
 //! durations, fair shares, retries elsewhere, quarantine) is the scheduler crate's, tested and
 //! simulated there, and the node only translates.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -167,12 +167,11 @@ struct Names {
     numbers: HashMap<String, PeerId>,
     names: HashMap<PeerId, String>,
     given: u64,
-    /// Peers that left and have not come back, each with the count of departures when it last
-    /// left: past [`DEPARTED_NAMED`] of them, those that left longest ago are forgotten.
+    /// Peers that left and have not come back, with when they left (counted in departures):
+    /// past [`DEPARTED_NAMED`] of them, those away longest are forgotten.
     away: HashMap<String, u64>,
-    /// Departures, oldest first. An entry whose count is not its peer's in `away` is stale: the
-    /// peer came back, or left again later.
-    departures: VecDeque<(String, u64)>,
+    /// `away` by when they left.
+    departures: BTreeMap<u64, String>,
     left: u64,
 }
 
@@ -188,12 +187,6 @@ impl Names {
         number
     }
 
-    /// A peer's number, for a heartbeat heard from it: it is not away (any more).
-    fn heard(&mut self, name: &str) -> PeerId {
-        self.away.remove(name);
-        self.number(name)
-    }
-
     fn name(&self, number: PeerId) -> String {
         self.names
             .get(&number)
@@ -201,44 +194,40 @@ impl Names {
             .unwrap_or_else(|| number.to_string())
     }
 
-    /// Notes that a peer left; [`Names::forget_departed`] forgets it in time.
+    /// Notes that a peer left (it has a number); [`Names::forget_departed`] forgets it in time.
     fn departed(&mut self, name: String) {
         self.left += 1;
         self.away.insert(name.clone(), self.left);
-        self.departures.push_back((name, self.left));
-        // A peer that comes and goes leaves stale entries: dropped once they outnumber the rest.
-        if self.departures.len() > 2 * self.away.len() + DEPARTED_NAMED {
-            let away = &self.away;
-            self.departures
-                .retain(|(name, left)| away.get(name) == Some(left));
+        self.departures.insert(self.left, name);
+    }
+
+    /// Notes that a peer is here: first heard, or back.
+    fn arrived(&mut self, name: &str) {
+        if let Some(left) = self.away.remove(name) {
+            self.departures.remove(&left);
         }
     }
 
     /// Forgets the peers away longest, beyond [`DEPARTED_NAMED`] of them; but for those whose
     /// number `needed` says the scheduler still needs (the quarantine it keeps for a peer's
-    /// return is kept by number), which stay in the place of others. So peers coming and going
-    /// leave behind a bounded number of names.
+    /// return is kept by number), which stay in the place of others, as if they had just
+    /// left. So peers coming and going leave behind a bounded number of names.
     fn forget_departed(&mut self, needed: impl Fn(PeerId) -> bool) {
-        // Each entry is looked at once at most: one kept goes to the back.
-        let mut budget = self.departures.len();
-        while self.away.len() > DEPARTED_NAMED && budget > 0 {
-            budget -= 1;
-            let Some((name, left)) = self.departures.pop_front() else {
+        // Each peer away is looked at once at most.
+        let mut looked = 0;
+        while self.away.len() > DEPARTED_NAMED && looked < self.away.len() {
+            looked += 1;
+            let Some((_, name)) = self.departures.pop_first() else {
                 break;
             };
-            if self.away.get(&name) != Some(&left) {
-                continue;
-            }
-            let number = self.numbers.get(&name).copied();
-            if number.is_some_and(&needed) {
-                self.departures.push_back((name, left));
+            let number = self.numbers[&name];
+            if needed(number) {
+                self.departed(name);
                 continue;
             }
             self.away.remove(&name);
-            if let Some(number) = number {
-                self.numbers.remove(&name);
-                self.names.remove(&number);
-            }
+            self.numbers.remove(&name);
+            self.names.remove(&number);
         }
     }
 }
@@ -434,8 +423,14 @@ impl Engine {
             if heartbeat.peer_id == self.local.me {
                 continue;
             }
-            self.fed.insert(heartbeat.peer_id.clone(), heard_at);
-            let peer = self.names.heard(&heartbeat.peer_id);
+            if self
+                .fed
+                .insert(heartbeat.peer_id.clone(), heard_at)
+                .is_none()
+            {
+                self.names.arrived(&heartbeat.peer_id);
+            }
+            let peer = self.names.number(&heartbeat.peer_id);
             let heartbeat = self.heartbeat(&heartbeat, peer);
             self.step(Event::Heartbeat(heartbeat));
         }
@@ -1066,21 +1061,26 @@ mod tests {
     #[test]
     fn peers_away_longest_are_forgotten_unless_quarantined() {
         let mut names = Names::default();
-        let me = names.heard("me");
-        let flaky = names.heard("flaky");
-        let back = names.heard("back");
-        let flapping = names.heard("flapping");
+        // A peer is numbered when first heard (and noted as here), as `read_pool` does.
+        let hear = |names: &mut Names, name: &str| {
+            names.arrived(name);
+            names.number(name)
+        };
+        let me = hear(&mut names, "me");
+        let flaky = hear(&mut names, "flaky");
+        let back = hear(&mut names, "back");
+        let flapping = hear(&mut names, "flapping");
         names.departed("flaky".into());
         names.departed("back".into());
         // A peer that left, and came back: it is not away.
-        names.heard("back");
+        hear(&mut names, "back");
         for p in 0..3 * DEPARTED_NAMED {
             let name = format!("peer-{p}");
-            names.heard(&name);
+            hear(&mut names, &name);
             names.departed(name);
             // Another comes and goes all the while: one peer, not a crowd pushing others out.
             names.departed("flapping".into());
-            names.heard("flapping");
+            hear(&mut names, "flapping");
             names.forget_departed(|number| number == flaky);
         }
         // This node, the two peers here, and as many away as are named: the quarantined one,
@@ -1088,11 +1088,11 @@ mod tests {
         assert_eq!(names.names.len(), 3 + DEPARTED_NAMED);
         assert_eq!(names.numbers.len(), names.names.len());
         assert_eq!(names.away.len(), DEPARTED_NAMED);
-        assert!(names.departures.len() <= 3 * DEPARTED_NAMED + 1);
+        assert_eq!(names.departures.len(), DEPARTED_NAMED);
         assert_eq!(names.name(me), "me");
         assert_eq!(names.name(flaky), "flaky");
-        assert_eq!(names.heard("back"), back);
-        assert_eq!(names.heard("flapping"), flapping);
+        assert_eq!(hear(&mut names, "back"), back);
+        assert_eq!(hear(&mut names, "flapping"), flapping);
         let first_named = 3 * DEPARTED_NAMED - (DEPARTED_NAMED - 1);
         assert!(names.numbers.contains_key(&format!("peer-{first_named}")));
         assert!(
@@ -1102,7 +1102,7 @@ mod tests {
         );
         // A forgotten peer that returns gets a number never given before.
         let given = names.given;
-        let again = names.heard("peer-0");
+        let again = hear(&mut names, "peer-0");
         assert_eq!(again, PeerId(given + 1));
         assert_eq!(names.name(again), "peer-0");
     }

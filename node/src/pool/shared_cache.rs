@@ -245,10 +245,6 @@ impl NodeCache {
         what: &str,
         into: Option<PathBuf>,
     ) -> Result<(transfer::Fetched, Vec<PeerId>, Exporting), String> {
-        let (into, unwritable) = match destination(into).await {
-            Ok(into) => (into, None),
-            Err(why) => (None, Some(why)),
-        };
         for provider in self.providers(tree).await {
             if !peers.contains(&provider) {
                 peers.push(provider);
@@ -259,6 +255,10 @@ impl NodeCache {
         if peers.is_empty() {
             return Err("no peer holds it".to_owned());
         }
+        let (into, unwritable) = match destination(into).await {
+            Ok(into) => (into, None),
+            Err(why) => (None, Some(why)),
+        };
         let sources: Vec<Arc<dyn BlobSource>> = peers
             .iter()
             .map(|p| Arc::new(self.source(*p)) as Arc<dyn BlobSource>)

@@ -27,7 +27,7 @@ pub struct Exported {
     pub dirs: u64,
     pub symlinks: u64,
     pub bytes: u64,
-    /// Symlinks not restored because they point outside the tree.
+    /// Symlinks not restored: they lead out of the tree, or the file system folds case.
     pub skipped_symlinks: u64,
 }
 
@@ -98,7 +98,8 @@ impl Destination {
             EXPORTS.fetch_add(1, Ordering::Relaxed)
         ));
         let _ = fs::remove_dir_all(&temporary);
-        fs::create_dir(&temporary).map_err(|e| StoreError::io(&temporary, e))?;
+        new_folder(&temporary, false).map_err(|e| StoreError::io(&temporary, e))?;
+        open_to_all(&temporary)?;
         Ok(Destination {
             temporary,
             dest: dest.to_owned(),
@@ -232,10 +233,9 @@ fn plan(reader: &Reader<'_>, root: &Digest, dir: &Path) -> Result<(Plan, Exporte
     // On a file system that folds case, two names the tree tells apart can be one on disk (a
     // link `P` and a folder `p`), so where a link leads cannot be judged from the tree: none
     // is recreated there.
-    let folds = folds_case(dir)?;
     let relative = |path: &Path| path.strip_prefix(dir).ok().map(Path::to_owned);
     let has_links = plan.batches.iter().any(|batch| !batch.symlinks.is_empty());
-    if folds || !has_links {
+    if !has_links || folds_case(dir)? {
         let skipped = plan
             .batches
             .iter_mut()
@@ -660,6 +660,10 @@ impl Arriving {
             .unwrap_or_else(|e| e.into_inner())
             .remove(digest);
         for target in targets.iter().flatten() {
+            // A blob many files share stops between them too, once given up.
+            if self.stop.load(Ordering::Relaxed) {
+                return;
+            }
             if let Err(err) = self.place(target, bytes, Written::Arrived) {
                 self.fail(err.to_string());
                 return;
@@ -810,14 +814,10 @@ enum Make {
 /// with 0077), and its symlinks. A folder that exists already (another batch of it made it)
 /// is fine if it is a folder.
 fn make_folder_and_links(batch: &Batch, make: Make) -> Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
     let folder = &batch.folder;
     let made = match make {
         Make::Made => Err(std::io::ErrorKind::AlreadyExists.into()),
-        Make::WithParents | Make::Alone => fs::DirBuilder::new()
-            .mode(0o755)
-            .recursive(make == Make::WithParents)
-            .create(folder),
+        Make::WithParents | Make::Alone => new_folder(folder, make == Make::WithParents),
     };
     match made {
         Ok(()) => {
@@ -825,20 +825,36 @@ fn make_folder_and_links(batch: &Batch, make: Make) -> Result<()> {
             if make == Make::WithParents {
                 is_folder(folder)?;
             }
-            if umask() & 0o755 != 0 {
-                fs::set_permissions(folder, fs::Permissions::from_mode(0o755))
-                    .map_err(|e| StoreError::io(folder, e))?;
-            }
+            open_to_all(folder)?;
         }
         // Made already (by another batch of it, as a parent of one, or as the export's own
-        // folder): it must be a folder, not a link a colliding name made (on a file system
-        // that folds case, say, where `plan` recreates no links, or one made by whatever else
-        // writes there).
+        // folder, by `Destination::prepare`): it must be a folder, not a link a colliding name
+        // made (on a file system that folds case, say, where `plan` recreates no links, or one
+        // made by whatever else writes there).
         Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => is_folder(folder)?,
         Err(err) => return Err(StoreError::io(folder, err)),
     }
     for (path, target) in &batch.symlinks {
         std::os::unix::fs::symlink(target, path).map_err(|e| StoreError::io(path, e))?;
+    }
+    Ok(())
+}
+
+/// Makes a folder 0755 less the process's umask (see [`open_to_all`]), and with `parents`
+/// those it is in.
+fn new_folder(folder: &Path, parents: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .mode(0o755)
+        .recursive(parents)
+        .create(folder)
+}
+
+/// Gives a folder just made 0755, where the process's umask took some of it away.
+fn open_to_all(folder: &Path) -> Result<()> {
+    if umask() & 0o755 != 0 {
+        fs::set_permissions(folder, fs::Permissions::from_mode(0o755))
+            .map_err(|e| StoreError::io(folder, e))?;
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! corrupt blobs is caught and bypassed, and `peerbuild cache export` fetches a tree this store
 //! lacks from the pool.
 
+use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
 use tests::Project;
@@ -38,8 +39,10 @@ fn three_nodes() -> Cluster {
         bootstrap: vec![first],
         ..NodeOptions::default()
     });
+    // The third node, which most tests restore on, keeps its files to itself.
     let third = cluster.start(NodeOptions {
         bootstrap: vec![second],
+        umask: Some(0o077),
         ..NodeOptions::default()
     });
     let all = [first, second, third];
@@ -238,6 +241,14 @@ fn cache_export_fetches_a_tree_this_store_lacks_from_the_pool() {
         std::fs::read_to_string(out.join("sub/a.txt")).expect("exported"),
         "alpha\n"
     );
+    // Its folders are open to all, as any export's, whatever the node's umask (0077 here).
+    for folder in [out.clone(), out.join("sub")] {
+        let mode = std::fs::metadata(&folder)
+            .expect("there")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o755, "{}", folder.display());
+    }
 
     // A digest no peer holds is a clear error, not a hang.
     let nowhere = format!("{}/12", "ab".repeat(32));
